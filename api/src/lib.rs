@@ -1,0 +1,1 @@
+//! wgmesh API types.

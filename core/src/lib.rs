@@ -1,0 +1,1 @@
+//! Pure wgmesh logic.

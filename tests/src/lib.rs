@@ -1,0 +1,1 @@
+//! Shared helpers for wgmesh integration tests against a real API server.
