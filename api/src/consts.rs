@@ -1,0 +1,54 @@
+//! Names shared by every wgmesh component: the API group, field managers, labels,
+//! annotations, finalizers, condition types and reasons. Changing one is an API change.
+
+/// The API group of every wgmesh custom resource.
+pub const GROUP: &str = "wgmesh.dev";
+/// The served and stored version.
+pub const VERSION: &str = "v1alpha1";
+/// The name of the `Mesh` object the components read; other `Mesh` objects are ignored
+/// and marked so in their status.
+pub const DEFAULT_MESH: &str = "default";
+
+/// Field manager of the operator's server-side-apply writes.
+pub const OPERATOR_MANAGER: &str = "wgmesh-operator";
+/// Field manager of the node agent's server-side-apply writes.
+pub const AGENT_MANAGER: &str = "wgmesh-agent";
+
+/// Finalizer the operator puts on `PodCIDRPool`s that have live allocations.
+pub const POOL_FINALIZER: &str = "wgmesh.dev/allocations";
+
+/// Label on node `MeshPeer`s naming the node they stand for.
+pub const NODE_LABEL: &str = "wgmesh.dev/node";
+/// Label on objects wgmesh creates: `app.kubernetes.io/managed-by: wgmesh`.
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+/// Value of [`MANAGED_BY_LABEL`].
+pub const MANAGED_BY: &str = "wgmesh";
+
+/// Node annotation overriding the WireGuard endpoint a node publishes (`ip:port` or `ip`),
+/// for nodes behind NAT or reached across clouds.
+pub const ENDPOINT_ANNOTATION: &str = "wgmesh.dev/endpoint";
+
+/// The WireGuard port when the `Mesh` does not set one.
+pub const DEFAULT_LISTEN_PORT: u16 = 51820;
+
+/// Condition types. Each is owned by one component; see `docs/conditions.md`.
+pub mod condition {
+    /// Peer (operator): the peer's key and addresses are approved and agents configure it.
+    /// Pool and Mesh (operator): the object is valid and in use.
+    pub const READY: &str = "Ready";
+    /// Peer (operator): the node has a pod subnet for every family its pools offer.
+    pub const ALLOCATED: &str = "Allocated";
+    /// Peer (agent): the node's current public key is published in status.
+    pub const KEY_PUBLISHED: &str = "KeyPublished";
+    /// Peer (agent): the WireGuard device is up on the node.
+    pub const DEVICE_UP: &str = "DeviceUp";
+    /// Peer (agent): routes to every other ready peer's pod subnets are installed.
+    pub const ROUTES_INSTALLED: &str = "RoutesInstalled";
+    /// Peer (agent): some peers are routed in the clear (host-gw) because the device is down
+    /// and the mesh allows that fallback.
+    pub const PLAINTEXT_FALLBACK: &str = "PlaintextFallback";
+    /// Peer (operator): a key rotation is in progress.
+    pub const ROTATING: &str = "Rotating";
+    /// Pool (operator): every node the pool serves has a subnet; false when exhausted.
+    pub const CAPACITY: &str = "Capacity";
+}

@@ -1,0 +1,212 @@
+//! The `MeshPeer` kind: one member of the mesh, a node (made by the operator, named after
+//! the node) or an external machine a user adds (a laptop, a VM, another site).
+
+use crate::common::{Condition, conditions_schema, endpoint_schema, key_schema};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// A peer's identity and addresses: `node` and `podCIDRs` for node peers (written by the
+/// operator), `publicKey`, `allowedIPs` and `endpoint` for external peers (written by users).
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "wgmesh.dev",
+    version = "v1alpha1",
+    kind = "MeshPeer",
+    plural = "meshpeers",
+    shortname = "mp",
+    shortname = "mpeer",
+    category = "wgmesh",
+    status = "MeshPeerStatus",
+    derive = "PartialEq",
+    derive = "Default",
+    doc = "One member of the mesh: a node (created by the operator, named after the node) or an external machine a user adds.",
+    printcolumn(name = "Node", type_ = "string", json_path = ".spec.node"),
+    printcolumn(name = "Pod CIDRs", type_ = "string", json_path = ".spec.podCIDRs"),
+    printcolumn(
+        name = "Key",
+        type_ = "string",
+        json_path = ".status.approved.publicKeyPrefix"
+    ),
+    printcolumn(
+        name = "Endpoint",
+        type_ = "string",
+        json_path = ".status.approved.endpoint"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    ),
+    printcolumn(
+        name = "Allowed IPs",
+        type_ = "string",
+        json_path = ".spec.allowedIPs",
+        priority = "1"
+    ),
+    printcolumn(
+        name = "Generation",
+        type_ = "integer",
+        json_path = ".status.keyGeneration",
+        priority = "1"
+    ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason",
+        priority = "1"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshPeerSpec {
+    /// The node this peer stands for. Set by the operator on node peers; empty on external
+    /// peers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+
+    /// External peers: the peer's WireGuard public key. Node peers publish theirs in status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "key_schema")]
+    pub public_key: Option<String>,
+
+    /// External peers: the addresses routed to this peer. They must not overlap any pod
+    /// pool, any node's pod subnet or another peer's addresses.
+    #[serde(default, rename = "allowedIPs", skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "crate::common::cidr_list_schema")]
+    pub allowed_ips: Vec<String>,
+
+    /// External peers: the peer's UDP endpoint `ip:port`. Optional for a roaming peer,
+    /// which is then reached once it has sent a packet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "endpoint_schema")]
+    pub endpoint: Option<String>,
+
+    /// Seconds between keepalives the nodes send to this peer; 0 or unset: the mesh's value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 65535))]
+    pub persistent_keepalive: Option<u16>,
+
+    /// Node peers: the pod subnets allocated to the node, one per family. Written by the
+    /// operator; an allocation never moves while the node exists.
+    #[serde(default, rename = "podCIDRs", skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "crate::common::cidr_list_schema")]
+    pub pod_cidrs: Vec<String>,
+
+    /// Key rotation request for this peer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_rotation: Option<PeerKeyRotation>,
+}
+
+/// A request to rotate one node's key.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerKeyRotation {
+    /// Rotate the node's key if it was created before this instant (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_at: Option<Time>,
+}
+
+/// Observed state of a peer. The node's agent writes what it publishes (keys, endpoints,
+/// device conditions); the operator writes what it approved and the `Ready` verdict.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshPeerStatus {
+    /// Operator: `Ready`, `Allocated`, `Rotating`. Agent: `KeyPublished`, `DeviceUp`,
+    /// `RoutesInstalled`, `PlaintextFallback`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "conditions_schema")]
+    pub conditions: Vec<Condition>,
+
+    /// Agent: the node's current public key. The private half never leaves the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "key_schema")]
+    pub public_key: Option<String>,
+
+    /// Agent: the node's next public key while a rotation is under way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "key_schema")]
+    pub next_public_key: Option<String>,
+
+    /// Agent: how many times the node's key has been rotated; 0 for the first key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub key_generation: Option<i64>,
+
+    /// Agent: when the current key was created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_created_at: Option<Time>,
+
+    /// Agent: the node's WireGuard endpoints, `ip:port`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "crate::common::endpoint_list_schema")]
+    pub endpoints: Vec<String>,
+
+    /// Agent: what the node sees of its own tunnels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connectivity: Option<Connectivity>,
+
+    /// Operator: the key, addresses and endpoint agents configure for this peer. Agents use
+    /// these and never what a peer claims for itself in spec or status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approved: Option<ApprovedPeer>,
+
+    /// Operator: the `metadata.generation` the approval describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// What the operator approved for a peer.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ApprovedPeer {
+    /// The public key agents accept from this peer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "key_schema")]
+    pub public_key: Option<String>,
+    /// The first characters of `publicKey`, for `kubectl get`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key_prefix: Option<String>,
+    /// During a rotation: the next key, accepted alongside `publicKey`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "key_schema")]
+    pub next_public_key: Option<String>,
+    /// The key generation approved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_generation: Option<i64>,
+    /// The addresses routed to this peer: a node's pod subnets, or an external peer's
+    /// validated allowed IPs.
+    #[serde(default, rename = "allowedIPs", skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "crate::common::cidr_list_schema")]
+    pub allowed_ips: Vec<String>,
+    /// The endpoint agents send to first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "endpoint_schema")]
+    pub endpoint: Option<String>,
+    /// The keepalive interval agents configure for this peer, seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persistent_keepalive: Option<u16>,
+}
+
+/// A node's view of its tunnels, summarised so that status writes stay O(1) per node.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Connectivity {
+    /// Peers configured on the node's device.
+    #[serde(default)]
+    pub peers_configured: u32,
+    /// Peers with a handshake in the last three minutes.
+    #[serde(default)]
+    pub peers_connected: u32,
+    /// The most recent handshake with any peer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_handshake_at: Option<Time>,
+    /// The least recent of the peers' latest handshakes: how stale the stalest tunnel is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest_handshake_at: Option<Time>,
+}
