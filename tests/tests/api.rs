@@ -427,3 +427,19 @@ async fn kubectl_shows_the_printer_columns() -> Result<()> {
     })
     .await
 }
+
+#[tokio::test]
+async fn the_examples_are_valid() -> Result<()> {
+    setup().await?;
+    let examples = wgmesh_tests::repo_root().join("examples");
+    let out = kubectl_ok(&["apply", "--dry-run=server", "-f", &examples.to_string_lossy()])?;
+    for object in [
+        "mesh.wgmesh.dev/default",
+        "podcidrpool.wgmesh.dev/cloud-a",
+        "podcidrpool.wgmesh.dev/default",
+        "meshpeer.wgmesh.dev/laptop-ana",
+    ] {
+        assert!(out.contains(object), "{object} missing from:\n{out}");
+    }
+    Ok(())
+}
