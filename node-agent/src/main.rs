@@ -1,1 +1,70 @@
-fn main() {}
+//! `wgmesh-agent`: the wgmesh node agent binary.
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use wgmesh_agent::device_cmd::{self, DeviceOptions};
+
+#[derive(Debug, Parser)]
+#[command(name = "wgmesh-agent", version, about = "wgmesh node agent")]
+struct Cli {
+    /// Log as JSON.
+    #[arg(long, env = "WGMESH_LOG_JSON", global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run only the userspace WireGuard device, configured with wg(8), like wireguard-go.
+    Device {
+        /// Interface name.
+        interface: String,
+        /// Stay in the foreground instead of daemonizing.
+        #[arg(short, long, env = "WG_PROCESS_FOREGROUND", value_parser = parse_flag, default_value = "false", num_args = 0, default_missing_value = "true")]
+        foreground: bool,
+        /// Directory of the UAPI socket.
+        #[arg(long, env = "WGMESH_SOCKET_DIR", default_value = wgmesh_agent::uapi::DEFAULT_SOCKET_DIR)]
+        socket_dir: PathBuf,
+        /// Interface MTU.
+        #[arg(long, env = "WGMESH_MTU")]
+        mtu: Option<u32>,
+    },
+}
+
+/// Accepts `1`/`0` (as wireguard-go's WG_PROCESS_FOREGROUND) as well as `true`/`false`.
+fn parse_flag(s: &str) -> Result<bool, String> {
+    match s {
+        "1" | "true" | "yes" => Ok(true),
+        "0" | "false" | "no" | "" => Ok(false),
+        other => Err(format!("not a boolean: {other}")),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if cli.log_json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+    match cli.command {
+        Command::Device {
+            interface,
+            foreground,
+            socket_dir,
+            mtu,
+        } => device_cmd::run(&DeviceOptions {
+            interface,
+            foreground,
+            socket_dir,
+            mtu,
+        })?,
+    }
+    Ok(())
+}

@@ -1,0 +1,161 @@
+//! The TUN interface: `/dev/net/tun` opened with `IFF_TUN | IFF_NO_PI`, IPv4 and IPv6 packets
+//! without any header. Owns the file descriptor; the interface disappears when it is closed.
+//!
+//! Only ioctls live here (create, MTU, up). Addresses and routes are the caller's business.
+
+use std::ffi::CStr;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const IFNAMSIZ: usize = libc::IFNAMSIZ;
+
+/// `struct ifreq` with the union members we use.
+#[repr(C)]
+struct IfReq {
+    name: [u8; IFNAMSIZ],
+    data: IfReqData,
+}
+
+#[repr(C)]
+union IfReqData {
+    flags: libc::c_short,
+    mtu: libc::c_int,
+    _pad: [u8; 24],
+}
+
+impl IfReq {
+    fn new(name: &str) -> io::Result<Self> {
+        let bytes = name.as_bytes();
+        if bytes.is_empty()
+            || bytes.len() >= IFNAMSIZ
+            || bytes.contains(&0)
+            || bytes.contains(&b'/')
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("invalid interface name {name:?}"),
+            ));
+        }
+        let mut req = IfReq {
+            name: [0; IFNAMSIZ],
+            data: IfReqData { _pad: [0; 24] },
+        };
+        req.name[..bytes.len()].copy_from_slice(bytes);
+        Ok(req)
+    }
+}
+
+/// An open TUN interface.
+#[derive(Debug)]
+pub struct Tun {
+    fd: OwnedFd,
+    name: String,
+}
+
+impl Tun {
+    /// Creates (or attaches to) the TUN interface `name`. The descriptor is non-blocking.
+    pub fn create(name: &str) -> io::Result<Self> {
+        let mut req = IfReq::new(name)?;
+        req.data.flags = (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short;
+        // SAFETY: a constant NUL-terminated path and valid flags.
+        let raw = unsafe {
+            libc::open(
+                c"/dev/net/tun".as_ptr(),
+                libc::O_RDWR | libc::O_CLOEXEC | libc::O_NONBLOCK,
+            )
+        };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `raw` was just returned by open and is owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: TUNSETIFF reads and writes a `struct ifreq`, which `req` is laid out as.
+        if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // The kernel writes back the final name (it may expand a `%d` pattern).
+        let name = CStr::from_bytes_until_nul(&req.name)
+            .map(|c| c.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| name.to_owned());
+        Ok(Self { fd, name })
+    }
+
+    /// The interface name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Sets the MTU.
+    pub fn set_mtu(&self, mtu: u32) -> io::Result<()> {
+        let mut req = IfReq::new(&self.name)?;
+        req.data.mtu = libc::c_int::try_from(mtu)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "MTU out of range"))?;
+        with_ctl_socket(|s| {
+            // SAFETY: SIOCSIFMTU reads a `struct ifreq` with `ifr_mtu` set.
+            cvt(unsafe { libc::ioctl(s, libc::SIOCSIFMTU, &mut req) })
+        })
+    }
+
+    /// Brings the interface up.
+    pub fn set_up(&self) -> io::Result<()> {
+        let mut req = IfReq::new(&self.name)?;
+        with_ctl_socket(|s| {
+            // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write `ifr_flags` of a `struct ifreq`.
+            cvt(unsafe { libc::ioctl(s, libc::SIOCGIFFLAGS, &mut req) })?;
+            // SAFETY: the kernel just filled in `flags`.
+            unsafe { req.data.flags |= libc::IFF_UP as libc::c_short };
+            // SAFETY: as above.
+            cvt(unsafe { libc::ioctl(s, libc::SIOCSIFFLAGS, &mut req) })
+        })
+    }
+
+    /// Reads one packet; `WouldBlock` when none is queued.
+    #[inline]
+    pub fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: `buf` is valid for writes of `buf.len()` bytes.
+        let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+
+    /// Writes one packet.
+    #[inline]
+    pub fn write(&self, packet: &[u8]) -> io::Result<usize> {
+        // SAFETY: `packet` is valid for reads of `packet.len()` bytes.
+        let n = unsafe { libc::write(self.fd.as_raw_fd(), packet.as_ptr().cast(), packet.len()) };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+}
+
+impl AsRawFd for Tun {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+fn cvt(ret: libc::c_int) -> io::Result<()> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+fn with_ctl_socket(f: impl FnOnce(RawFd) -> io::Result<()>) -> io::Result<()> {
+    // SAFETY: plain socket creation.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh descriptor nobody else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(raw) };
+    f(sock.as_raw_fd())
+}

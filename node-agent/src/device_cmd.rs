@@ -1,0 +1,141 @@
+//! `wgmesh-agent device <iface>`: runs just the WireGuard device, configured through `wg(8)` on
+//! its UAPI socket, the way `wireguard-go <iface>` does. Daemonizes unless told to stay in the
+//! foreground; stops on SIGINT/SIGTERM or when the interface is deleted.
+
+use crate::device::{Device, DeviceConfig, DeviceError, DeviceHandle};
+use crate::uapi::server::{ServeError, UapiServer};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long the parent waits for a daemonized device to bring up its socket.
+const DAEMON_START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Options of the `device` command.
+#[derive(Debug, Clone)]
+pub struct DeviceOptions {
+    /// Interface name.
+    pub interface: String,
+    /// Stay in the foreground.
+    pub foreground: bool,
+    /// Directory of the UAPI socket.
+    pub socket_dir: PathBuf,
+    /// MTU of the interface.
+    pub mtu: Option<u32>,
+}
+
+/// Why the `device` command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceCmdError {
+    /// Blocking signals failed.
+    #[error("setting up signal handling")]
+    Signals(#[source] std::io::Error),
+    /// The device did not start.
+    #[error("starting device")]
+    Start(#[source] DeviceError),
+    /// The UAPI socket could not be served.
+    #[error("serving the UAPI socket")]
+    Serve(#[source] ServeError),
+    /// The background process could not be started.
+    #[error("starting the background process")]
+    Daemonize(#[source] std::io::Error),
+    /// The background process exited or did not come up in time.
+    #[error("background device did not come up: {0}")]
+    DaemonFailed(String),
+}
+
+/// Runs the command; returns when the device has stopped (or, daemonizing, once the background
+/// device is up).
+pub fn run(opts: &DeviceOptions) -> Result<(), DeviceCmdError> {
+    if !opts.foreground {
+        return daemonize(opts);
+    }
+    let signals = block_termination_signals()?;
+    let device = Device::start(DeviceConfig {
+        mtu: opts.mtu,
+        ..DeviceConfig::new(opts.interface.clone())
+    })
+    .map_err(DeviceCmdError::Start)?;
+    let mut uapi =
+        UapiServer::start(device.clone(), &opts.socket_dir).map_err(DeviceCmdError::Serve)?;
+    spawn_signal_waiter(signals, device.clone());
+    device.wait();
+    tracing::info!("stopping");
+    uapi.shutdown();
+    device.shutdown();
+    Ok(())
+}
+
+/// Blocks SIGINT/SIGTERM/SIGHUP in this thread, before any other thread exists, so every
+/// thread inherits the mask and only the waiter thread receives them.
+fn block_termination_signals() -> Result<libc::sigset_t, DeviceCmdError> {
+    // SAFETY: sigset manipulation on a local, then pthread_sigmask with valid pointers.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, sig);
+        }
+        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        if rc != 0 {
+            return Err(DeviceCmdError::Signals(std::io::Error::from_raw_os_error(
+                rc,
+            )));
+        }
+        Ok(set)
+    }
+}
+
+fn spawn_signal_waiter(set: libc::sigset_t, device: DeviceHandle) {
+    let _ = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: `set` is an initialised sigset and `sig` a valid out pointer.
+            let rc = unsafe { libc::sigwait(&set, &mut sig) };
+            if rc == 0 {
+                tracing::info!(signal = sig, "signal received");
+            }
+            device.shutdown();
+        });
+}
+
+/// Starts this program again in the foreground, detached, and waits for its socket.
+fn daemonize(opts: &DeviceOptions) -> Result<(), DeviceCmdError> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe().map_err(DeviceCmdError::Daemonize)?;
+    let socket = opts.socket_dir.join(format!("{}.sock", opts.interface));
+    let before = std::fs::metadata(&socket).and_then(|m| m.modified()).ok();
+    let mut cmd = Command::new(exe);
+    cmd.arg("device")
+        .arg(&opts.interface)
+        .arg("--foreground")
+        .arg("--socket-dir")
+        .arg(&opts.socket_dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0);
+    if let Some(mtu) = opts.mtu {
+        cmd.arg("--mtu").arg(mtu.to_string());
+    }
+    let mut child = cmd.spawn().map_err(DeviceCmdError::Daemonize)?;
+    let deadline = Instant::now() + DAEMON_START_TIMEOUT;
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(DeviceCmdError::DaemonFailed(format!(
+                "exited with {status}"
+            )));
+        }
+        let now = std::fs::metadata(&socket).and_then(|m| m.modified()).ok();
+        if now.is_some() && now != before {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err(DeviceCmdError::DaemonFailed(format!(
+        "no socket at {} after {:?}",
+        socket.display(),
+        DAEMON_START_TIMEOUT
+    )))
+}

@@ -1,0 +1,6 @@
+//! wgmesh node agent: the userspace WireGuard device (datapath), its UAPI socket, and the
+//! commands the `wgmesh-agent` binary runs.
+
+pub mod device;
+pub mod device_cmd;
+pub mod uapi;
