@@ -51,4 +51,7 @@ pub mod condition {
     pub const ROTATING: &str = "Rotating";
     /// Pool (operator): every node the pool serves has a subnet; false when exhausted.
     pub const CAPACITY: &str = "Capacity";
+    /// Pool (operator): the nodes the pool serves hold subnets inside its CIDRs; false when
+    /// the pool shrank under live allocations (which are kept, not moved).
+    pub const CONSISTENT: &str = "Consistent";
 }

@@ -1,0 +1,346 @@
+//! The operator's apply step: performs a [`Plan`]'s writes, and nothing else.
+//!
+//! Every write is made only while this replica leads; the leader signal is checked before
+//! each one, so a replica that loses the lease mid-pass stops writing at once. Errors are
+//! counted and logged here, once, and the pass goes on: the next pass retries whatever
+//! did not happen.
+
+use crate::metrics::Metrics;
+use crate::plan::{EventSpec, EventTarget, Plan, RELEASE_FINALIZER};
+use futures::{StreamExt, stream};
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::{
+    Api, Client,
+    api::{DeleteParams, Patch, PatchParams, PostParams},
+    runtime::events::{Event, EventType, Recorder, Reporter},
+};
+use serde_json::json;
+use std::sync::Arc;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+use wgmesh_api::{Mesh, MeshPeer, PodCIDRPool, consts::OPERATOR_MANAGER};
+
+/// How many writes of one kind are in flight at once.
+const CONCURRENT_WRITES: usize = 16;
+
+/// Performs plans against the API server.
+pub struct Writer {
+    peers: Api<MeshPeer>,
+    pools: Api<PodCIDRPool>,
+    meshes: Api<Mesh>,
+    recorder: Recorder,
+    leader: watch::Receiver<bool>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writer").finish_non_exhaustive()
+    }
+}
+
+/// What a pass wrote: the peers as the API server returned them, so the next pass sees
+/// its own writes even before the watch delivers them.
+#[derive(Debug, Default)]
+pub struct Written {
+    pub peers: Vec<Arc<MeshPeer>>,
+    /// Peers whose deletion completed (finalizer removed).
+    pub gone: Vec<String>,
+    pub errors: usize,
+}
+
+impl Writer {
+    pub fn new(
+        client: Client,
+        identity: &str,
+        leader: watch::Receiver<bool>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let reporter = Reporter {
+            controller: OPERATOR_MANAGER.into(),
+            instance: Some(identity.to_owned()),
+        };
+        Writer {
+            peers: Api::all(client.clone()),
+            pools: Api::all(client.clone()),
+            meshes: Api::all(client.clone()),
+            recorder: Recorder::new(client, reporter),
+            leader,
+            metrics,
+        }
+    }
+
+    fn leading(&self) -> bool {
+        *self.leader.borrow()
+    }
+
+    fn failed(&self, kind: &str, name: &str, err: &kube::Error) {
+        self.metrics.error(kind);
+        warn!(%name, error = %err, "{kind} failed");
+    }
+
+    /// Performs every write of `plan`, in order: releases, deletions, creations,
+    /// allocations, statuses, events.
+    pub async fn apply(&self, plan: &Plan) -> Written {
+        let mut written = Written::default();
+
+        let results: Vec<_> = stream::iter(&plan.releases)
+            .map(|name| async move { (name, self.release(name).await) })
+            .buffer_unordered(CONCURRENT_WRITES)
+            .collect()
+            .await;
+        for (name, r) in results {
+            match r {
+                Ok(()) => written.gone.push(name.clone()),
+                Err(e) => {
+                    written.errors += 1;
+                    self.failed("release", name, &e);
+                }
+            }
+        }
+
+        for name in &plan.deletes {
+            if !self.leading() {
+                return written;
+            }
+            match self.peers.delete(name, &DeleteParams::background()).await {
+                Ok(_) => info!(peer = %name, "deleted peer of a node that is gone"),
+                Err(kube::Error::Api(s)) if s.is_not_found() => {}
+                Err(e) => {
+                    written.errors += 1;
+                    self.failed("delete", name, &e);
+                }
+            }
+        }
+
+        let pp = PostParams {
+            field_manager: Some(OPERATOR_MANAGER.into()),
+            ..Default::default()
+        };
+        let results: Vec<_> = stream::iter(&plan.creates)
+            .map(|peer| {
+                let pp = &pp;
+                async move {
+                    if !self.leading() {
+                        return None;
+                    }
+                    Some((peer, self.peers.create(pp, peer).await))
+                }
+            })
+            .buffer_unordered(CONCURRENT_WRITES)
+            .filter_map(|r| async move { r })
+            .collect()
+            .await;
+        for (peer, r) in results {
+            let name = peer.metadata.name.as_deref().unwrap_or_default();
+            match r {
+                Ok(created) => {
+                    info!(peer = %name, pod_cidrs = ?created.spec.pod_cidrs, "created node peer");
+                    written.peers.push(Arc::new(created));
+                }
+                // The watch has not shown us the peer yet; the next pass will.
+                Err(kube::Error::Api(s)) if s.is_already_exists() => {}
+                Err(e) => {
+                    written.errors += 1;
+                    self.failed("create", name, &e);
+                }
+            }
+        }
+
+        let results: Vec<_> = stream::iter(&plan.allocations)
+            .map(|a| async move {
+                if !self.leading() {
+                    return None;
+                }
+                let mut patch = json!({
+                    "apiVersion": "wgmesh.dev/v1alpha1",
+                    "kind": "MeshPeer",
+                    "metadata": {"name": a.name},
+                    "spec": {"node": a.name, "podCIDRs": a.pod_cidrs},
+                });
+                if let Some(rv) = &a.resource_version {
+                    patch["metadata"]["resourceVersion"] = json!(rv);
+                }
+                let params = PatchParams::apply(OPERATOR_MANAGER).force();
+                Some((
+                    a,
+                    self.peers
+                        .patch(&a.name, &params, &Patch::Apply(patch))
+                        .await,
+                ))
+            })
+            .buffer_unordered(CONCURRENT_WRITES)
+            .filter_map(|r| async move { r })
+            .collect()
+            .await;
+        for (a, r) in results {
+            match r {
+                Ok(peer) => {
+                    info!(peer = %a.name, pod_cidrs = ?a.pod_cidrs, "allocated pod subnets");
+                    written.peers.push(Arc::new(peer));
+                }
+                Err(kube::Error::Api(s)) if s.is_conflict() => {
+                    debug!(peer = %a.name, "peer changed since the plan; replanning");
+                }
+                Err(e) => {
+                    written.errors += 1;
+                    self.failed("allocate", &a.name, &e);
+                }
+            }
+        }
+
+        let results: Vec<_> = stream::iter(&plan.peer_status)
+            .map(|w| async move {
+                if !self.leading() {
+                    return None;
+                }
+                let patch = json!({
+                    "apiVersion": "wgmesh.dev/v1alpha1",
+                    "kind": "MeshPeer",
+                    "status": w.status,
+                });
+                let params = PatchParams::apply(OPERATOR_MANAGER).force();
+                Some((
+                    w,
+                    self.peers
+                        .patch_status(&w.name, &params, &Patch::Apply(patch))
+                        .await,
+                ))
+            })
+            .buffer_unordered(CONCURRENT_WRITES)
+            .filter_map(|r| async move { r })
+            .collect()
+            .await;
+        for (w, r) in results {
+            match r {
+                Ok(peer) => written.peers.push(Arc::new(peer)),
+                Err(kube::Error::Api(s)) if s.is_not_found() => {}
+                Err(e) => {
+                    written.errors += 1;
+                    self.failed("peer_status", &w.name, &e);
+                }
+            }
+        }
+
+        for w in &plan.pool_status {
+            if !self.leading() {
+                return written;
+            }
+            let patch = json!({
+                "apiVersion": "wgmesh.dev/v1alpha1",
+                "kind": "PodCIDRPool",
+                "status": w.status,
+            });
+            let params = PatchParams::apply(OPERATOR_MANAGER).force();
+            if let Err(e) = self
+                .pools
+                .patch_status(&w.name, &params, &Patch::Apply(patch))
+                .await
+            {
+                written.errors += 1;
+                self.failed("pool_status", &w.name, &e);
+            }
+        }
+
+        if let Some(w) = &plan.mesh_status {
+            if !self.leading() {
+                return written;
+            }
+            let patch = json!({
+                "apiVersion": "wgmesh.dev/v1alpha1",
+                "kind": "Mesh",
+                "status": w.status,
+            });
+            let params = PatchParams::apply(OPERATOR_MANAGER).force();
+            if let Err(e) = self
+                .meshes
+                .patch_status(&w.name, &params, &Patch::Apply(patch))
+                .await
+            {
+                written.errors += 1;
+                self.failed("mesh_status", &w.name, &e);
+            }
+        }
+
+        stream::iter(&plan.events)
+            .for_each_concurrent(CONCURRENT_WRITES, |ev| async move {
+                if let Err(e) = self.publish(ev).await {
+                    self.failed("event", &ev.name, &e);
+                }
+            })
+            .await;
+        written
+    }
+
+    /// Removes the release finalizer from a terminating peer, if it is still there.
+    async fn release(&self, name: &str) -> Result<(), kube::Error> {
+        if !self.leading() {
+            return Ok(());
+        }
+        let Some(peer) = self.peers.get_opt(name).await? else {
+            return Ok(());
+        };
+        let finalizers: Vec<String> = peer
+            .metadata
+            .finalizers
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|f| f != RELEASE_FINALIZER)
+            .collect();
+        let patch = json!({
+            "metadata": {
+                "finalizers": finalizers,
+                "resourceVersion": peer.metadata.resource_version,
+            }
+        });
+        match self
+            .peers
+            .patch(name, &PatchParams::default(), &Patch::Merge(patch))
+            .await
+        {
+            Ok(_) => {
+                info!(peer = %name, subnets = ?peer.spec.pod_cidrs, "released the subnets of a deleted node");
+                Ok(())
+            }
+            Err(kube::Error::Api(s)) if s.is_not_found() => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn publish(&self, ev: &EventSpec) -> Result<(), kube::Error> {
+        let (api_version, kind) = match ev.kind {
+            EventTarget::Peer => ("wgmesh.dev/v1alpha1", "MeshPeer"),
+            EventTarget::Pool => ("wgmesh.dev/v1alpha1", "PodCIDRPool"),
+            EventTarget::Node => ("v1", "Node"),
+        };
+        let reference = ObjectReference {
+            api_version: Some(api_version.into()),
+            kind: Some(kind.into()),
+            name: Some(ev.name.clone()),
+            ..Default::default()
+        };
+        let event = Event {
+            type_: if ev.warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: truncate(&ev.reason, 128),
+            note: Some(truncate(&ev.note, 1024)),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        self.recorder.publish(&event, &reference).await
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max.saturating_sub(3);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &s[..end])
+}

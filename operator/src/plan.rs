@@ -1,0 +1,877 @@
+//! The operator's plan step: from a snapshot of the cluster (nodes, peers, pools, the mesh)
+//! and the time, the writes that bring it to the desired state.
+//!
+//! Pure: no client, no clock, no runtime. The decisions themselves (pool validity, subnet
+//! allocation, peer admission) are `wgmesh-core`'s; this module translates the API objects
+//! into core's inputs, and core's answers into objects, status and events. `apply` performs
+//! what this returns and nothing else.
+//!
+//! Node peer lifecycle, which the translation owns:
+//! - a Node without a peer gets one, created with its subnets in the same write, owned by the
+//!   Node and held by the [`RELEASE_FINALIZER`];
+//! - a peer whose Node is gone (or was replaced by a new Node of the same name) is deleted;
+//!   while it terminates, its subnets stay reserved for the grace period, counted from its
+//!   `deletionTimestamp`; then the finalizer is removed and the subnets are free;
+//! - a Node that comes back while its old peer terminates gets the old subnets back: the old
+//!   peer is released at once and its subnets carried over to the new one.
+
+use crate::conditions::{self, Desired};
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::ResourceExt;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use wgmesh_api::{
+    Mesh, MeshPeer, MeshPeerSpec, MeshPeerStatus, PodCIDRPool, PodCIDRPoolStatus,
+    consts::{self, condition},
+    mesh::{IpamSource, MeshStatus},
+    peer::ApprovedPeer,
+    pool::PoolCounts,
+};
+use wgmesh_core as core;
+
+/// Finalizer on node peers: holds a deleted node's subnets for the grace period.
+pub const RELEASE_FINALIZER: &str = "wgmesh.dev/release";
+
+/// How long a deleted node's subnets stay reserved when the `Mesh` does not say.
+pub const DEFAULT_RELEASE_GRACE: Duration = Duration::from_secs(300);
+
+/// Everything a pass looks at.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub nodes: Vec<Arc<Node>>,
+    pub peers: Vec<Arc<MeshPeer>>,
+    pub pools: Vec<Arc<PodCIDRPool>>,
+    /// The `Mesh` named `default`, if any.
+    pub mesh: Option<Arc<Mesh>>,
+    /// Subnets of released peers whose node came back, by node name, until the new peer
+    /// holds them. Kept by the caller between passes.
+    pub carry_over: BTreeMap<String, Vec<String>>,
+    pub now: SystemTime,
+}
+
+/// One status write: the operator-owned fields of an object's status.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatusWrite<S> {
+    pub name: String,
+    pub status: S,
+}
+
+/// An Event to publish about an object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventSpec {
+    pub kind: EventTarget,
+    pub name: String,
+    pub warning: bool,
+    pub reason: String,
+    pub note: String,
+}
+
+/// A node peer's grown `spec.podCIDRs`, written only if the peer is still at
+/// `resource_version` (so a plan made from a stale view cannot overwrite a newer one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllocationWrite {
+    pub name: String,
+    pub resource_version: Option<String>,
+    pub pod_cidrs: Vec<String>,
+}
+
+/// Which kind an Event is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventTarget {
+    Peer,
+    Pool,
+    Node,
+}
+
+/// The writes of one pass, in the order `apply` performs them.
+#[derive(Debug, Clone, Default)]
+pub struct Plan {
+    /// Node peers to create, with their subnets.
+    pub creates: Vec<MeshPeer>,
+    /// Existing node peers whose `spec.podCIDRs` grow.
+    pub allocations: Vec<AllocationWrite>,
+    /// Peers to delete: their node is gone or was replaced.
+    pub deletes: Vec<String>,
+    /// Terminating peers whose finalizer to remove: grace over, or their node is back.
+    pub releases: Vec<String>,
+    /// Peer statuses that change.
+    pub peer_status: Vec<StatusWrite<MeshPeerStatus>>,
+    /// Pool statuses that change.
+    pub pool_status: Vec<StatusWrite<PodCIDRPoolStatus>>,
+    /// The mesh's status, if it changes.
+    pub mesh_status: Option<StatusWrite<MeshStatus>>,
+    pub events: Vec<EventSpec>,
+    /// When to plan again at the latest (a grace period ends).
+    pub requeue_at: Option<SystemTime>,
+    /// The carry-over map for the next pass.
+    pub carry_over: BTreeMap<String, Vec<String>>,
+    /// Subnets newly allocated by this plan.
+    pub allocated: usize,
+    /// Per pool and family: (allocated, free), for metrics.
+    pub usage: Vec<core::PoolUsage>,
+    /// Peers ready / not ready after this plan.
+    pub peers_ready: usize,
+    pub peers_not_ready: usize,
+}
+
+/// Mesh settings the plan needs, with defaults applied.
+#[derive(Debug, Clone)]
+struct Settings {
+    grace: Duration,
+    honour_node_pod_cidrs: bool,
+    keepalive: u16,
+}
+
+impl Settings {
+    fn from(mesh: Option<&Mesh>) -> (Settings, Vec<String>) {
+        let mut problems = Vec::new();
+        let spec = mesh.map(|m| &m.spec);
+        let ipam = spec.and_then(|s| s.ipam.as_ref());
+        let grace = match ipam.and_then(|i| i.release_grace_period.as_deref()) {
+            None => DEFAULT_RELEASE_GRACE,
+            Some(text) => match crate::duration::parse(text) {
+                Ok(d) => d,
+                Err(e) => {
+                    problems.push(format!(
+                        "spec.ipam.releaseGracePeriod {text:?}: {e}; using {}s",
+                        DEFAULT_RELEASE_GRACE.as_secs()
+                    ));
+                    DEFAULT_RELEASE_GRACE
+                }
+            },
+        };
+        let settings = Settings {
+            grace,
+            honour_node_pod_cidrs: ipam.and_then(|i| i.source) == Some(IpamSource::NodeSpec),
+            keepalive: spec.and_then(|s| s.persistent_keepalive).unwrap_or(0),
+        };
+        (settings, problems)
+    }
+}
+
+fn system_time(t: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time) -> SystemTime {
+    SystemTime::from(t.0)
+}
+
+fn created(meta: &ObjectMeta) -> SystemTime {
+    meta.creation_timestamp
+        .as_ref()
+        .map_or(SystemTime::UNIX_EPOCH, system_time)
+}
+
+/// How the plan sees one `MeshPeer`.
+#[derive(Debug)]
+enum PeerRole {
+    /// The live peer of an existing node.
+    Node,
+    /// A node peer whose node is gone or replaced; not yet terminating.
+    Orphan,
+    /// A node peer terminating while its node is absent: its subnets are in grace.
+    Releasing { since: SystemTime },
+    /// A node peer terminating while its node exists again.
+    Returning,
+    /// Names a node but was not created for it: never trusted.
+    Impostor,
+    /// A user-created peer.
+    External,
+}
+
+fn role(peer: &MeshPeer, nodes: &BTreeMap<&str, &Node>) -> PeerRole {
+    let Some(node_name) = peer.spec.node.as_deref() else {
+        return PeerRole::External;
+    };
+    let owner = peer
+        .owner_references()
+        .iter()
+        .find(|o| o.kind == "Node" && o.name == node_name);
+    let Some(owner) = owner else {
+        return PeerRole::Impostor;
+    };
+    let node = nodes.get(node_name).copied();
+    match (&peer.metadata.deletion_timestamp, node) {
+        (Some(_), Some(_)) => PeerRole::Returning,
+        (Some(t), None) => PeerRole::Releasing {
+            since: system_time(t),
+        },
+        (None, Some(node)) if node.metadata.uid.as_deref() == Some(owner.uid.as_str()) => {
+            PeerRole::Node
+        }
+        (None, _) => PeerRole::Orphan,
+    }
+}
+
+/// Computes the writes of one pass.
+pub fn plan(snap: &Snapshot) -> Plan {
+    let (settings, mesh_problems) = Settings::from(snap.mesh.as_deref());
+    let mut out = Plan::default();
+
+    let nodes: BTreeMap<&str, &Node> = snap
+        .nodes
+        .iter()
+        .filter_map(|n| n.metadata.name.as_deref().map(|name| (name, n.as_ref())))
+        .collect();
+    let peers: BTreeMap<&str, &MeshPeer> = snap
+        .peers
+        .iter()
+        .filter_map(|p| p.metadata.name.as_deref().map(|name| (name, p.as_ref())))
+        .collect();
+
+    // Pools.
+    let pool_specs: Vec<core::PoolSpec> = snap.pools.iter().map(|p| pool_spec(p)).collect();
+    let validation = core::validate_pools(&pool_specs);
+
+    // Peers by role; what they hold.
+    let mut roles: BTreeMap<&str, PeerRole> = BTreeMap::new();
+    let mut existing: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut released: Vec<core::Released> = Vec::new();
+    let mut carry_over = BTreeMap::new();
+    for (&name, &peer) in &peers {
+        let r = role(peer, &nodes);
+        match &r {
+            PeerRole::Node | PeerRole::Orphan => {
+                existing.insert(name.to_owned(), peer.spec.pod_cidrs.clone());
+            }
+            PeerRole::Returning => {
+                existing.insert(name.to_owned(), peer.spec.pod_cidrs.clone());
+                carry_over.insert(name.to_owned(), peer.spec.pod_cidrs.clone());
+                out.releases.push(name.to_owned());
+            }
+            PeerRole::Releasing { since } => {
+                let subnets = peer
+                    .spec
+                    .pod_cidrs
+                    .iter()
+                    .filter_map(|c| core::parse_network(c).ok())
+                    .collect();
+                released.push(core::Released {
+                    peer: name.to_owned(),
+                    subnets,
+                    released_at: *since,
+                });
+                let free_at = since.checked_add(settings.grace);
+                match free_at {
+                    Some(t) if t <= snap.now => out.releases.push(name.to_owned()),
+                    Some(t) => out.requeue_at = Some(out.requeue_at.map_or(t, |r| r.min(t))),
+                    None => {}
+                }
+            }
+            PeerRole::Impostor | PeerRole::External => {}
+        }
+        if matches!(r, PeerRole::Orphan) {
+            out.deletes.push(name.to_owned());
+        }
+        roles.insert(name, r);
+    }
+    // Carried-over subnets of nodes whose old peer is gone and new one not yet made.
+    for (name, subnets) in &snap.carry_over {
+        if nodes.contains_key(name.as_str()) && !peers.contains_key(name.as_str()) {
+            existing.insert(name.clone(), subnets.clone());
+            carry_over.insert(name.clone(), subnets.clone());
+        }
+    }
+
+    // Allocation.
+    let core_nodes: Vec<core::Node> = nodes
+        .iter()
+        .map(|(name, node)| core::Node {
+            name: (*name).to_owned(),
+            labels: node.labels().clone(),
+            pod_cidrs: node
+                .spec
+                .as_ref()
+                .and_then(|s| s.pod_cidrs.clone())
+                .unwrap_or_default(),
+        })
+        .collect();
+    let alloc = core::plan_allocations(&core::AllocationRequest {
+        pools: &validation.valid,
+        nodes: &core_nodes,
+        existing: &existing,
+        released: &released,
+        grace_period: settings.grace,
+        now: snap.now,
+        honour_node_pod_cidrs: settings.honour_node_pod_cidrs,
+    });
+    if let Some(t) = alloc.grace.next_free_at {
+        out.requeue_at = Some(out.requeue_at.map_or(t, |r| r.min(t)));
+    }
+    let conflicts = conflicts_by_peer(&alloc.conflicts);
+    let outside = outside_by_peer(&alloc.conflicts);
+
+    for (name, node) in &nodes {
+        let Some(a) = alloc.nodes.get(*name) else {
+            continue;
+        };
+        let subnets: Vec<String> = a.subnets.iter().map(ToString::to_string).collect();
+        out.allocated += a.added.len();
+        match peers.get(name) {
+            None => {
+                out.creates.push(new_node_peer(node, subnets.clone()));
+                carry_over.remove(*name);
+                if !a.added.is_empty() {
+                    out.events.push(allocated_event(name, &a.added));
+                }
+            }
+            Some(peer) if matches!(roles.get(name), Some(PeerRole::Node)) => {
+                if !a.added.is_empty() {
+                    out.allocations.push(AllocationWrite {
+                        name: (*name).to_owned(),
+                        resource_version: peer.metadata.resource_version.clone(),
+                        pod_cidrs: subnets,
+                    });
+                    out.events.push(allocated_event(name, &a.added));
+                }
+            }
+            Some(_) => {}
+        }
+    }
+
+    // Admission.
+    let mut node_peers = Vec::new();
+    let mut externals = Vec::new();
+    for (&name, &peer) in &peers {
+        match roles.get(name) {
+            Some(PeerRole::Node) => {
+                let status = peer.status.as_ref();
+                node_peers.push(core::NodePeer {
+                    name: name.to_owned(),
+                    created: created(&peer.metadata),
+                    pod_cidrs: alloc
+                        .nodes
+                        .get(name)
+                        .map(|a| a.subnets.clone())
+                        .unwrap_or_default(),
+                    public_key: status.and_then(|s| s.public_key.clone()),
+                    next_public_key: status.and_then(|s| s.next_public_key.clone()),
+                    endpoints: status.map(|s| s.endpoints.clone()).unwrap_or_default(),
+                });
+            }
+            Some(PeerRole::External) => externals.push(core::ExternalPeer {
+                name: name.to_owned(),
+                created: created(&peer.metadata),
+                public_key: peer.spec.public_key.clone(),
+                allowed_ips: peer.spec.allowed_ips.clone(),
+                endpoint: peer.spec.endpoint.clone(),
+            }),
+            _ => {}
+        }
+    }
+    let verdicts = core::admit(&validation.valid, &node_peers, &externals);
+
+    // Peer status.
+    let mut ready_peers: BTreeSet<&str> = BTreeSet::new();
+    for (&name, &peer) in &peers {
+        let role = roles.get(name);
+        let mut desired: Vec<Desired> = Vec::new();
+        let mut approved = None;
+        let generation = peer.metadata.generation;
+        match role {
+            Some(PeerRole::Node) => {
+                let a = alloc.nodes.get(name);
+                let peer_conflicts = conflicts.get(name).cloned().unwrap_or_default();
+                let outside = outside.get(name).map(Vec::as_slice).unwrap_or_default();
+                desired.push(allocated_condition(a, &peer_conflicts, outside));
+                let verdict = verdicts.get(name);
+                match (verdict, peer_conflicts.is_empty()) {
+                    (Some(v), true) if v.ready() => {
+                        desired.push(Desired::new(condition::READY, true, v.reason().as_str(), v.message()));
+                        approved = v.approved.as_ref().map(|ap| approve(ap, peer, settings.keepalive));
+                    }
+                    (Some(v), true) => {
+                        desired.push(Desired::new(condition::READY, false, v.reason().as_str(), v.message()));
+                    }
+                    (_, false) => desired.push(Desired::new(
+                        condition::READY,
+                        false,
+                        "AllocationConflict",
+                        peer_conflicts.join("; "),
+                    )),
+                    (None, true) => {}
+                }
+            }
+            Some(PeerRole::External) => {
+                if let Some(v) = verdicts.get(name) {
+                    desired.push(Desired::new(condition::READY, v.ready(), v.reason().as_str(), v.message()));
+                    approved = v.approved.as_ref().map(|ap| approve(ap, peer, settings.keepalive));
+                }
+            }
+            Some(PeerRole::Impostor) => desired.push(Desired::new(
+                condition::READY,
+                false,
+                "NotOwnedByNode",
+                format!(
+                    "spec.node names node {:?}, but this MeshPeer was not created by the operator for \
+                     that node (it has no ownerReference to it); it is ignored. Delete it: the \
+                     operator creates node peers itself.",
+                    peer.spec.node.as_deref().unwrap_or_default()
+                ),
+            )),
+            Some(PeerRole::Orphan) | Some(PeerRole::Releasing { .. }) | Some(PeerRole::Returning) => {
+                let msg = match role {
+                    Some(PeerRole::Releasing { since }) => {
+                        let until = since.checked_add(settings.grace);
+                        format!(
+                            "node {name} is gone; its pod subnets stay reserved for {}s{}",
+                            settings.grace.as_secs(),
+                            until
+                                .map(|u| format!(" (until {})", k8s_openapi::jiff::Timestamp::try_from(u).map(|t| t.to_string()).unwrap_or_default()))
+                                .unwrap_or_default()
+                        )
+                    }
+                    Some(PeerRole::Returning) => {
+                        format!("node {name} was re-registered; this peer is replaced by a new one with the same subnets")
+                    }
+                    _ => format!("node {name} is gone or was replaced; the peer is being removed"),
+                };
+                desired.push(Desired::new(condition::READY, false, "NodeGone", msg));
+            }
+            None => {}
+        }
+        if desired.is_empty() {
+            continue;
+        }
+        let current = peer.status.as_ref();
+        let current_conditions = current.map(|s| s.conditions.as_slice()).unwrap_or_default();
+        let (conds, changes) =
+            conditions::merge(current_conditions, &desired, generation, snap.now);
+        let ready = desired
+            .iter()
+            .any(|d| d.type_ == condition::READY && d.status);
+        if ready {
+            ready_peers.insert(name);
+            out.peers_ready += 1;
+        } else {
+            out.peers_not_ready += 1;
+        }
+        let current_approved = current.and_then(|s| s.approved.clone());
+        let current_gen = current.and_then(|s| s.observed_generation);
+        if changes.is_empty() && current_approved == approved && current_gen == generation {
+            continue;
+        }
+        for change in changes.iter().filter(|c| c.type_ == condition::READY) {
+            out.events.push(EventSpec {
+                kind: EventTarget::Peer,
+                name: name.to_owned(),
+                warning: !change.status,
+                reason: if change.status {
+                    "PeerReady".into()
+                } else {
+                    change.reason.clone()
+                },
+                note: change.message.clone(),
+            });
+        }
+        out.peer_status.push(StatusWrite {
+            name: name.to_owned(),
+            status: MeshPeerStatus {
+                conditions: conds,
+                approved,
+                observed_generation: generation,
+                ..Default::default()
+            },
+        });
+    }
+
+    // Pool status.
+    let exhausted = exhausted_pools(&alloc);
+    for pool in &snap.pools {
+        let name = pool.name_any();
+        let mut desired = Vec::new();
+        match validation.refused.get(&name) {
+            Some(errors) => desired.push(Desired::new(
+                condition::READY,
+                false,
+                pool_reason(errors),
+                errors
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            )),
+            None => desired.push(Desired::new(
+                condition::READY,
+                true,
+                "Valid",
+                "the pool is valid",
+            )),
+        }
+        match exhausted.get(name.as_str()) {
+            Some(nodes) => desired.push(Desired::new(
+                condition::CAPACITY,
+                false,
+                "Exhausted",
+                format!(
+                    "no free subnet left for node(s) {}; add a CIDR to the pool or another pool that selects them",
+                    summarize(nodes)
+                ),
+            )),
+            None => desired.push(Desired::new(condition::CAPACITY, true, "Available", "every node the pool serves has a subnet")),
+        }
+        if let Some(valid_pool) = validation.valid.iter().find(|p| p.name() == name) {
+            let strays: Vec<String> = outside
+                .iter()
+                .filter(|(peer, _)| {
+                    nodes
+                        .get(peer.as_str())
+                        .is_some_and(|n| valid_pool.selects(n.labels()))
+                })
+                .flat_map(|(peer, subnets)| {
+                    subnets
+                        .iter()
+                        .filter(|s| valid_pool.offers(core::Family::of(s)))
+                        .map(move |s| format!("{peer} ({s})"))
+                })
+                .collect();
+            desired.push(if strays.is_empty() {
+                Desired::new(condition::CONSISTENT, true, "AllocationsInPool", "every node this pool serves holds subnets inside it")
+            } else {
+                Desired::new(
+                    condition::CONSISTENT,
+                    false,
+                    "AllocationsOutsidePool",
+                    format!(
+                        "nodes this pool serves hold subnets outside it: {}; they are kept, not moved. \
+                         Restore the CIDR, or drain and delete those nodes",
+                        strays.join(", ")
+                    ),
+                )
+            });
+        }
+        let counts = |select: fn(&core::PoolUsage) -> i64| {
+            let mut c = PoolCounts::default();
+            for u in alloc.usage.iter().filter(|u| u.pool == name) {
+                let v = select(u);
+                match u.family {
+                    core::Family::V4 => c.ipv4 = Some(v),
+                    core::Family::V6 => c.ipv6 = Some(v),
+                }
+                c.total = c.total.saturating_add(v);
+            }
+            c
+        };
+        let valid = !validation.refused.contains_key(&name);
+        let allocated = valid.then(|| counts(|u| i64::try_from(u.allocated).unwrap_or(i64::MAX)));
+        let free = valid.then(|| counts(core::PoolUsage::free_i64));
+        let generation = pool.metadata.generation;
+        let current = pool.status.as_ref();
+        let current_conditions = current.map(|s| s.conditions.as_slice()).unwrap_or_default();
+        let (conds, changes) =
+            conditions::merge(current_conditions, &desired, generation, snap.now);
+        for change in &changes {
+            out.events.push(EventSpec {
+                kind: EventTarget::Pool,
+                name: name.clone(),
+                warning: !change.status,
+                reason: change.reason.clone(),
+                note: change.message.clone(),
+            });
+        }
+        let unchanged = changes.is_empty()
+            && current.and_then(|s| s.allocated.clone()) == allocated
+            && current.and_then(|s| s.free.clone()) == free
+            && current.and_then(|s| s.observed_generation) == generation;
+        if !unchanged {
+            out.pool_status.push(StatusWrite {
+                name,
+                status: PodCIDRPoolStatus {
+                    conditions: conds,
+                    observed_generation: generation,
+                    allocated,
+                    free,
+                },
+            });
+        }
+    }
+
+    // Mesh status.
+    if let Some(mesh) = &snap.mesh {
+        let count = |node_peers: bool, ready_only: bool| -> u32 {
+            let n = roles
+                .iter()
+                .filter(|(name, r)| {
+                    let kind = if node_peers {
+                        matches!(r, PeerRole::Node)
+                    } else {
+                        matches!(r, PeerRole::External)
+                    };
+                    kind && (!ready_only || ready_peers.contains(*name))
+                })
+                .count();
+            u32::try_from(n).unwrap_or(u32::MAX)
+        };
+        let desired = if mesh_problems.is_empty() {
+            vec![Desired::new(
+                condition::READY,
+                true,
+                "Valid",
+                "the mesh settings are valid and in force",
+            )]
+        } else {
+            vec![Desired::new(
+                condition::READY,
+                false,
+                "InvalidSettings",
+                mesh_problems.join("; "),
+            )]
+        };
+        let generation = mesh.metadata.generation;
+        let current = mesh.status.clone().unwrap_or_default();
+        let (conds, changes) =
+            conditions::merge(&current.conditions, &desired, generation, snap.now);
+        let status = MeshStatus {
+            conditions: conds,
+            observed_generation: generation,
+            nodes: Some(count(true, false)),
+            nodes_ready: Some(count(true, true)),
+            peers: Some(count(false, false)),
+            peers_ready: Some(count(false, true)),
+        };
+        let unchanged = changes.is_empty()
+            && current.observed_generation == status.observed_generation
+            && current.nodes == status.nodes
+            && current.nodes_ready == status.nodes_ready
+            && current.peers == status.peers
+            && current.peers_ready == status.peers_ready;
+        if !unchanged {
+            out.mesh_status = Some(StatusWrite {
+                name: mesh.name_any(),
+                status,
+            });
+        }
+    }
+
+    out.usage = alloc.usage;
+    out.carry_over = carry_over;
+    out
+}
+
+fn pool_spec(pool: &PodCIDRPool) -> core::PoolSpec {
+    core::PoolSpec {
+        name: pool.name_any(),
+        created: created(&pool.metadata),
+        cidrs: pool.spec.cidrs.clone(),
+        node_prefix_length: core::PrefixLengths {
+            ipv4: pool.spec.node_prefix_length.ipv4,
+            ipv6: pool.spec.node_prefix_length.ipv6,
+        },
+        node_selector: pool
+            .spec
+            .node_selector
+            .as_ref()
+            .map(|s| core::LabelSelector {
+                match_labels: s.match_labels.clone().unwrap_or_default(),
+                match_expressions: s
+                    .match_expressions
+                    .iter()
+                    .flatten()
+                    .map(|r| core::LabelSelectorRequirement {
+                        key: r.key.clone(),
+                        operator: r.operator.clone(),
+                        values: r.values.clone().unwrap_or_default(),
+                    })
+                    .collect(),
+            }),
+    }
+}
+
+fn new_node_peer(node: &Node, pod_cidrs: Vec<String>) -> MeshPeer {
+    let name = node.name_any();
+    let mut peer = MeshPeer::new(
+        &name,
+        MeshPeerSpec {
+            node: Some(name.clone()),
+            pod_cidrs,
+            ..Default::default()
+        },
+    );
+    peer.metadata.labels = Some(BTreeMap::from([
+        (consts::NODE_LABEL.to_owned(), name.clone()),
+        (
+            consts::MANAGED_BY_LABEL.to_owned(),
+            consts::MANAGED_BY.to_owned(),
+        ),
+    ]));
+    peer.metadata.finalizers = Some(vec![RELEASE_FINALIZER.to_owned()]);
+    peer.metadata.owner_references = Some(vec![OwnerReference {
+        api_version: "v1".into(),
+        kind: "Node".into(),
+        name,
+        uid: node.metadata.uid.clone().unwrap_or_default(),
+        controller: Some(true),
+        block_owner_deletion: Some(false),
+    }]);
+    peer
+}
+
+fn approve(ap: &core::Approved, peer: &MeshPeer, mesh_keepalive: u16) -> ApprovedPeer {
+    let key = ap.public_key.to_string();
+    ApprovedPeer {
+        public_key_prefix: Some(ap.public_key.short()),
+        public_key: Some(key),
+        next_public_key: ap.next_public_key.as_ref().map(ToString::to_string),
+        key_generation: peer.status.as_ref().and_then(|s| s.key_generation),
+        allowed_ips: ap.allowed_ips.iter().map(ToString::to_string).collect(),
+        endpoint: ap.endpoints.first().map(ToString::to_string),
+        persistent_keepalive: Some(
+            peer.spec
+                .persistent_keepalive
+                .filter(|k| *k > 0)
+                .unwrap_or(mesh_keepalive),
+        )
+        .filter(|k| *k > 0),
+    }
+}
+
+fn allocated_condition(
+    a: Option<&core::NodeAllocation>,
+    conflicts: &[String],
+    outside: &[ipnet::IpNet],
+) -> Desired {
+    if !conflicts.is_empty() {
+        return Desired::new(
+            condition::ALLOCATED,
+            false,
+            "Conflict",
+            conflicts.join("; "),
+        );
+    }
+    match a {
+        Some(a) if a.failures.is_empty() && !outside.is_empty() => Desired::new(
+            condition::ALLOCATED,
+            true,
+            "OutsidePool",
+            format!(
+                "pod subnets {}; {} lie outside every valid PodCIDRPool (a pool shrank or was \
+                 removed): kept, not moved",
+                join(&a.subnets),
+                join(outside)
+            ),
+        ),
+        Some(a) if a.failures.is_empty() && !a.subnets.is_empty() => Desired::new(
+            condition::ALLOCATED,
+            true,
+            "Allocated",
+            format!("pod subnets {}", join(&a.subnets)),
+        ),
+        Some(a) if !a.failures.is_empty() => {
+            let reason = match a.failures[0] {
+                core::AllocationFailure::NoMatchingPool => "NoMatchingPool",
+                core::AllocationFailure::Exhausted { .. } => "PoolExhausted",
+                _ => "InvalidNodePodCIDRs",
+            };
+            Desired::new(
+                condition::ALLOCATED,
+                false,
+                reason,
+                a.failures
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            )
+        }
+        _ => Desired::new(
+            condition::ALLOCATED,
+            false,
+            "NoMatchingPool",
+            "no valid PodCIDRPool selects this node",
+        ),
+    }
+}
+
+fn allocated_event(node: &str, added: &[core::Assignment]) -> EventSpec {
+    EventSpec {
+        kind: EventTarget::Peer,
+        name: node.to_owned(),
+        warning: false,
+        reason: "SubnetAllocated".into(),
+        note: added
+            .iter()
+            .map(|a| match &a.source {
+                core::Source::Pool(p) => format!("{} from PodCIDRPool {p}", a.subnet),
+                core::Source::NodePodCidrs => format!("{} from the node's spec.podCIDRs", a.subnet),
+                core::Source::Reclaimed => {
+                    format!("{} given back after the node re-registered", a.subnet)
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", "),
+    }
+}
+
+/// Conflicts that make a peer's allocation untrustworthy: overlaps. Other conflicts
+/// (a subnet now outside every pool) are reported on the pool side and do not unready
+/// the peer, since its subnet is still its own.
+fn conflicts_by_peer(conflicts: &[core::Conflict]) -> BTreeMap<String, Vec<String>> {
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for c in conflicts {
+        if let core::Conflict::Overlap { peer, .. } = c {
+            out.entry(peer.clone()).or_default().push(c.to_string());
+        }
+    }
+    out
+}
+
+/// Subnets of each peer that lie outside every valid pool.
+fn outside_by_peer(conflicts: &[core::Conflict]) -> BTreeMap<String, Vec<ipnet::IpNet>> {
+    let mut out: BTreeMap<String, Vec<ipnet::IpNet>> = BTreeMap::new();
+    for c in conflicts {
+        if let core::Conflict::OutsidePools { peer, subnet } = c {
+            out.entry(peer.clone()).or_default().push(*subnet);
+        }
+    }
+    out
+}
+
+fn join<T: ToString>(items: &[T]) -> String {
+    items
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn exhausted_pools(alloc: &core::AllocationPlan) -> BTreeMap<&str, BTreeSet<&str>> {
+    let mut out: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+    for (node, a) in &alloc.nodes {
+        for f in &a.failures {
+            if let core::AllocationFailure::Exhausted { pools, .. } = f {
+                for p in pools {
+                    out.entry(p.as_str()).or_default().insert(node.as_str());
+                }
+            }
+        }
+    }
+    out
+}
+
+fn summarize(names: &BTreeSet<&str>) -> String {
+    const SHOWN: usize = 5;
+    let mut s = names
+        .iter()
+        .take(SHOWN)
+        .copied()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > SHOWN {
+        s.push_str(&format!(" and {} more", names.len() - SHOWN));
+    }
+    s
+}
+
+fn pool_reason(errors: &[core::PoolError]) -> &'static str {
+    match errors.first() {
+        Some(core::PoolError::OverlapsPool { .. }) => "OverlapsPool",
+        Some(core::PoolError::CidrsOverlap { .. }) => "CIDRsOverlap",
+        Some(core::PoolError::InvalidCidr(_)) | Some(core::PoolError::NoCidrs) => "InvalidCIDR",
+        Some(core::PoolError::InvalidSelector(_)) => "InvalidNodeSelector",
+        Some(_) => "InvalidPrefixLength",
+        None => "Invalid",
+    }
+}
+
+#[cfg(test)]
+#[path = "plan_tests.rs"]
+mod tests;

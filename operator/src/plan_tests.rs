@@ -1,0 +1,464 @@
+//! Table tests of the plan, and a convergence check: applying a plan's writes to the
+//! snapshot and planning again must produce no writes at all.
+
+use super::*;
+use k8s_openapi::api::core::v1::NodeSpec;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use wgmesh_api::pool::NodePrefixLength;
+use wgmesh_api::{MeshPeerStatus, PodCIDRPoolSpec};
+
+const KEY_1: &str = "mGpQp9SmU3aD4Jq0Ykwj1CzO3P0k9+4w6VvVvHXxrmI=";
+const KEY_2: &str = "hX3kLw0pQyYZ3Sx8PZ2iVt8ldl2D5cO6lGJp0m0Qk2A=";
+
+fn at(secs: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs)
+}
+
+fn time(secs: u64) -> Time {
+    Time(k8s_openapi::jiff::Timestamp::try_from(at(secs)).expect("time"))
+}
+
+fn mk_node(name: &str, uid: &str) -> Arc<Node> {
+    Arc::new(Node {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            uid: Some(uid.into()),
+            creation_timestamp: Some(time(0)),
+            ..Default::default()
+        },
+        spec: Some(NodeSpec::default()),
+        status: None,
+    })
+}
+
+fn mk_pool(name: &str, cidrs: &[&str], v4: u8, created: u64) -> Arc<PodCIDRPool> {
+    let mut p = PodCIDRPool::new(
+        name,
+        PodCIDRPoolSpec {
+            cidrs: cidrs.iter().map(|c| c.to_string()).collect(),
+            node_prefix_length: NodePrefixLength {
+                ipv4: Some(v4),
+                ipv6: Some(64),
+            },
+            node_selector: None,
+        },
+    );
+    p.metadata.creation_timestamp = Some(time(created));
+    p.metadata.generation = Some(1);
+    Arc::new(p)
+}
+
+fn mk_external(name: &str, key: &str, allowed: &[&str], created: u64) -> Arc<MeshPeer> {
+    let mut p = MeshPeer::new(
+        name,
+        MeshPeerSpec {
+            public_key: Some(key.into()),
+            allowed_ips: allowed.iter().map(|c| c.to_string()).collect(),
+            ..Default::default()
+        },
+    );
+    p.metadata.creation_timestamp = Some(time(created));
+    p.metadata.generation = Some(1);
+    p.metadata.resource_version = Some("1".into());
+    Arc::new(p)
+}
+
+fn mk_snapshot(
+    nodes: Vec<Arc<Node>>,
+    peers: Vec<Arc<MeshPeer>>,
+    pools: Vec<Arc<PodCIDRPool>>,
+) -> Snapshot {
+    Snapshot {
+        nodes,
+        peers,
+        pools,
+        mesh: None,
+        carry_over: BTreeMap::new(),
+        now: at(1000),
+    }
+}
+
+/// Lays a plan's writes onto the snapshot, as the API server would.
+fn apply_in_memory(snap: &mut Snapshot, plan: &Plan) {
+    let mut rv = 100;
+    let mut bump = |p: &mut MeshPeer| {
+        rv += 1;
+        p.metadata.resource_version = Some(rv.to_string());
+    };
+    for name in &plan.releases {
+        snap.peers
+            .retain(|p| p.metadata.name.as_deref() != Some(name.as_str()));
+    }
+    for name in &plan.deletes {
+        for p in &mut snap.peers {
+            if p.metadata.name.as_deref() == Some(name.as_str()) {
+                Arc::make_mut(p).metadata.deletion_timestamp = Some(Time(
+                    k8s_openapi::jiff::Timestamp::try_from(snap.now).expect("time"),
+                ));
+            }
+        }
+    }
+    for create in &plan.creates {
+        let mut p = create.clone();
+        p.metadata.creation_timestamp = Some(Time(
+            k8s_openapi::jiff::Timestamp::try_from(snap.now).expect("time"),
+        ));
+        p.metadata.generation = Some(1);
+        bump(&mut p);
+        snap.peers.push(Arc::new(p));
+    }
+    for a in &plan.allocations {
+        for p in &mut snap.peers {
+            if p.metadata.name.as_deref() == Some(a.name.as_str()) {
+                let p = Arc::make_mut(p);
+                p.spec.pod_cidrs = a.pod_cidrs.clone();
+                p.metadata.generation = p.metadata.generation.map(|g| g + 1);
+                bump(p);
+            }
+        }
+    }
+    for w in &plan.peer_status {
+        for p in &mut snap.peers {
+            if p.metadata.name.as_deref() == Some(w.name.as_str()) {
+                let p = Arc::make_mut(p);
+                let mut status = p.status.clone().unwrap_or_default();
+                // The operator's conditions replace its own; the agent's stay.
+                status
+                    .conditions
+                    .retain(|c| !w.status.conditions.iter().any(|n| n.type_ == c.type_));
+                status.conditions.extend(w.status.conditions.clone());
+                status.approved = w.status.approved.clone();
+                status.observed_generation = w.status.observed_generation;
+                p.status = Some(status);
+            }
+        }
+    }
+    for w in &plan.pool_status {
+        for p in &mut snap.pools {
+            if p.metadata.name.as_deref() == Some(w.name.as_str()) {
+                Arc::make_mut(p).status = Some(w.status.clone());
+            }
+        }
+    }
+    snap.carry_over = plan.carry_over.clone();
+}
+
+fn writes(plan: &Plan) -> usize {
+    plan.creates.len()
+        + plan.allocations.len()
+        + plan.deletes.len()
+        + plan.releases.len()
+        + plan.peer_status.len()
+        + plan.pool_status.len()
+        + usize::from(plan.mesh_status.is_some())
+}
+
+/// Plans and applies until nothing is left to write; fails if that takes too many passes.
+fn converge(snap: &mut Snapshot) {
+    for _ in 0..5 {
+        let plan = plan(snap);
+        if writes(&plan) == 0 {
+            return;
+        }
+        apply_in_memory(snap, &plan);
+    }
+    panic!("no convergence after 5 passes: {:#?}", plan(snap));
+}
+
+fn peer<'a>(snap: &'a Snapshot, name: &str) -> &'a MeshPeer {
+    snap.peers
+        .iter()
+        .find(|p| p.metadata.name.as_deref() == Some(name))
+        .unwrap_or_else(|| panic!("no peer {name}"))
+}
+
+fn ready(p: &MeshPeer) -> (bool, String) {
+    let c = p
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == condition::READY))
+        .unwrap_or_else(|| panic!("no Ready condition on {:?}", p.metadata.name));
+    (
+        c.status == wgmesh_api::ConditionStatus::True,
+        c.reason.clone(),
+    )
+}
+
+fn publish_key(snap: &mut Snapshot, name: &str, key: &str) {
+    for p in &mut snap.peers {
+        if p.metadata.name.as_deref() == Some(name) {
+            let p = Arc::make_mut(p);
+            let mut status = p.status.clone().unwrap_or_else(MeshPeerStatus::default);
+            status.public_key = Some(key.into());
+            status.endpoints = vec!["192.0.2.1:51820".into()];
+            p.status = Some(status);
+        }
+    }
+}
+
+#[test]
+fn every_node_gets_a_peer_owned_by_it_with_a_distinct_subnet() {
+    let mut snap = mk_snapshot(
+        vec![
+            mk_node("n1", "u1"),
+            mk_node("n2", "u2"),
+            mk_node("n3", "u3"),
+        ],
+        vec![],
+        vec![mk_pool("p", &["10.244.0.0/16"], 24, 0)],
+    );
+    let first = plan(&snap);
+    assert_eq!(first.creates.len(), 3);
+    let c = &first.creates[0];
+    assert_eq!(c.spec.node.as_deref(), Some("n1"));
+    assert_eq!(c.spec.pod_cidrs, vec!["10.244.0.0/24".to_string()]);
+    let owner = &c.metadata.owner_references.as_ref().expect("owner")[0];
+    assert_eq!((owner.kind.as_str(), owner.uid.as_str()), ("Node", "u1"));
+    assert_eq!(
+        c.metadata.finalizers,
+        Some(vec![RELEASE_FINALIZER.to_string()])
+    );
+    converge(&mut snap);
+    let subnets: BTreeSet<_> = snap
+        .peers
+        .iter()
+        .map(|p| p.spec.pod_cidrs.clone())
+        .collect();
+    assert_eq!(subnets.len(), 3);
+    // Without keys the nodes are not ready yet, and say why.
+    assert_eq!(ready(peer(&snap, "n2")), (false, "NoPublicKey".into()));
+}
+
+#[test]
+fn a_node_with_a_published_key_becomes_ready_with_exactly_its_subnets_approved() {
+    let mut snap = mk_snapshot(
+        vec![mk_node("n1", "u1")],
+        vec![],
+        vec![mk_pool("p", &["10.244.0.0/16"], 24, 0)],
+    );
+    converge(&mut snap);
+    publish_key(&mut snap, "n1", KEY_1);
+    converge(&mut snap);
+    let p = peer(&snap, "n1");
+    assert_eq!(ready(p), (true, "Valid".into()));
+    let approved = p
+        .status
+        .as_ref()
+        .and_then(|s| s.approved.clone())
+        .expect("approved");
+    assert_eq!(approved.public_key.as_deref(), Some(KEY_1));
+    assert_eq!(approved.allowed_ips, vec!["10.244.0.0/24".to_string()]);
+    assert_eq!(approved.endpoint.as_deref(), Some("192.0.2.1:51820"));
+}
+
+#[test]
+fn an_external_peer_claiming_a_node_subnet_is_refused_and_changes_nothing_else() {
+    let mut snap = mk_snapshot(
+        vec![mk_node("n1", "u1")],
+        vec![],
+        vec![mk_pool("p", &["10.244.0.0/16"], 24, 0)],
+    );
+    converge(&mut snap);
+    publish_key(&mut snap, "n1", KEY_1);
+    converge(&mut snap);
+    let before = peer(&snap, "n1").clone();
+    snap.peers
+        .push(mk_external("thief", KEY_2, &["10.244.0.0/24"], 500));
+    converge(&mut snap);
+    let (ok, reason) = ready(peer(&snap, "thief"));
+    assert!(!ok);
+    assert_eq!(reason, "AllowedIPsOverlapPodSubnet");
+    assert!(
+        peer(&snap, "thief")
+            .status
+            .as_ref()
+            .and_then(|s| s.approved.clone())
+            .is_none()
+    );
+    assert_eq!(peer(&snap, "n1").spec, before.spec);
+    assert_eq!(peer(&snap, "n1").status, before.status);
+}
+
+#[test]
+fn a_malformed_or_duplicate_key_is_refused_with_a_reason() {
+    let mut snap = mk_snapshot(
+        vec![mk_node("n1", "u1")],
+        vec![],
+        vec![mk_pool("p", &["10.244.0.0/16"], 24, 0)],
+    );
+    converge(&mut snap);
+    publish_key(&mut snap, "n1", KEY_1);
+    snap.peers
+        .push(mk_external("copycat", KEY_1, &["10.250.0.1/32"], 2000));
+    snap.peers.push(mk_external(
+        "zero",
+        "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+        &["10.250.0.2/32"],
+        500,
+    ));
+    converge(&mut snap);
+    assert_eq!(ready(peer(&snap, "n1")), (true, "Valid".into()));
+    assert_eq!(
+        ready(peer(&snap, "copycat")),
+        (false, "DuplicatePublicKey".into())
+    );
+    assert_eq!(
+        ready(peer(&snap, "zero")),
+        (false, "InvalidPublicKey".into())
+    );
+}
+
+#[test]
+fn a_deleted_nodes_subnet_is_held_for_the_grace_period_then_reused() {
+    let mut snap = mk_snapshot(
+        vec![mk_node("n1", "u1"), mk_node("n2", "u2")],
+        vec![],
+        vec![mk_pool("p", &["10.244.0.0/23"], 24, 0)],
+    );
+    converge(&mut snap);
+    let n1_subnet = peer(&snap, "n1").spec.pod_cidrs.clone();
+    snap.nodes
+        .retain(|n| n.metadata.name.as_deref() != Some("n1"));
+    converge(&mut snap);
+    assert!(peer(&snap, "n1").metadata.deletion_timestamp.is_some());
+    assert_eq!(ready(peer(&snap, "n1")).1, "NodeGone");
+
+    // A new node within the grace period cannot get the held subnet: the pool is full.
+    snap.nodes.push(mk_node("n3", "u3"));
+    snap.now = at(1000 + 60);
+    converge(&mut snap);
+    assert!(peer(&snap, "n3").spec.pod_cidrs.is_empty());
+    let exhausted = snap.pools[0].status.as_ref().expect("pool status");
+    assert!(
+        exhausted
+            .conditions
+            .iter()
+            .any(|c| c.type_ == condition::CAPACITY && c.reason == "Exhausted")
+    );
+
+    // After the grace period the old peer is released and n3 gets its subnet.
+    snap.now = at(1000 + 301);
+    converge(&mut snap);
+    assert!(
+        snap.peers
+            .iter()
+            .all(|p| p.metadata.name.as_deref() != Some("n1"))
+    );
+    assert_eq!(peer(&snap, "n3").spec.pod_cidrs, n1_subnet);
+}
+
+#[test]
+fn a_node_that_comes_back_within_the_grace_period_keeps_its_subnet() {
+    let mut snap = mk_snapshot(
+        vec![mk_node("n1", "u1"), mk_node("n2", "u2")],
+        vec![],
+        vec![mk_pool("p", &["10.244.0.0/16"], 24, 0)],
+    );
+    converge(&mut snap);
+    let n2_subnet = peer(&snap, "n2").spec.pod_cidrs.clone();
+    snap.nodes
+        .retain(|n| n.metadata.name.as_deref() != Some("n2"));
+    converge(&mut snap);
+    // n0 sorts first and would take the lowest free subnet if n2's were free.
+    snap.nodes.push(mk_node("n0", "u0"));
+    snap.nodes.push(mk_node("n2", "u2-new"));
+    converge(&mut snap);
+    let p = peer(&snap, "n2");
+    assert_eq!(p.spec.pod_cidrs, n2_subnet);
+    assert_eq!(p.owner_references()[0].uid, "u2-new");
+    assert_ne!(peer(&snap, "n0").spec.pod_cidrs, n2_subnet);
+}
+
+#[test]
+fn a_peer_naming_a_node_without_being_made_for_it_is_never_trusted() {
+    let mut impostor = (*mk_external("n1", KEY_2, &[], 0)).clone();
+    impostor.spec.public_key = None;
+    impostor.spec.node = Some("n1".into());
+    impostor.spec.pod_cidrs = vec!["10.244.0.0/24".into()];
+    let mut snap = mk_snapshot(
+        vec![mk_node("n1", "u1")],
+        vec![Arc::new(impostor)],
+        vec![mk_pool("p", &["10.244.0.0/16"], 24, 0)],
+    );
+    converge(&mut snap);
+    assert_eq!(ready(peer(&snap, "n1")), (false, "NotOwnedByNode".into()));
+    assert!(
+        peer(&snap, "n1")
+            .status
+            .as_ref()
+            .and_then(|s| s.approved.clone())
+            .is_none()
+    );
+}
+
+#[test]
+fn overlapping_pools_refuse_the_newer_and_allocation_goes_on_from_the_older() {
+    let mut snap = mk_snapshot(
+        vec![mk_node("n1", "u1")],
+        vec![],
+        vec![
+            mk_pool("old", &["10.244.0.0/16"], 24, 0),
+            mk_pool("new", &["10.244.128.0/17"], 24, 10),
+        ],
+    );
+    converge(&mut snap);
+    let status = |name: &str| {
+        snap.pools
+            .iter()
+            .find(|p| p.metadata.name.as_deref() == Some(name))
+            .and_then(|p| p.status.clone())
+            .expect("status")
+    };
+    let new = status("new");
+    let r = new
+        .conditions
+        .iter()
+        .find(|c| c.type_ == condition::READY)
+        .expect("ready");
+    assert_eq!(r.reason, "OverlapsPool");
+    assert!(r.message.contains("old"), "{}", r.message);
+    assert_eq!(status("old").allocated.expect("counts").ipv4, Some(1));
+    assert_eq!(
+        peer(&snap, "n1").spec.pod_cidrs,
+        vec!["10.244.0.0/24".to_string()]
+    );
+}
+
+#[test]
+fn a_shrunk_pool_keeps_the_allocation_and_says_so() {
+    let mut snap = mk_snapshot(
+        vec![mk_node("n1", "u1")],
+        vec![],
+        vec![mk_pool("p", &["10.244.0.0/16"], 24, 0)],
+    );
+    converge(&mut snap);
+    let subnet = peer(&snap, "n1").spec.pod_cidrs.clone();
+    Arc::make_mut(&mut snap.pools[0]).spec.cidrs = vec!["10.245.0.0/16".into()];
+    converge(&mut snap);
+    assert_eq!(peer(&snap, "n1").spec.pod_cidrs, subnet);
+    let st = snap.pools[0].status.as_ref().expect("status");
+    let c = st
+        .conditions
+        .iter()
+        .find(|c| c.type_ == condition::CONSISTENT)
+        .expect("consistent");
+    assert_eq!(c.reason, "AllocationsOutsidePool");
+    assert!(c.message.contains("n1"), "{}", c.message);
+}
+
+#[test]
+fn a_converged_mesh_plans_no_writes() {
+    let mut snap = mk_snapshot(
+        (0..20)
+            .map(|i| mk_node(&format!("n{i}"), &format!("u{i}")))
+            .collect(),
+        vec![mk_external("laptop", KEY_2, &["10.250.0.7/32"], 5)],
+        vec![mk_pool("p", &["10.244.0.0/16", "fd00:10:244::/56"], 24, 0)],
+    );
+    converge(&mut snap);
+    let again = plan(&snap);
+    assert_eq!(writes(&again), 0, "{again:#?}");
+    assert!(again.events.is_empty());
+    // Dual-stack: one subnet per family.
+    assert_eq!(peer(&snap, "n7").spec.pod_cidrs.len(), 2);
+}
