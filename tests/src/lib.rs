@@ -144,3 +144,106 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A `wgmesh-operator` process against the test control plane, killed when dropped.
+#[derive(Debug)]
+pub struct OperatorProcess {
+    child: std::process::Child,
+    pub identity: String,
+    pub log: PathBuf,
+}
+
+impl OperatorProcess {
+    /// Starts the operator binary at `bin` competing for the lease `lease`; its log goes to
+    /// a file under the system temp directory.
+    pub fn start(bin: &str, lease: &str, extra: &[&str]) -> Result<OperatorProcess> {
+        let identity = unique_name("operator");
+        let log = std::env::temp_dir().join(format!("{identity}.log"));
+        let file = std::fs::File::create(&log)?;
+        let child = Command::new(bin)
+            .env("KUBECONFIG", kubeconfig()?)
+            .env("RUST_LOG", "info,kube=warn")
+            .args(["--metrics-addr", "127.0.0.1:0", "--lease-namespace", "kube-system"])
+            .args(["--lease-name", lease, "--identity", &identity, "--lease-duration-seconds", "4"])
+            .args(extra)
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .with_context(|| format!("starting {bin}"))?;
+        Ok(OperatorProcess { child, identity, log })
+    }
+
+    /// Kills the process at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The process's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for OperatorProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Deletes every wgmesh object and every Node, so a test starts from an empty mesh.
+pub async fn reset_mesh(client: &kube::Client) -> Result<()> {
+    use k8s_openapi::api::core::v1::Node;
+    use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+    use wgmesh_api::{Mesh, MeshPeer, PodCIDRPool};
+
+    let peers: Api<MeshPeer> = Api::all(client.clone());
+    for p in peers.list(&ListParams::default()).await? {
+        let name = p.metadata.name.unwrap_or_default();
+        if p.metadata.finalizers.is_some_and(|f| !f.is_empty()) {
+            let patch = serde_json::json!({"metadata": {"finalizers": null}});
+            peers.patch(&name, &PatchParams::default(), &Patch::Merge(patch)).await?;
+        }
+    }
+    peers.delete_collection(&DeleteParams::default(), &ListParams::default()).await?;
+    Api::<PodCIDRPool>::all(client.clone())
+        .delete_collection(&DeleteParams::default(), &ListParams::default())
+        .await?;
+    Api::<Mesh>::all(client.clone())
+        .delete_collection(&DeleteParams::default(), &ListParams::default())
+        .await?;
+    Api::<Node>::all(client.clone())
+        .delete_collection(&DeleteParams::default(), &ListParams::default())
+        .await?;
+    wait_for("the mesh to be empty", Duration::from_secs(60), || {
+        let peers = peers.clone();
+        let nodes: Api<Node> = Api::all(client.clone());
+        async move {
+            let empty = peers.list(&ListParams::default()).await?.items.is_empty()
+                && nodes.list(&ListParams::default()).await?.items.is_empty();
+            Ok(empty.then_some(()))
+        }
+    })
+    .await
+}
+
+/// A plain Node object, as a kubelet would register it (no kubelet runs).
+pub fn mk_node(name: &str, labels: &[(&str, &str)], internal_ip: &str) -> k8s_openapi::api::core::v1::Node {
+    use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeStatus};
+    let mut node = Node::default();
+    node.metadata.name = Some(name.to_owned());
+    node.metadata.labels = Some(
+        labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+    );
+    node.status = Some(NodeStatus {
+        addresses: Some(vec![NodeAddress {
+            type_: "InternalIP".into(),
+            address: internal_ip.to_owned(),
+        }]),
+        ..Default::default()
+    });
+    node
+}
