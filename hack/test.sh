@@ -61,7 +61,7 @@ step "clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 
 step "control plane"
-bash hack/cluster.sh up --dir "$cluster_dir"
+bash hack/cluster.sh up --dir "$cluster_dir" --port "${WGMESH_TEST_PORT:-16443}"
 export WGMESH_TEST_KUBECONFIG="$cluster_dir/kubeconfig"
 
 step "tests"

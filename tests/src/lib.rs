@@ -41,6 +41,7 @@ fn ensure_cluster() -> Result<PathBuf> {
         .arg(&script)
         .args(["up", "--dir"])
         .arg(&dir)
+        .args(["--port", "16443"])
         .output()
         .with_context(|| format!("running {}", script.display()))?;
     if !out.status.success() {

@@ -1,0 +1,158 @@
+//! `bench-operator`: registers N Nodes against a real API server with a `wgmesh-operator`
+//! running, plays each node's agent by publishing a fresh public key as soon as the node's
+//! peer appears, and reports how long until every node has its subnet and every peer is
+//! `Ready`, the allocation rate, and the operator's peak memory. Figures, not assertions.
+//!
+//! Usage: bench-operator --operator PATH [--nodes N] (KUBECONFIG names the cluster; the
+//! cluster's wgmesh objects and Nodes are deleted first).
+
+use anyhow::{Context, Result, bail};
+use base64::Engine;
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::Node;
+use kube::{
+    Api, ResourceExt,
+    api::{Patch, PatchParams, PostParams},
+    runtime::{WatchStreamExt, watcher},
+};
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+use wgmesh_api::{ConditionStatus, MeshPeer, PodCIDRPool, PodCIDRPoolSpec, pool::NodePrefixLength};
+
+fn arg(args: &[String], name: &str) -> Option<String> {
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
+}
+
+fn public_key() -> String {
+    let secret = x25519_dalek::StaticSecret::random_from_rng(rand_core::OsRng);
+    let public = x25519_dalek::PublicKey::from(&secret);
+    base64::engine::general_purpose::STANDARD.encode(public.as_bytes())
+}
+
+fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("bench-operator --operator PATH [--nodes N]   (uses KUBECONFIG)");
+        return Ok(());
+    }
+    let operator = arg(&args, "--operator").context("--operator PATH is required")?;
+    let n: usize = arg(&args, "--nodes").map_or(Ok(1000), |v| v.parse())?;
+    let client = kube::Client::try_default().await?;
+    wgmesh_tests::reset_mesh(&client).await?;
+
+    let pools: Api<PodCIDRPool> = Api::all(client.clone());
+    pools
+        .create(
+            &PostParams::default(),
+            &PodCIDRPool::new(
+                "bench",
+                PodCIDRPoolSpec {
+                    cidrs: vec!["10.0.0.0/8".into(), "fd00:be::/48".into()],
+                    node_prefix_length: NodePrefixLength { ipv4: Some(24), ipv6: Some(64) },
+                    node_selector: None,
+                },
+            ),
+        )
+        .await?;
+
+    let log = std::env::temp_dir().join("bench-operator.log");
+    let mut child = std::process::Command::new(&operator)
+        .env("RUST_LOG", "warn")
+        .args(["--metrics-addr", "127.0.0.1:0", "--lease-name", "wgmesh-bench", "--lease-duration-seconds", "4"])
+        .stdout(std::fs::File::create(&log)?)
+        .stderr(std::fs::File::create(log.with_extension("err"))?)
+        .spawn()
+        .with_context(|| format!("starting {operator}"))?;
+    let pid = child.id();
+
+    // The simulated agents: publish a key for every node peer as soon as it appears, and
+    // record when each peer has subnets and when it is Ready.
+    let peers: Api<MeshPeer> = Api::all(client.clone());
+    let start = Instant::now();
+    let agents = {
+        let peers = peers.clone();
+        tokio::spawn(async move {
+            let mut published = BTreeSet::new();
+            let mut allocated_at: Option<Duration> = None;
+            let mut allocated = BTreeSet::new();
+            let mut ready = BTreeSet::new();
+            let mut stream = watcher(peers.clone(), watcher::Config::default()).applied_objects().boxed();
+            while let Some(p) = stream.try_next().await? {
+                let name = p.name_any();
+                if p.spec.node.is_none() {
+                    continue;
+                }
+                if !p.spec.pod_cidrs.is_empty() && allocated.insert(name.clone()) && allocated.len() == n {
+                    allocated_at = Some(start.elapsed());
+                }
+                if published.insert(name.clone()) {
+                    let peers = peers.clone();
+                    let key = public_key();
+                    tokio::spawn(async move {
+                        let patch = serde_json::json!({
+                            "apiVersion": "wgmesh.dev/v1alpha1", "kind": "MeshPeer",
+                            "status": {"publicKey": key, "endpoints": ["192.0.2.1:51820"]},
+                        });
+                        peers
+                            .patch_status(&name, &PatchParams::apply("wgmesh-agent"), &Patch::Apply(patch))
+                            .await
+                    });
+                }
+                let is_ready = p.status.as_ref().is_some_and(|s| {
+                    s.conditions
+                        .iter()
+                        .any(|c| c.type_ == "Ready" && c.status == ConditionStatus::True)
+                });
+                if is_ready {
+                    ready.insert(p.name_any());
+                    if ready.len() == n {
+                        return anyhow::Ok((allocated_at.unwrap_or_else(|| start.elapsed()), start.elapsed()));
+                    }
+                }
+            }
+            bail!("the watch ended")
+        })
+    };
+
+    let nodes: Api<Node> = Api::all(client.clone());
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let nodes = nodes.clone();
+            async move {
+                let node = wgmesh_tests::mk_node(&format!("bench-{i:05}"), &[], "192.0.2.1");
+                nodes.create(&PostParams::default(), &node).await
+            }
+        })
+        .buffer_unordered(32)
+        .try_collect::<Vec<_>>()
+        .await?;
+    let registered = start.elapsed();
+
+    let (all_allocated, all_ready) = tokio::time::timeout(Duration::from_secs(1800), agents).await???;
+    let rss = peak_rss_kib(pid);
+    let _ = child.kill();
+    let _ = child.wait();
+
+    let secs = all_allocated.as_secs_f64();
+    println!("operator benchmark: {n} nodes against a real kube-apiserver");
+    println!("  nodes registered after            {:>8.2} s", registered.as_secs_f64());
+    println!("  every node has its subnets after  {secs:>8.2} s");
+    println!("  every peer Ready after            {:>8.2} s", all_ready.as_secs_f64());
+    println!("  allocations per second            {:>8.1}", n as f64 / secs);
+    match rss {
+        Some(kib) => println!("  operator peak memory (VmHWM)      {:>8.1} MiB", kib as f64 / 1024.0),
+        None => println!("  operator peak memory              unavailable"),
+    }
+    wgmesh_tests::reset_mesh(&client).await?;
+    Ok(())
+}
