@@ -1,9 +1,38 @@
 //! Pure wgmesh logic.
 //!
+//! Every control loop in wgmesh observes, plans, then applies. This crate is the *plan* step:
+//! functions from observed state, passed in as plain values, to desired state, returned as plain
+//! values. Nothing here does I/O: no Kubernetes client, no async runtime, no netlink, no
+//! WireGuard device, no clock (the time is an argument, `now`). That keeps every decision
+//! testable with tables and property tests, and lets the operator and the node agent share them.
+//!
+//! The crate does not depend on the API types either. Its inputs mirror the resources closely
+//! (strings where people write strings, so that validation and its messages live here), and the
+//! operator copies fields across.
+//!
+//! - [`ipam`]: `PodCIDRPool` validation, pod subnet allocation for nodes, grace periods for
+//!   released subnets, pool usage.
 //! - [`keys`]: WireGuard public keys: text form, refusing weak keys, duplicates.
 //! - [`selector`]: Kubernetes label selectors as data.
-//! - [`net`]: address families and CIDR parsing.
+//! - [`net`]: address families and CIDR parsing shared by the above.
+//!
+//! Error and problem types implement `Display` with a complete sentence fit for a status
+//! condition or an event; where one error wraps another, the inner one is part of that text
+//! rather than exposed through `Error::source`, so a chain printer does not repeat it.
+//!
+//! Times are [`std::time::SystemTime`] values supplied by the caller; creation times decide
+//! seniority (the older pool or peer keeps what two of them claim), names break ties.
 
+pub mod ipam;
 pub mod keys;
 pub mod net;
 pub mod selector;
+
+pub use ipam::{
+    AllocationFailure, AllocationPlan, AllocationRequest, Assignment, Conflict, GraceStatus, Held,
+    Node, NodeAllocation, Occupant, Pool, PoolError, PoolSpec, PoolUsage, PoolValidation,
+    PrefixLengths, Released, Source, expire_released, plan_allocations, validate_pools,
+};
+pub use keys::{DuplicateKey, KeyClaim, KeyError, KeyUse, PublicKey, find_duplicate_keys};
+pub use net::{Family, NetworkError, parse_network};
+pub use selector::{LabelSelector, LabelSelectorRequirement, Selector, SelectorError};
