@@ -1,6 +1,8 @@
 //! Hostile input: random and truncated datagrams on the UDP port, garbage on the UAPI socket.
 //! The device keeps running, keeps forwarding and keeps answering `wg`.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use common::*;

@@ -1,6 +1,8 @@
 //! wgmesh against the other userspace implementations: Debian's wireguard-go and boringtun-cli
 //! 0.7.1, each side initiating the handshake in turn.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use common::*;

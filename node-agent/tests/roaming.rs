@@ -1,6 +1,8 @@
 //! Endpoint roaming: the peer's source address changes while traffic flows, and the device
 //! follows it from the first authenticated packet.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use common::*;

@@ -1,5 +1,7 @@
 //! Two wgmesh devices in two network namespaces, configured with `wg set`, moving real traffic.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use common::*;
