@@ -74,7 +74,9 @@ const LOW_ORDER_POINTS: [[u8; KEY_LEN_BYTES]; 7] = [
     ],
 ];
 
-/// Whether `bytes` encode a point of small order (see [`LOW_ORDER_POINTS`]'s origin).
+/// Whether `bytes` encode a point of small order: one of the seven u-coordinates libsodium's
+/// `has_small_order()` refuses (0, 1, two points of order 8, p - 1, p, p + 1), with the top bit
+/// of the last byte ignored as X25519 ignores it.
 ///
 /// Public keys are public, so this does not need to run in constant time.
 pub fn is_low_order(bytes: &[u8; KEY_LEN_BYTES]) -> bool {
