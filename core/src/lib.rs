@@ -13,6 +13,8 @@
 //! - [`ipam`]: `PodCIDRPool` validation, pod subnet allocation for nodes, grace periods for
 //!   released subnets, pool usage.
 //! - [`keys`]: WireGuard public keys: text form, refusing weak keys, duplicates.
+//! - [`peers`]: `MeshPeer` admission: readiness, reasons and messages, approved allowed IPs and
+//!   endpoints.
 //! - [`selector`]: Kubernetes label selectors as data.
 //! - [`net`]: address families and CIDR parsing shared by the above.
 //!
@@ -26,6 +28,7 @@
 pub mod ipam;
 pub mod keys;
 pub mod net;
+pub mod peers;
 pub mod selector;
 
 pub use ipam::{
@@ -35,4 +38,8 @@ pub use ipam::{
 };
 pub use keys::{DuplicateKey, KeyClaim, KeyError, KeyUse, PublicKey, find_duplicate_keys};
 pub use net::{Family, NetworkError, parse_network};
+pub use peers::{
+    Approved, EndpointError, ExternalPeer, NodePeer, PeerKind, PeerProblem, Reason, Verdict, admit,
+    parse_endpoint,
+};
 pub use selector::{LabelSelector, LabelSelectorRequirement, Selector, SelectorError};
