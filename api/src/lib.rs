@@ -5,6 +5,10 @@
 //! generation: validation semantics live in `wgmesh-core`, reconciliation in the operator
 //! and the agent. `crds/` is generated from these types by the `crdgen` binary.
 
+// `#[kube(printcolumn(type_ = ..))]` repeats keys per column by design; clippy reads the
+// repetition as duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
+
 pub mod common;
 pub mod consts;
 pub mod mesh;

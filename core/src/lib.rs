@@ -17,6 +17,8 @@
 //!   endpoints.
 //! - [`selector`]: Kubernetes label selectors as data.
 //! - [`net`]: address families and CIDR parsing shared by the above.
+//! - [`topology`]: the node agent's plan: device peers, routes (fail closed), host-gw, MTU.
+//! - [`duration`]: Go-style durations as the `Mesh` spells them.
 //!
 //! Error and problem types implement `Display` with a complete sentence fit for a status
 //! condition or an event; where one error wraps another, the inner one is part of that text
@@ -25,11 +27,13 @@
 //! Times are [`std::time::SystemTime`] values supplied by the caller; creation times decide
 //! seniority (the older pool or peer keeps what two of them claim), names break ties.
 
+pub mod duration;
 pub mod ipam;
 pub mod keys;
 pub mod net;
 pub mod peers;
 pub mod selector;
+pub mod topology;
 
 pub use ipam::{
     AllocationFailure, AllocationPlan, AllocationRequest, Assignment, Conflict, GraceStatus, Held,

@@ -8,7 +8,6 @@
 pub mod apply;
 pub mod conditions;
 pub mod controller;
-pub mod duration;
 pub mod lease;
 pub mod metrics;
 pub mod plan;

@@ -131,7 +131,7 @@ impl Settings {
         let ipam = spec.and_then(|s| s.ipam.as_ref());
         let grace = match ipam.and_then(|i| i.release_grace_period.as_deref()) {
             None => DEFAULT_RELEASE_GRACE,
-            Some(text) => match crate::duration::parse(text) {
+            Some(text) => match core::duration::parse(text) {
                 Ok(d) => d,
                 Err(e) => {
                     problems.push(format!(

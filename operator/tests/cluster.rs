@@ -64,7 +64,11 @@ impl Env {
         let results: Vec<_> = futures::stream::iter(names)
             .map(|n| {
                 let nodes = self.nodes.clone();
-                async move { nodes.create(&PostParams::default(), &mk_node(&n, &[], "192.0.2.1")).await }
+                async move {
+                    nodes
+                        .create(&PostParams::default(), &mk_node(&n, &[], "192.0.2.1"))
+                        .await
+                }
             })
             .buffer_unordered(16)
             .collect()
@@ -77,22 +81,35 @@ impl Env {
 
     /// Waits until `want` node peers exist and each has `families` subnets; returns
     /// name → subnets.
-    async fn allocated(&self, want: usize, families: usize, timeout: Duration) -> Result<BTreeMap<String, Vec<String>>> {
-        wait_for(&format!("{want} node peers with {families} subnet(s) each"), timeout, || async {
-            let peers = self.peers.list(&ListParams::default()).await?;
-            let map: BTreeMap<String, Vec<String>> = peers
-                .items
-                .iter()
-                .filter(|p| p.spec.node.is_some() && p.metadata.deletion_timestamp.is_none())
-                .map(|p| (p.name_any(), p.spec.pod_cidrs.clone()))
-                .collect();
-            let done = map.len() == want && map.values().all(|s| s.len() == families);
-            Ok(done.then_some(map))
-        })
+    async fn allocated(
+        &self,
+        want: usize,
+        families: usize,
+        timeout: Duration,
+    ) -> Result<BTreeMap<String, Vec<String>>> {
+        wait_for(
+            &format!("{want} node peers with {families} subnet(s) each"),
+            timeout,
+            || async {
+                let peers = self.peers.list(&ListParams::default()).await?;
+                let map: BTreeMap<String, Vec<String>> = peers
+                    .items
+                    .iter()
+                    .filter(|p| p.spec.node.is_some() && p.metadata.deletion_timestamp.is_none())
+                    .map(|p| (p.name_any(), p.spec.pod_cidrs.clone()))
+                    .collect();
+                let done = map.len() == want && map.values().all(|s| s.len() == families);
+                Ok(done.then_some(map))
+            },
+        )
         .await
     }
 
-    async fn condition(&self, peer: &str, type_: &str) -> Result<Option<(ConditionStatus, String, String)>> {
+    async fn condition(
+        &self,
+        peer: &str,
+        type_: &str,
+    ) -> Result<Option<(ConditionStatus, String, String)>> {
         let p = self.peers.get(peer).await?;
         Ok(p.status.and_then(|s| {
             s.conditions
@@ -103,26 +120,34 @@ impl Env {
     }
 
     async fn wait_condition(&self, peer: &str, type_: &str, reason: &str) -> Result<String> {
-        wait_for(&format!("{peer} {type_} reason {reason}"), Duration::from_secs(60), || async {
-            Ok(self
-                .condition(peer, type_)
-                .await?
-                .filter(|(_, r, _)| r == reason)
-                .map(|(_, _, m)| m))
-        })
+        wait_for(
+            &format!("{peer} {type_} reason {reason}"),
+            Duration::from_secs(60),
+            || async {
+                Ok(self
+                    .condition(peer, type_)
+                    .await?
+                    .filter(|(_, r, _)| r == reason)
+                    .map(|(_, _, m)| m))
+            },
+        )
         .await
     }
 
     async fn pool_condition(&self, pool: &str, type_: &str, reason: &str) -> Result<String> {
-        wait_for(&format!("pool {pool} {type_} reason {reason}"), Duration::from_secs(60), || async {
-            let p = self.pools.get(pool).await?;
-            Ok(p.status.and_then(|s| {
-                s.conditions
-                    .into_iter()
-                    .find(|c| c.type_ == type_ && c.reason == reason)
-                    .map(|c| c.message)
-            }))
-        })
+        wait_for(
+            &format!("pool {pool} {type_} reason {reason}"),
+            Duration::from_secs(60),
+            || async {
+                let p = self.pools.get(pool).await?;
+                Ok(p.status.and_then(|s| {
+                    s.conditions
+                        .into_iter()
+                        .find(|c| c.type_ == type_ && c.reason == reason)
+                        .map(|c| c.message)
+                }))
+            },
+        )
         .await
     }
 }
@@ -130,7 +155,10 @@ impl Env {
 fn assert_disjoint(allocs: &BTreeMap<String, Vec<String>>) {
     let nets: Vec<(String, ipnet::IpNet)> = allocs
         .iter()
-        .flat_map(|(n, s)| s.iter().map(move |c| (n.clone(), c.parse().expect("a CIDR"))))
+        .flat_map(|(n, s)| {
+            s.iter()
+                .map(move |c| (n.clone(), c.parse().expect("a CIDR")))
+        })
         .collect();
     for (i, (na, a)) in nets.iter().enumerate() {
         for (nb, b) in &nets[i + 1..] {
@@ -146,7 +174,12 @@ fn assert_disjoint(allocs: &BTreeMap<String, Vec<String>>) {
 async fn every_node_gets_a_distinct_subnet_visible_in_kubectl() -> Result<()> {
     let _serial = SERIAL.lock().await;
     let env = setup().await?;
-    env.pools.create(&PostParams::default(), &mk_pool("main", &["10.244.0.0/16"], Some(24), None)).await?;
+    env.pools
+        .create(
+            &PostParams::default(),
+            &mk_pool("main", &["10.244.0.0/16"], Some(24), None),
+        )
+        .await?;
     let _op = OperatorProcess::start(OPERATOR, &env.lease, &[])?;
     env.add_nodes((1..=5).map(|i| format!("node-{i}"))).await?;
     let allocs = env.allocated(5, 1, Duration::from_secs(60)).await?;
@@ -155,21 +188,33 @@ async fn every_node_gets_a_distinct_subnet_visible_in_kubectl() -> Result<()> {
 
     let table = kubectl_ok(&["get", "meshpeers"])?;
     for (node, subnets) in &allocs {
-        let line = table.lines().find(|l| l.starts_with(node.as_str())).unwrap_or_default();
-        assert!(line.contains(&subnets[0]), "{node} {subnets:?} not shown:\n{table}");
+        let line = table
+            .lines()
+            .find(|l| l.starts_with(node.as_str()))
+            .unwrap_or_default();
+        assert!(
+            line.contains(&subnets[0]),
+            "{node} {subnets:?} not shown:\n{table}"
+        );
     }
     // Without an agent there is no key yet, and the peer says so.
     env.wait_condition("node-1", "Ready", "NoPublicKey").await?;
     // The pool counts what it handed out.
     wait_for("pool counts", Duration::from_secs(30), || async {
         let st = env.pools.get("main").await?.status;
-        Ok(st.and_then(|s| s.allocated).filter(|a| a.ipv4 == Some(5)).map(|_| ()))
+        Ok(st
+            .and_then(|s| s.allocated)
+            .filter(|a| a.ipv4 == Some(5))
+            .map(|_| ()))
     })
     .await?;
     // Peers are owned by their Node, so they go with it.
     let peer = env.peers.get("node-3").await?;
     let owner = &peer.owner_references()[0];
-    assert_eq!((owner.kind.as_str(), owner.name.as_str()), ("Node", "node-3"));
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str()),
+        ("Node", "node-3")
+    );
     Ok(())
 }
 
@@ -177,7 +222,12 @@ async fn every_node_gets_a_distinct_subnet_visible_in_kubectl() -> Result<()> {
 async fn a_restart_in_the_middle_of_200_nodes_neither_duplicates_nor_moves() -> Result<()> {
     let _serial = SERIAL.lock().await;
     let env = setup().await?;
-    env.pools.create(&PostParams::default(), &mk_pool("big", &["10.200.0.0/16"], Some(26), None)).await?;
+    env.pools
+        .create(
+            &PostParams::default(),
+            &mk_pool("big", &["10.200.0.0/16"], Some(26), None),
+        )
+        .await?;
     let mut op = OperatorProcess::start(OPERATOR, &env.lease, &[])?;
     env.add_nodes((0..200).map(|i| format!("n{i:03}"))).await?;
 
@@ -201,13 +251,19 @@ async fn a_restart_in_the_middle_of_200_nodes_neither_duplicates_nor_moves() -> 
         .filter(|p| !p.spec.pod_cidrs.is_empty())
         .map(|p| (p.name_any(), p.spec.pod_cidrs.clone()))
         .collect();
-    assert!(before.len() < 200, "the operator finished before it could be killed; nothing was tested");
+    assert!(
+        before.len() < 200,
+        "the operator finished before it could be killed; nothing was tested"
+    );
 
     let _op2 = OperatorProcess::start(OPERATOR, &env.lease, &[])?;
     let after = env.allocated(200, 1, Duration::from_secs(180)).await?;
     assert_disjoint(&after);
     for (node, subnets) in before.iter().chain(partial.iter()) {
-        assert_eq!(&after[node], subnets, "{node}'s subnet moved across the restart");
+        assert_eq!(
+            &after[node], subnets,
+            "{node}'s subnet moved across the restart"
+        );
     }
     Ok(())
 }
@@ -216,14 +272,22 @@ async fn a_restart_in_the_middle_of_200_nodes_neither_duplicates_nor_moves() -> 
 async fn two_replicas_at_once_never_double_allocate() -> Result<()> {
     let _serial = SERIAL.lock().await;
     let env = setup().await?;
-    env.pools.create(&PostParams::default(), &mk_pool("twin", &["10.201.0.0/16"], Some(26), None)).await?;
+    env.pools
+        .create(
+            &PostParams::default(),
+            &mk_pool("twin", &["10.201.0.0/16"], Some(26), None),
+        )
+        .await?;
     let a = OperatorProcess::start(OPERATOR, &env.lease, &[])?;
     let b = OperatorProcess::start(OPERATOR, &env.lease, &[])?;
     env.add_nodes((0..100).map(|i| format!("t{i:03}"))).await?;
     let allocs = env.allocated(100, 1, Duration::from_secs(180)).await?;
     assert_disjoint(&allocs);
     // Exactly one of them led.
-    let led = [&a, &b].iter().filter(|o| o.log_text().contains("became leader")).count();
+    let led = [&a, &b]
+        .iter()
+        .filter(|o| o.log_text().contains("became leader"))
+        .count();
     assert_eq!(led, 1, "logs:\n{}\n---\n{}", a.log_text(), b.log_text());
     Ok(())
 }
@@ -233,7 +297,12 @@ async fn a_deleted_nodes_subnet_is_reused_only_after_the_grace_period() -> Resul
     let _serial = SERIAL.lock().await;
     let env = setup().await?;
     // Room for exactly two nodes.
-    env.pools.create(&PostParams::default(), &mk_pool("small", &["10.202.0.0/23"], Some(24), None)).await?;
+    env.pools
+        .create(
+            &PostParams::default(),
+            &mk_pool("small", &["10.202.0.0/23"], Some(24), None),
+        )
+        .await?;
     let mesh = Mesh::new(
         "default",
         MeshSpec {
@@ -254,16 +323,24 @@ async fn a_deleted_nodes_subnet_is_reused_only_after_the_grace_period() -> Resul
     let deleted_at = Instant::now();
     env.add_nodes(["g3".to_string()]).await?;
     // While g1's subnet is held, the pool is full: g3 waits, and says why.
-    env.wait_condition("g3", "Allocated", "PoolExhausted").await?;
+    env.wait_condition("g3", "Allocated", "PoolExhausted")
+        .await?;
     env.pool_condition("small", "Capacity", "Exhausted").await?;
-    let g3 = wait_for("g3 to get g1's old subnet", Duration::from_secs(60), || async {
-        let p = env.peers.get("g3").await?;
-        Ok((!p.spec.pod_cidrs.is_empty()).then_some(p.spec.pod_cidrs))
-    })
+    let g3 = wait_for(
+        "g3 to get g1's old subnet",
+        Duration::from_secs(60),
+        || async {
+            let p = env.peers.get("g3").await?;
+            Ok((!p.spec.pod_cidrs.is_empty()).then_some(p.spec.pod_cidrs))
+        },
+    )
     .await?;
     let waited = deleted_at.elapsed();
     assert_eq!(g3, freed);
-    assert!(waited >= Duration::from_secs(7), "reused after {waited:?}, before the 8s grace period");
+    assert!(
+        waited >= Duration::from_secs(7),
+        "reused after {waited:?}, before the 8s grace period"
+    );
     wait_for("g1's peer to be gone", Duration::from_secs(30), || async {
         Ok(env.peers.get_opt("g1").await?.is_none().then_some(()))
     })
@@ -275,22 +352,42 @@ async fn a_deleted_nodes_subnet_is_reused_only_after_the_grace_period() -> Resul
 async fn bad_input_is_refused_with_conditions_and_changes_nothing_else() -> Result<()> {
     let _serial = SERIAL.lock().await;
     let env = setup().await?;
-    env.pools.create(&PostParams::default(), &mk_pool("first", &["10.203.0.0/24"], Some(25), None)).await?;
+    env.pools
+        .create(
+            &PostParams::default(),
+            &mk_pool("first", &["10.203.0.0/24"], Some(25), None),
+        )
+        .await?;
     let _op = OperatorProcess::start(OPERATOR, &env.lease, &[])?;
     env.add_nodes(["b1".to_string(), "b2".to_string()]).await?;
     let allocs = env.allocated(2, 1, Duration::from_secs(60)).await?;
 
     // An overlapping pool is refused and names the pool it overlaps.
-    env.pools.create(&PostParams::default(), &mk_pool("second", &["10.203.0.0/16"], Some(24), None)).await?;
-    let msg = env.pool_condition("second", "Ready", "OverlapsPool").await?;
+    env.pools
+        .create(
+            &PostParams::default(),
+            &mk_pool("second", &["10.203.0.0/16"], Some(24), None),
+        )
+        .await?;
+    let msg = env
+        .pool_condition("second", "Ready", "OverlapsPool")
+        .await?;
     assert!(msg.contains("first"), "{msg}");
     // A prefix length that does not fit.
-    env.pools.create(&PostParams::default(), &mk_pool("misfit", &["10.210.0.0/24"], Some(16), None)).await?;
-    env.pool_condition("misfit", "Ready", "InvalidPrefixLength").await?;
+    env.pools
+        .create(
+            &PostParams::default(),
+            &mk_pool("misfit", &["10.210.0.0/24"], Some(16), None),
+        )
+        .await?;
+    env.pool_condition("misfit", "Ready", "InvalidPrefixLength")
+        .await?;
 
     // The first pool holds two /25s: a third node exhausts it.
     env.add_nodes(["b3".to_string()]).await?;
-    let msg = env.wait_condition("b3", "Allocated", "PoolExhausted").await?;
+    let msg = env
+        .wait_condition("b3", "Allocated", "PoolExhausted")
+        .await?;
     assert!(msg.contains("first"), "{msg}");
     env.pool_condition("first", "Capacity", "Exhausted").await?;
 
@@ -305,16 +402,28 @@ async fn bad_input_is_refused_with_conditions_and_changes_nothing_else() -> Resu
             },
         )
     };
-    env.peers.create(&PostParams::default(), &mk_ext("thief", KEY_A, &allocs["b1"][0])).await?;
-    let msg = env.wait_condition("thief", "Ready", "AllowedIPsOverlapPodSubnet").await?;
+    env.peers
+        .create(
+            &PostParams::default(),
+            &mk_ext("thief", KEY_A, &allocs["b1"][0]),
+        )
+        .await?;
+    let msg = env
+        .wait_condition("thief", "Ready", "AllowedIPsOverlapPodSubnet")
+        .await?;
     assert!(msg.contains(&allocs["b1"][0]), "{msg}");
     env.peers
         .create(
             &PostParams::default(),
-            &mk_ext("weak", "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=", "10.250.0.9/32"),
+            &mk_ext(
+                "weak",
+                "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+                "10.250.0.9/32",
+            ),
         )
         .await?;
-    env.wait_condition("weak", "Ready", "InvalidPublicKey").await?;
+    env.wait_condition("weak", "Ready", "InvalidPublicKey")
+        .await?;
     for bad in ["thief", "weak"] {
         let st = env.peers.get(bad).await?.status.unwrap_or_default();
         assert!(st.approved.is_none(), "{bad} must not be approved: {st:?}");
@@ -332,8 +441,18 @@ async fn bad_input_is_refused_with_conditions_and_changes_nothing_else() -> Resu
 async fn a_v4_and_a_v6_pool_give_each_node_one_of_each() -> Result<()> {
     let _serial = SERIAL.lock().await;
     let env = setup().await?;
-    env.pools.create(&PostParams::default(), &mk_pool("v4", &["10.204.0.0/16"], Some(24), None)).await?;
-    env.pools.create(&PostParams::default(), &mk_pool("v6", &["fd00:10:204::/56"], None, Some(64))).await?;
+    env.pools
+        .create(
+            &PostParams::default(),
+            &mk_pool("v4", &["10.204.0.0/16"], Some(24), None),
+        )
+        .await?;
+    env.pools
+        .create(
+            &PostParams::default(),
+            &mk_pool("v6", &["fd00:10:204::/56"], None, Some(64)),
+        )
+        .await?;
     let _op = OperatorProcess::start(OPERATOR, &env.lease, &[])?;
     env.add_nodes((1..=4).map(|i| format!("d{i}"))).await?;
     let allocs = env.allocated(4, 2, Duration::from_secs(60)).await?;
@@ -348,10 +467,20 @@ async fn a_v4_and_a_v6_pool_give_each_node_one_of_each() -> Result<()> {
         "status": {"publicKey": KEY_A, "endpoints": ["192.0.2.1:51820"]}
     });
     env.peers
-        .patch_status("d1", &PatchParams::apply("wgmesh-agent").force(), &Patch::Apply(patch))
+        .patch_status(
+            "d1",
+            &PatchParams::apply("wgmesh-agent").force(),
+            &Patch::Apply(patch),
+        )
         .await?;
     env.wait_condition("d1", "Ready", "Valid").await?;
-    let approved = env.peers.get("d1").await?.status.and_then(|s| s.approved).expect("approved");
+    let approved = env
+        .peers
+        .get("d1")
+        .await?
+        .status
+        .and_then(|s| s.approved)
+        .expect("approved");
     let mut want = allocs["d1"].clone();
     want.sort();
     let mut got = approved.allowed_ips.clone();
