@@ -26,6 +26,32 @@ use kube::CustomResourceExt;
 /// All custom resource definitions of the API, in the order they are written to `crds/`.
 pub fn crds() -> Vec<CustomResourceDefinition> {
     vec![Mesh::crd(), PodCIDRPool::crd(), MeshPeer::crd()]
+        .into_iter()
+        .map(portable)
+        .collect()
+}
+
+/// Makes a generated definition acceptable to older API servers and clients: optional enums
+/// come out of schema generation with `null` among their values (beside `nullable: true`),
+/// which kubectl's validation against a 1.20 server refuses. `nullable` alone says it.
+fn portable(crd: CustomResourceDefinition) -> CustomResourceDefinition {
+    fn strip(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(map) => {
+                if let Some(serde_json::Value::Array(values)) = map.get_mut("enum") {
+                    values.retain(|e| !e.is_null());
+                }
+                map.values_mut().for_each(strip);
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    let Ok(mut value) = serde_json::to_value(&crd) else {
+        return crd;
+    };
+    strip(&mut value);
+    serde_json::from_value(value).unwrap_or(crd)
 }
 
 /// The file name under `crds/` for a definition: `<plural>.<group>.yaml`.
