@@ -313,10 +313,14 @@ impl Writer {
             EventTarget::Pool => ("wgmesh.dev/v1alpha1", "PodCIDRPool"),
             EventTarget::Node => ("v1", "Node"),
         };
+        // The objects are cluster-scoped, so their Events live in `default`. API servers
+        // before 1.22 insist that the reference's namespace match the Event's, so say so.
         let reference = ObjectReference {
             api_version: Some(api_version.into()),
             kind: Some(kind.into()),
             name: Some(ev.name.clone()),
+            namespace: Some("default".into()),
+            uid: ev.uid.clone(),
             ..Default::default()
         };
         let event = Event {

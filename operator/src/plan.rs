@@ -63,6 +63,8 @@ pub struct StatusWrite<S> {
 pub struct EventSpec {
     pub kind: EventTarget,
     pub name: String,
+    /// The object's uid, when it exists already.
+    pub uid: Option<String>,
     pub warning: bool,
     pub reason: String,
     pub note: String,
@@ -311,7 +313,7 @@ pub fn plan(snap: &Snapshot) -> Plan {
                 out.creates.push(new_node_peer(node, subnets.clone()));
                 carry_over.remove(*name);
                 if !a.added.is_empty() {
-                    out.events.push(allocated_event(name, &a.added));
+                    out.events.push(allocated_event(name, None, &a.added));
                 }
             }
             Some(peer) if matches!(roles.get(name), Some(PeerRole::Node)) => {
@@ -321,7 +323,8 @@ pub fn plan(snap: &Snapshot) -> Plan {
                         resource_version: peer.metadata.resource_version.clone(),
                         pod_cidrs: subnets,
                     });
-                    out.events.push(allocated_event(name, &a.added));
+                    out.events
+                        .push(allocated_event(name, peer.metadata.uid.clone(), &a.added));
                 }
             }
             Some(_) => {}
@@ -454,6 +457,7 @@ pub fn plan(snap: &Snapshot) -> Plan {
             out.events.push(EventSpec {
                 kind: EventTarget::Peer,
                 name: name.to_owned(),
+                uid: peer.metadata.uid.clone(),
                 warning: !change.status,
                 reason: if change.status {
                     "PeerReady".into()
@@ -563,6 +567,7 @@ pub fn plan(snap: &Snapshot) -> Plan {
             out.events.push(EventSpec {
                 kind: EventTarget::Pool,
                 name: name.clone(),
+                uid: pool.metadata.uid.clone(),
                 warning: !change.status,
                 reason: change.reason.clone(),
                 note: change.message.clone(),
@@ -781,8 +786,9 @@ fn allocated_condition(
     }
 }
 
-fn allocated_event(node: &str, added: &[core::Assignment]) -> EventSpec {
+fn allocated_event(node: &str, uid: Option<String>, added: &[core::Assignment]) -> EventSpec {
     EventSpec {
+        uid,
         kind: EventTarget::Peer,
         name: node.to_owned(),
         warning: false,

@@ -424,6 +424,27 @@ async fn bad_input_is_refused_with_conditions_and_changes_nothing_else() -> Resu
         .await?;
     env.wait_condition("weak", "Ready", "InvalidPublicKey")
         .await?;
+    // Each refusal is also an Event a person sees in `kubectl get events`.
+    wait_for(
+        "a warning event about the thief",
+        Duration::from_secs(30),
+        || async {
+            let out = kubectl_ok(&[
+                "get",
+                "events",
+                "-n",
+                "default",
+                "--field-selector",
+                "involvedObject.name=thief",
+                "-o",
+                "jsonpath={range .items[*]}{.type} {.reason}{\"\\n\"}{end}",
+            ])?;
+            Ok(out
+                .contains("Warning AllowedIPsOverlapPodSubnet")
+                .then_some(()))
+        },
+    )
+    .await?;
     for bad in ["thief", "weak"] {
         let st = env.peers.get(bad).await?.status.unwrap_or_default();
         assert!(st.approved.is_none(), "{bad} must not be approved: {st:?}");
