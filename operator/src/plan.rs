@@ -458,7 +458,8 @@ pub fn plan(snap: &Snapshot) -> Plan {
                 kind: EventTarget::Peer,
                 name: name.to_owned(),
                 uid: peer.metadata.uid.clone(),
-                warning: !change.status,
+                // A node waiting for its agent's first key is normal, not a warning.
+                warning: !change.status && change.reason != "NoPublicKey",
                 reason: if change.status {
                     "PeerReady".into()
                 } else {
