@@ -164,14 +164,30 @@ impl OperatorProcess {
         let child = Command::new(bin)
             .env("KUBECONFIG", kubeconfig()?)
             .env("RUST_LOG", "info,kube=warn")
-            .args(["--metrics-addr", "127.0.0.1:0", "--lease-namespace", "kube-system"])
-            .args(["--lease-name", lease, "--identity", &identity, "--lease-duration-seconds", "4"])
+            .args([
+                "--metrics-addr",
+                "127.0.0.1:0",
+                "--lease-namespace",
+                "kube-system",
+            ])
+            .args([
+                "--lease-name",
+                lease,
+                "--identity",
+                &identity,
+                "--lease-duration-seconds",
+                "4",
+            ])
             .args(extra)
             .stdout(file.try_clone()?)
             .stderr(file)
             .spawn()
             .with_context(|| format!("starting {bin}"))?;
-        Ok(OperatorProcess { child, identity, log })
+        Ok(OperatorProcess {
+            child,
+            identity,
+            log,
+        })
     }
 
     /// Kills the process at once (SIGKILL), as a crash would.
@@ -203,10 +219,14 @@ pub async fn reset_mesh(client: &kube::Client) -> Result<()> {
         let name = p.metadata.name.unwrap_or_default();
         if p.metadata.finalizers.is_some_and(|f| !f.is_empty()) {
             let patch = serde_json::json!({"metadata": {"finalizers": null}});
-            peers.patch(&name, &PatchParams::default(), &Patch::Merge(patch)).await?;
+            peers
+                .patch(&name, &PatchParams::default(), &Patch::Merge(patch))
+                .await?;
         }
     }
-    peers.delete_collection(&DeleteParams::default(), &ListParams::default()).await?;
+    peers
+        .delete_collection(&DeleteParams::default(), &ListParams::default())
+        .await?;
     Api::<PodCIDRPool>::all(client.clone())
         .delete_collection(&DeleteParams::default(), &ListParams::default())
         .await?;
@@ -229,7 +249,11 @@ pub async fn reset_mesh(client: &kube::Client) -> Result<()> {
 }
 
 /// A plain Node object, as a kubelet would register it (no kubelet runs).
-pub fn mk_node(name: &str, labels: &[(&str, &str)], internal_ip: &str) -> k8s_openapi::api::core::v1::Node {
+pub fn mk_node(
+    name: &str,
+    labels: &[(&str, &str)],
+    internal_ip: &str,
+) -> k8s_openapi::api::core::v1::Node {
     use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeStatus};
     let mut node = Node::default();
     node.metadata.name = Some(name.to_owned());

@@ -432,7 +432,12 @@ async fn kubectl_shows_the_printer_columns() -> Result<()> {
 async fn the_examples_are_valid() -> Result<()> {
     setup().await?;
     let examples = wgmesh_tests::repo_root().join("examples");
-    let out = kubectl_ok(&["apply", "--dry-run=server", "-f", &examples.to_string_lossy()])?;
+    let out = kubectl_ok(&[
+        "apply",
+        "--dry-run=server",
+        "-f",
+        &examples.to_string_lossy(),
+    ])?;
     for object in [
         "mesh.wgmesh.dev/default",
         "podcidrpool.wgmesh.dev/cloud-a",

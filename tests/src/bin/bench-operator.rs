@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 use wgmesh_api::{ConditionStatus, MeshPeer, PodCIDRPool, PodCIDRPoolSpec, pool::NodePrefixLength};
 
 fn arg(args: &[String], name: &str) -> Option<String> {
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
 }
 
 fn public_key() -> String {
@@ -58,7 +60,10 @@ async fn main() -> Result<()> {
                 "bench",
                 PodCIDRPoolSpec {
                     cidrs: vec!["10.0.0.0/8".into(), "fd00:be::/48".into()],
-                    node_prefix_length: NodePrefixLength { ipv4: Some(24), ipv6: Some(64) },
+                    node_prefix_length: NodePrefixLength {
+                        ipv4: Some(24),
+                        ipv6: Some(64),
+                    },
                     node_selector: None,
                 },
             ),
@@ -68,7 +73,14 @@ async fn main() -> Result<()> {
     let log = std::env::temp_dir().join("bench-operator.log");
     let mut child = std::process::Command::new(&operator)
         .env("RUST_LOG", "warn")
-        .args(["--metrics-addr", "127.0.0.1:0", "--lease-name", "wgmesh-bench", "--lease-duration-seconds", "4"])
+        .args([
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--lease-name",
+            "wgmesh-bench",
+            "--lease-duration-seconds",
+            "4",
+        ])
         .stdout(std::fs::File::create(&log)?)
         .stderr(std::fs::File::create(log.with_extension("err"))?)
         .spawn()
@@ -86,13 +98,18 @@ async fn main() -> Result<()> {
             let mut allocated_at: Option<Duration> = None;
             let mut allocated = BTreeSet::new();
             let mut ready = BTreeSet::new();
-            let mut stream = watcher(peers.clone(), watcher::Config::default()).applied_objects().boxed();
+            let mut stream = watcher(peers.clone(), watcher::Config::default())
+                .applied_objects()
+                .boxed();
             while let Some(p) = stream.try_next().await? {
                 let name = p.name_any();
                 if p.spec.node.is_none() {
                     continue;
                 }
-                if !p.spec.pod_cidrs.is_empty() && allocated.insert(name.clone()) && allocated.len() == n {
+                if !p.spec.pod_cidrs.is_empty()
+                    && allocated.insert(name.clone())
+                    && allocated.len() == n
+                {
                     allocated_at = Some(start.elapsed());
                 }
                 if published.insert(name.clone()) {
@@ -104,7 +121,11 @@ async fn main() -> Result<()> {
                             "status": {"publicKey": key, "endpoints": ["192.0.2.1:51820"]},
                         });
                         peers
-                            .patch_status(&name, &PatchParams::apply("wgmesh-agent"), &Patch::Apply(patch))
+                            .patch_status(
+                                &name,
+                                &PatchParams::apply("wgmesh-agent"),
+                                &Patch::Apply(patch),
+                            )
                             .await
                     });
                 }
@@ -116,7 +137,10 @@ async fn main() -> Result<()> {
                 if is_ready {
                     ready.insert(p.name_any());
                     if ready.len() == n {
-                        return anyhow::Ok((allocated_at.unwrap_or_else(|| start.elapsed()), start.elapsed()));
+                        return anyhow::Ok((
+                            allocated_at.unwrap_or_else(|| start.elapsed()),
+                            start.elapsed(),
+                        ));
                     }
                 }
             }
@@ -138,19 +162,32 @@ async fn main() -> Result<()> {
         .await?;
     let registered = start.elapsed();
 
-    let (all_allocated, all_ready) = tokio::time::timeout(Duration::from_secs(1800), agents).await???;
+    let (all_allocated, all_ready) =
+        tokio::time::timeout(Duration::from_secs(1800), agents).await???;
     let rss = peak_rss_kib(pid);
     let _ = child.kill();
     let _ = child.wait();
 
     let secs = all_allocated.as_secs_f64();
     println!("operator benchmark: {n} nodes against a real kube-apiserver");
-    println!("  nodes registered after            {:>8.2} s", registered.as_secs_f64());
+    println!(
+        "  nodes registered after            {:>8.2} s",
+        registered.as_secs_f64()
+    );
     println!("  every node has its subnets after  {secs:>8.2} s");
-    println!("  every peer Ready after            {:>8.2} s", all_ready.as_secs_f64());
-    println!("  allocations per second            {:>8.1}", n as f64 / secs);
+    println!(
+        "  every peer Ready after            {:>8.2} s",
+        all_ready.as_secs_f64()
+    );
+    println!(
+        "  allocations per second            {:>8.1}",
+        n as f64 / secs
+    );
     match rss {
-        Some(kib) => println!("  operator peak memory (VmHWM)      {:>8.1} MiB", kib as f64 / 1024.0),
+        Some(kib) => println!(
+            "  operator peak memory (VmHWM)      {:>8.1} MiB",
+            kib as f64 / 1024.0
+        ),
         None => println!("  operator peak memory              unavailable"),
     }
     wgmesh_tests::reset_mesh(&client).await?;
