@@ -16,6 +16,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the node agent: the node's key, WireGuard device, routes and CNI configuration,
+    /// driven by the mesh's custom resources.
+    Run(Box<wgmesh_agent::agent::AgentArgs>),
     /// Run only the userspace WireGuard device, configured with wg(8), like wireguard-go.
     Device {
         /// Interface name.
@@ -54,6 +57,13 @@ fn main() -> anyhow::Result<()> {
         builder.init();
     }
     match cli.command {
+        Command::Run(args) => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            runtime.block_on(wgmesh_agent::agent::run(*args))?;
+        }
         Command::Device {
             interface,
             foreground,

@@ -1,0 +1,194 @@
+//! The agent's Prometheus metrics and HTTP endpoint (`/metrics`, `/healthz`, `/readyz`).
+
+use crate::device::config::{DeviceSnapshot, Key};
+use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
+};
+use std::time::SystemTime;
+
+/// Labels of per-peer metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabels {
+    pub peer: String,
+}
+
+/// Labels of error counters: the stage of a pass that failed.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StageLabels {
+    pub stage: String,
+}
+
+/// Every metric the agent exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Passes run.
+    pub applies: Counter,
+    /// Errors by stage.
+    pub errors: Family<StageLabels, Counter>,
+    /// Status writes.
+    pub status_writes: Counter,
+    /// 1 while the WireGuard device is up.
+    pub device_up: Gauge,
+    /// Peers routed in the clear because of the fallback.
+    pub plaintext_peers: Gauge,
+    /// Bytes received from each peer.
+    pub peer_rx: Family<PeerLabels, Gauge>,
+    /// Bytes sent to each peer.
+    pub peer_tx: Family<PeerLabels, Gauge>,
+    /// Seconds since each peer's last handshake.
+    pub peer_handshake_age: Family<PeerLabels, Gauge>,
+    ready: AtomicBool,
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("wgmesh_agent");
+        let m = Metrics {
+            registry: Registry::default(),
+            applies: Counter::default(),
+            errors: Family::default(),
+            status_writes: Counter::default(),
+            device_up: Gauge::default(),
+            plaintext_peers: Gauge::default(),
+            peer_rx: Family::default(),
+            peer_tx: Family::default(),
+            peer_handshake_age: Family::default(),
+            ready: AtomicBool::new(false),
+        };
+        registry.register("applies", "Passes run", m.applies.clone());
+        registry.register("errors", "Errors by stage", m.errors.clone());
+        registry.register(
+            "status_writes",
+            "MeshPeer status writes",
+            m.status_writes.clone(),
+        );
+        registry.register(
+            "device_up",
+            "1 while the WireGuard device is up",
+            m.device_up.clone(),
+        );
+        registry.register(
+            "plaintext_peers",
+            "Peers routed unencrypted because the device is down and the mesh allows a fallback",
+            m.plaintext_peers.clone(),
+        );
+        registry.register(
+            "peer_receive_bytes",
+            "Bytes received from each peer",
+            m.peer_rx.clone(),
+        );
+        registry.register(
+            "peer_transmit_bytes",
+            "Bytes sent to each peer",
+            m.peer_tx.clone(),
+        );
+        registry.register(
+            "peer_last_handshake_age_seconds",
+            "Seconds since each peer's last handshake",
+            m.peer_handshake_age.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// Marks the agent ready.
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::Relaxed);
+    }
+
+    /// Counts one error of `stage`.
+    pub fn error(&self, stage: &str) {
+        self.errors
+            .get_or_create(&StageLabels {
+                stage: stage.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Records per-peer counters from a device snapshot; `names` maps keys to peer names.
+    pub fn record_peers(
+        &self,
+        snapshot: &DeviceSnapshot,
+        names: &BTreeMap<Key, &str>,
+        now: SystemTime,
+    ) {
+        self.peer_rx.clear();
+        self.peer_tx.clear();
+        self.peer_handshake_age.clear();
+        for p in &snapshot.peers {
+            let Some(name) = names.get(&p.public_key) else {
+                continue;
+            };
+            let labels = PeerLabels {
+                peer: (*name).to_owned(),
+            };
+            self.peer_rx
+                .get_or_create(&labels)
+                .set(i64::try_from(p.rx_bytes).unwrap_or(i64::MAX));
+            self.peer_tx
+                .get_or_create(&labels)
+                .set(i64::try_from(p.tx_bytes).unwrap_or(i64::MAX));
+            if let Some(age) = p.last_handshake.and_then(|t| now.duration_since(t).ok()) {
+                self.peer_handshake_age
+                    .get_or_create(&labels)
+                    .set(i64::try_from(age.as_secs()).unwrap_or(i64::MAX));
+            }
+        }
+    }
+
+    fn render(&self) -> Result<String, std::fmt::Error> {
+        let mut out = String::new();
+        encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Serves the endpoint until the process ends.
+pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(render))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
+        .with_state(metrics);
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    axum::serve(listener, app).await
+}
+
+async fn render(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+    match m.render() {
+        Ok(body) => (
+            StatusCode::OK,
+            [(
+                "content-type",
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        )
+            .into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+async fn ready(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+    if m.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ok")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+    }
+}

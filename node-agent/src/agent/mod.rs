@@ -1,0 +1,779 @@
+//! The node agent: from the mesh's objects to the node's WireGuard device, routes, CNI
+//! configuration and masquerading, and back to the node's `MeshPeer` status.
+//!
+//! Each pass observes (caches of MeshPeers, the Mesh, PodCIDRPools and this Node; the
+//! kernel's routes and addresses; the device), plans with `wgmesh_core::topology`, and
+//! applies the difference. Unchanged peers are never touched, so their sessions survive.
+//! Routes fail closed: see `wgmesh_core::topology`.
+
+pub mod cni;
+pub mod masquerade;
+pub mod metrics;
+pub mod netlink;
+pub mod observe;
+
+use crate::device::config::{ConfigUpdate, Key, PeerUpdate};
+use crate::device::{Device, DeviceConfig, DeviceHandle};
+use crate::key::NodeKey;
+use crate::uapi::server::UapiServer;
+use anyhow::Context;
+use base64::Engine;
+use futures::StreamExt;
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::{
+    Api, ResourceExt,
+    api::{Patch, PatchParams},
+    runtime::{
+        WatchStreamExt,
+        events::{Event, EventType, Recorder, Reporter},
+        reflector::{self, Store},
+        watcher,
+    },
+};
+use metrics::Metrics;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::Notify;
+use tracing::{error, info, warn};
+use wgmesh_api::{
+    Condition, ConditionStatus, Mesh, MeshPeer, MeshPeerStatus, PodCIDRPool,
+    consts::{AGENT_MANAGER, DEFAULT_MESH, condition},
+    peer::Connectivity,
+};
+use wgmesh_core::topology::{self, LocalNode, NodePlan, Route};
+
+/// How often a pass runs without events: re-adds routes the kernel lost, refreshes stats.
+const RESYNC: Duration = Duration::from_secs(10);
+/// Connectivity (handshake times) is written at most this often.
+const CONNECTIVITY_INTERVAL: Duration = Duration::from_secs(60);
+/// A peer counts as connected if its last handshake is this recent.
+const CONNECTED_WITHIN: Duration = Duration::from_secs(180);
+
+/// Configuration of `wgmesh-agent run`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AgentArgs {
+    /// The node this agent runs on (its `MeshPeer` has the same name).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+    /// Name of the WireGuard interface.
+    #[arg(long, env = "WGMESH_INTERFACE", default_value = "wgmesh0")]
+    pub interface: String,
+    /// Where the node's key lives (a hostPath in production).
+    #[arg(long, env = "WGMESH_STATE_DIR", default_value = "/var/lib/wgmesh")]
+    pub state_dir: PathBuf,
+    /// Directory the CNI conflist is written to.
+    #[arg(long, env = "WGMESH_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
+    pub cni_conf_dir: PathBuf,
+    /// File name of the CNI conflist.
+    #[arg(
+        long,
+        env = "WGMESH_CNI_CONF_NAME",
+        default_value = "10-wgmesh.conflist"
+    )]
+    pub cni_conf_name: String,
+    /// Name of the pod bridge.
+    #[arg(long, env = "WGMESH_CNI_BRIDGE", default_value = "wgmesh-br")]
+    pub cni_bridge: String,
+    /// Where host-local IPAM keeps its allocations (default: its own default).
+    #[arg(long, env = "WGMESH_CNI_IPAM_DATA_DIR")]
+    pub cni_ipam_data_dir: Option<PathBuf>,
+    /// Directory of the WireGuard UAPI socket (`wg show` reads it).
+    #[arg(long, env = "WGMESH_SOCKET_DIR", default_value = crate::uapi::DEFAULT_SOCKET_DIR)]
+    pub socket_dir: PathBuf,
+    /// Address of the metrics and health endpoint.
+    #[arg(long, env = "WGMESH_METRICS_ADDR", default_value = "0.0.0.0:9091")]
+    pub metrics_addr: SocketAddr,
+    /// Route protocol number marking the routes this agent owns.
+    #[arg(long, env = "WGMESH_ROUTE_PROTOCOL", default_value_t = 87)]
+    pub route_protocol: u8,
+}
+
+/// Everything the agent reads from the cluster.
+#[derive(Clone)]
+struct Caches {
+    peers: Store<MeshPeer>,
+    meshes: Store<Mesh>,
+    pools: Store<PodCIDRPool>,
+    nodes: Store<Node>,
+}
+
+fn cache<K>(api: Api<K>, config: watcher::Config, notify: Arc<Notify>) -> Store<K>
+where
+    K: kube::Resource
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let (reader, writer) = reflector::store();
+    let stream = watcher(api, config).default_backoff().reflect(writer);
+    tokio::spawn(stream.for_each(move |ev| {
+        if let Err(e) = ev {
+            warn!(error = %e, "watch failed; retrying");
+        }
+        notify.notify_one();
+        futures::future::ready(())
+    }));
+    reader
+}
+
+/// The state the agent keeps between passes.
+struct Agent {
+    args: AgentArgs,
+    key: NodeKey,
+    netlink: netlink::Netlink,
+    device: Option<DeviceHandle>,
+    device_error: Option<String>,
+    _uapi: Option<UapiServer>,
+    peers_api: Api<MeshPeer>,
+    recorder: Recorder,
+    metrics: Arc<Metrics>,
+    /// The endpoint last configured per peer key: the device may roam away from it, and
+    /// the agent must not undo that unless the approved endpoint itself changes.
+    endpoints_set: BTreeMap<Key, Option<SocketAddr>>,
+    masquerade_loaded: Option<String>,
+    last_status: Option<serde_json::Value>,
+    last_connectivity_write: Option<Instant>,
+    fallback_reported: bool,
+}
+
+fn decode_key(b64: &str) -> Option<Key> {
+    base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .ok()?
+        .try_into()
+        .ok()
+}
+
+fn condition_of(
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: impl Into<String>,
+    prev: &[Condition],
+) -> Condition {
+    let status = if ok {
+        ConditionStatus::True
+    } else {
+        ConditionStatus::False
+    };
+    let since = prev
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or_else(|| Time(k8s_openapi::jiff::Timestamp::now()));
+    Condition {
+        type_: type_.to_owned(),
+        status,
+        observed_generation: None,
+        last_transition_time: since,
+        reason: reason.to_owned(),
+        message: message.into(),
+    }
+}
+
+fn time(t: SystemTime) -> Option<Time> {
+    k8s_openapi::jiff::Timestamp::try_from(t).ok().map(Time)
+}
+
+/// Runs the agent until interrupted.
+pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
+    let (key, fresh) = NodeKey::load_or_generate(&args.state_dir, SystemTime::now())
+        .context("loading the node's WireGuard key")?;
+    info!(public_key = %key.public_base64(), generated = fresh, node = %args.node_name, "node key ready");
+    enable_forwarding();
+
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (in-cluster or KUBECONFIG)")?;
+    let netlink = netlink::Netlink::connect(args.route_protocol)?;
+    let metrics = Arc::new(Metrics::new());
+    let notify = Arc::new(Notify::new());
+    let caches = Caches {
+        peers: cache(
+            Api::all(client.clone()),
+            watcher::Config::default(),
+            notify.clone(),
+        ),
+        meshes: cache(
+            Api::all(client.clone()),
+            watcher::Config::default().fields(&format!("metadata.name={DEFAULT_MESH}")),
+            notify.clone(),
+        ),
+        pools: cache(
+            Api::all(client.clone()),
+            watcher::Config::default(),
+            notify.clone(),
+        ),
+        nodes: cache(
+            Api::all(client.clone()),
+            watcher::Config::default().fields(&format!("metadata.name={}", args.node_name)),
+            notify.clone(),
+        ),
+    };
+    let http = tokio::spawn(metrics::serve(args.metrics_addr, metrics.clone()));
+    for ready in [
+        caches.peers.wait_until_ready().await,
+        caches.meshes.wait_until_ready().await,
+        caches.pools.wait_until_ready().await,
+        caches.nodes.wait_until_ready().await,
+    ] {
+        ready.map_err(|_| anyhow::anyhow!("a cache stopped before it was ready"))?;
+    }
+    info!("caches synced");
+
+    let reporter = Reporter {
+        controller: AGENT_MANAGER.into(),
+        instance: Some(args.node_name.clone()),
+    };
+    let mut agent = Agent {
+        key,
+        netlink,
+        device: None,
+        device_error: None,
+        _uapi: None,
+        peers_api: Api::all(client.clone()),
+        recorder: Recorder::new(client, reporter),
+        metrics: metrics.clone(),
+        endpoints_set: BTreeMap::new(),
+        masquerade_loaded: None,
+        last_status: None,
+        last_connectivity_write: None,
+        fallback_reported: false,
+        args,
+    };
+    agent.start_device(&caches).await;
+    metrics.set_ready();
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing a SIGTERM handler")?;
+    loop {
+        if let Err(e) = agent.pass(&caches).await {
+            error!(error = %format!("{e:#}"), "pass failed");
+        }
+        tokio::select! {
+            _ = notify.notified() => tokio::time::sleep(Duration::from_millis(100)).await,
+            _ = tokio::time::sleep(RESYNC) => {}
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+        }
+        if http.is_finished() {
+            anyhow::bail!("the metrics endpoint stopped");
+        }
+    }
+    info!("shutting down; routes through the device go with it, the blackholes stay");
+    if let Some(d) = &agent.device {
+        d.shutdown();
+    }
+    Ok(())
+}
+
+fn enable_forwarding() {
+    for path in [
+        "/proc/sys/net/ipv4/ip_forward",
+        "/proc/sys/net/ipv6/conf/all/forwarding",
+    ] {
+        if let Err(e) = std::fs::write(path, "1") {
+            warn!(%path, error = %e, "could not enable forwarding");
+        }
+    }
+}
+
+impl Agent {
+    fn mesh(&self, caches: &Caches) -> observe::MeshSettings {
+        let mesh = caches
+            .meshes
+            .state()
+            .into_iter()
+            .find(|m| m.name_any() == DEFAULT_MESH);
+        observe::mesh_settings(mesh.as_deref())
+    }
+
+    fn node(&self, caches: &Caches) -> Option<Arc<Node>> {
+        caches
+            .nodes
+            .state()
+            .into_iter()
+            .find(|n| n.name_any() == self.args.node_name)
+    }
+
+    /// The underlay MTU: that of the link holding the node's endpoint address.
+    async fn underlay_mtu(&self, endpoint: Option<SocketAddr>) -> u32 {
+        const FALLBACK_MTU: u32 = 1500;
+        let Some(ep) = endpoint else {
+            return FALLBACK_MTU;
+        };
+        let (Ok(addrs), Ok(links)) = (self.netlink.addresses().await, self.netlink.links().await)
+        else {
+            return FALLBACK_MTU;
+        };
+        addrs
+            .iter()
+            .find(|a| a.net.addr() == ep.ip())
+            .and_then(|a| links.iter().find(|l| l.index == a.link))
+            .map_or(FALLBACK_MTU, |l| l.mtu)
+    }
+
+    async fn start_device(&mut self, caches: &Caches) {
+        let mesh = self.mesh(caches);
+        let endpoint = self
+            .node(caches)
+            .and_then(|n| observe::endpoint(&n, mesh.endpoint_address_type, mesh.listen_port));
+        let mtu = topology::mtu(
+            mesh.mtu,
+            self.underlay_mtu(endpoint).await,
+            endpoint.is_some_and(|e| e.is_ipv6()),
+        );
+        let config = DeviceConfig {
+            mtu: Some(mtu),
+            up: true,
+            listen_port: mesh.listen_port,
+            private_key: Some(self.key.secret_bytes()),
+            ..DeviceConfig::new(self.args.interface.clone())
+        };
+        match Device::start(config) {
+            Ok(handle) => {
+                info!(interface = %self.args.interface, mtu, port = mesh.listen_port, "WireGuard device up");
+                match UapiServer::start(handle.clone(), &self.args.socket_dir) {
+                    Ok(s) => self._uapi = Some(s),
+                    Err(e) => {
+                        warn!(error = %e, "UAPI socket unavailable; `wg show` will not see the device")
+                    }
+                }
+                self.device = Some(handle);
+                self.device_error = None;
+                self.metrics.device_up.set(1);
+            }
+            Err(e) => {
+                error!(interface = %self.args.interface, error = %e, "the WireGuard device could not come up");
+                self.device_error = Some(e.to_string());
+                self.metrics.device_up.set(0);
+                self.metrics.error("device");
+            }
+        }
+    }
+
+    /// One observe → plan → apply pass.
+    async fn pass(&mut self, caches: &Caches) -> anyhow::Result<()> {
+        self.metrics.applies.inc();
+        let mesh = self.mesh(caches);
+        let node = self.node(caches);
+        let endpoint = node
+            .as_deref()
+            .and_then(|n| observe::endpoint(n, mesh.endpoint_address_type, mesh.listen_port));
+        let peers = caches.peers.state();
+        let own = peers
+            .iter()
+            .find(|p| p.name_any() == self.args.node_name)
+            .cloned();
+        let own_subnets: Vec<IpNet> = own
+            .as_ref()
+            .map(|p| {
+                p.spec
+                    .pod_cidrs
+                    .iter()
+                    .filter_map(|c| c.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let approved =
+            observe::approved_peers(peers.iter().map(AsRef::as_ref), &self.args.node_name);
+        let pools: Vec<IpNet> = caches
+            .pools
+            .state()
+            .iter()
+            .flat_map(|p| p.spec.cidrs.iter().filter_map(|c| c.parse::<IpNet>().ok()))
+            .map(|n| n.trunc())
+            .collect();
+
+        // Observe the kernel.
+        let links = self.netlink.links().await?;
+        let device_index = links
+            .iter()
+            .find(|l| l.name == self.args.interface)
+            .map(|l| l.index);
+        let device_up =
+            self.device.as_ref().is_some_and(|d| !d.is_stopped()) && device_index.is_some();
+        let skip: Vec<u32> = links
+            .iter()
+            .filter(|l| {
+                l.name == "lo" || l.name == self.args.interface || l.name == self.args.cni_bridge
+            })
+            .map(|l| l.index)
+            .collect();
+        let on_link: Vec<IpNet> = self
+            .netlink
+            .addresses()
+            .await?
+            .into_iter()
+            .filter(|a| !skip.contains(&a.link))
+            .map(|a| a.net)
+            .collect();
+
+        let plan = topology::plan_node(
+            &LocalNode {
+                name: self.args.node_name.clone(),
+                on_link,
+                device_up,
+            },
+            &mesh.transport,
+            &approved,
+            &pools,
+        );
+
+        // Apply: device, addresses, routes, CNI, masquerade.
+        if let (Some(device), Some(index)) = (&self.device, device_index) {
+            self.apply_device(device.clone(), &plan);
+            for subnet in &own_subnets {
+                // The subnet's first address, as a host address on the WireGuard
+                // interface: the source of the node's own traffic to remote pods, which
+                // remote nodes route back through the tunnel.
+                let host = IpNet::new(subnet.network(), subnet.max_prefix_len()).unwrap_or(*subnet);
+                if let Err(e) = self.netlink.ensure_address(index, host).await {
+                    self.metrics.error("address");
+                    warn!(error = %e, "adding the interface address failed");
+                }
+            }
+        }
+        let routes_ok = self.apply_routes(&plan, device_index).await;
+        let mtu = links.iter().find(|l| Some(l.index) == device_index).map_or(
+            topology::mtu(mesh.mtu, self.underlay_mtu(endpoint).await, false),
+            |l| l.mtu,
+        );
+        if !own_subnets.is_empty() {
+            let body = cni::conflist(&cni::CniSettings {
+                network: "wgmesh".into(),
+                bridge: self.args.cni_bridge.clone(),
+                subnets: own_subnets.clone(),
+                mtu,
+                ipam_data_dir: self.args.cni_ipam_data_dir.clone(),
+            });
+            let text = serde_json::to_string_pretty(&body)?;
+            match cni::write_atomic(&self.args.cni_conf_dir, &self.args.cni_conf_name, &text) {
+                Ok(true) => {
+                    info!(dir = %self.args.cni_conf_dir.display(), subnets = ?own_subnets, "wrote the CNI configuration")
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    self.metrics.error("cni");
+                    warn!(error = %e, "writing the CNI configuration failed");
+                }
+            }
+        }
+        let mut mesh_space = pools.clone();
+        mesh_space.extend(approved.iter().flat_map(|p| p.allowed_ips.iter().copied()));
+        let rules = masquerade::ruleset(mesh.masquerade, &own_subnets, &mesh_space);
+        if self.masquerade_loaded.as_deref() != Some(rules.as_str()) {
+            match masquerade::load(&rules) {
+                Ok(()) => self.masquerade_loaded = Some(rules),
+                Err(e) => {
+                    self.metrics.error("masquerade");
+                    warn!(error = %e, "loading the masquerade rules failed");
+                }
+            }
+        }
+
+        self.report_fallback(&plan).await;
+        self.update_peer_metrics(&approved);
+        self.publish_status(own.as_deref(), endpoint, device_up, routes_ok, &plan)
+            .await;
+        Ok(())
+    }
+
+    /// Brings the device's peers to the plan: removes the ones not wanted, adds or updates
+    /// the ones that differ, and leaves every other peer (and its session) alone.
+    fn apply_device(&mut self, device: DeviceHandle, plan: &NodePlan) {
+        let current = device.snapshot();
+        let mut desired: BTreeMap<Key, &topology::DevicePeer> = BTreeMap::new();
+        for p in plan.device_peers.values() {
+            if let Some(k) = decode_key(&p.public_key) {
+                desired.insert(k, p);
+            }
+        }
+        let mut update = ConfigUpdate::default();
+        for peer in &current.peers {
+            if !desired.contains_key(&peer.public_key) {
+                let mut u = PeerUpdate::new(peer.public_key);
+                u.remove = true;
+                update.peers.push(u);
+                self.endpoints_set.remove(&peer.public_key);
+            }
+        }
+        for (key, want) in &desired {
+            let have = current.peers.iter().find(|p| p.public_key == *key);
+            let mut allowed = want.allowed_ips.clone();
+            allowed.sort();
+            let endpoint_changed = self.endpoints_set.get(key) != Some(&want.endpoint);
+            let same = have.is_some_and(|h| {
+                let mut a = h.allowed_ips.clone();
+                a.sort();
+                a == allowed
+                    && h.persistent_keepalive == want.persistent_keepalive
+                    && !endpoint_changed
+            });
+            if same {
+                continue;
+            }
+            let mut u = PeerUpdate::new(*key);
+            u.replace_allowed_ips = true;
+            u.allowed_ips = allowed;
+            u.persistent_keepalive = Some(want.persistent_keepalive);
+            if endpoint_changed {
+                u.endpoint = want.endpoint;
+                self.endpoints_set.insert(*key, want.endpoint);
+            }
+            update.peers.push(u);
+        }
+        if update.peers.is_empty() {
+            return;
+        }
+        info!(changes = update.peers.len(), "updating WireGuard peers");
+        if let Err(e) = device.apply(&update) {
+            self.metrics.error("device");
+            warn!(error = %e, "configuring the device failed");
+        }
+    }
+
+    async fn apply_routes(&self, plan: &NodePlan, device_index: Option<u32>) -> bool {
+        let installed = match self.netlink.owned_routes(device_index).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.metrics.error("routes");
+                warn!(error = %e, "reading routes failed");
+                return false;
+            }
+        };
+        let desired: Vec<Route> = plan
+            .routes
+            .iter()
+            .filter(|r| device_index.is_some() || r.via != topology::NextHop::Device)
+            .copied()
+            .collect();
+        let (add, remove) = topology::diff_routes(&installed, &desired);
+        let mut ok = true;
+        // Blackholes first and removals last, so no destination is ever left without a
+        // route of ours in between.
+        let mut add = add;
+        add.sort_by_key(|r| r.via != topology::NextHop::Blackhole);
+        for r in &add {
+            if let Err(e) = self.netlink.add_route(r, device_index).await {
+                ok = false;
+                self.metrics.error("routes");
+                warn!(error = %e, "adding a route failed");
+            }
+        }
+        for r in &remove {
+            if let Err(e) = self.netlink.del_route(r, device_index).await {
+                ok = false;
+                self.metrics.error("routes");
+                warn!(error = %e, "removing a route failed");
+            }
+        }
+        if !add.is_empty() || !remove.is_empty() {
+            info!(added = add.len(), removed = remove.len(), "routes updated");
+        }
+        ok
+    }
+
+    async fn report_fallback(&mut self, plan: &NodePlan) {
+        let fallback: Vec<&str> = plan.fallback_peers().collect();
+        self.metrics.plaintext_peers.set(fallback.len() as i64);
+        if fallback.is_empty() || self.fallback_reported {
+            self.fallback_reported = !fallback.is_empty();
+            return;
+        }
+        self.fallback_reported = true;
+        warn!(peers = ?fallback, "the WireGuard device is down: on-link peers are routed in the clear, as the mesh allows");
+        let ev = Event {
+            type_: EventType::Warning,
+            reason: "PlaintextFallback".into(),
+            note: Some(format!(
+                "the WireGuard device is down; traffic to on-link peers {} is routed unencrypted (Mesh transport.hostGateway: Fallback)",
+                fallback.join(", ")
+            )),
+            action: "Route".into(),
+            secondary: None,
+        };
+        let reference = k8s_openapi::api::core::v1::ObjectReference {
+            api_version: Some("wgmesh.dev/v1alpha1".into()),
+            kind: Some("MeshPeer".into()),
+            name: Some(self.args.node_name.clone()),
+            namespace: Some("default".into()),
+            ..Default::default()
+        };
+        if let Err(e) = self.recorder.publish(&ev, &reference).await {
+            self.metrics.error("event");
+            warn!(error = %e, "publishing an event failed");
+        }
+    }
+
+    fn update_peer_metrics(&self, approved: &[topology::ApprovedPeer]) {
+        let Some(device) = &self.device else {
+            return;
+        };
+        let snapshot = device.snapshot();
+        let names: BTreeMap<Key, &str> = approved
+            .iter()
+            .filter_map(|p| decode_key(&p.public_key).map(|k| (k, p.name.as_str())))
+            .collect();
+        self.metrics
+            .record_peers(&snapshot, &names, SystemTime::now());
+    }
+
+    async fn publish_status(
+        &mut self,
+        own: Option<&MeshPeer>,
+        endpoint: Option<SocketAddr>,
+        device_up: bool,
+        routes_ok: bool,
+        plan: &NodePlan,
+    ) {
+        let Some(own) = own else {
+            return; // the operator has not created this node's peer yet
+        };
+        let prev = own
+            .status
+            .as_ref()
+            .map(|s| s.conditions.clone())
+            .unwrap_or_default();
+        let fallback: Vec<&str> = plan.fallback_peers().collect();
+        let mut conditions = vec![
+            condition_of(
+                condition::KEY_PUBLISHED,
+                true,
+                "Published",
+                "the node's public key is published",
+                &prev,
+            ),
+            match (&self.device_error, device_up) {
+                (_, true) => condition_of(
+                    condition::DEVICE_UP,
+                    true,
+                    "Up",
+                    format!("{} is up", self.args.interface),
+                    &prev,
+                ),
+                (Some(e), false) => condition_of(
+                    condition::DEVICE_UP,
+                    false,
+                    "DeviceFailed",
+                    e.clone(),
+                    &prev,
+                ),
+                (None, false) => condition_of(
+                    condition::DEVICE_UP,
+                    false,
+                    "DeviceGone",
+                    "the WireGuard device stopped",
+                    &prev,
+                ),
+            },
+            if routes_ok {
+                condition_of(
+                    condition::ROUTES_INSTALLED,
+                    true,
+                    "Installed",
+                    format!("{} routes installed", plan.routes.len()),
+                    &prev,
+                )
+            } else {
+                condition_of(
+                    condition::ROUTES_INSTALLED,
+                    false,
+                    "RouteErrors",
+                    "some routes could not be installed; see the agent's log",
+                    &prev,
+                )
+            },
+        ];
+        conditions.push(if fallback.is_empty() {
+            condition_of(
+                condition::PLAINTEXT_FALLBACK,
+                false,
+                "Encrypted",
+                "no peer is routed in the clear by fallback",
+                &prev,
+            )
+        } else {
+            condition_of(
+                condition::PLAINTEXT_FALLBACK,
+                true,
+                "DeviceDown",
+                format!(
+                    "the device is down; on-link peers {} are routed unencrypted",
+                    fallback.join(", ")
+                ),
+                &prev,
+            )
+        });
+        let connectivity = self.device.as_ref().map(|d| {
+            let snap = d.snapshot();
+            let now = SystemTime::now();
+            let handshakes: Vec<SystemTime> =
+                snap.peers.iter().filter_map(|p| p.last_handshake).collect();
+            Connectivity {
+                peers_configured: u32::try_from(snap.peers.len()).unwrap_or(u32::MAX),
+                peers_connected: u32::try_from(
+                    handshakes
+                        .iter()
+                        .filter(|t| now.duration_since(**t).is_ok_and(|d| d < CONNECTED_WITHIN))
+                        .count(),
+                )
+                .unwrap_or(u32::MAX),
+                last_handshake_at: handshakes.iter().max().and_then(|t| time(*t)),
+                oldest_handshake_at: handshakes.iter().min().and_then(|t| time(*t)),
+            }
+        });
+        let status = MeshPeerStatus {
+            conditions,
+            public_key: Some(self.key.public_base64()),
+            key_generation: Some(self.key.generation),
+            key_created_at: time(self.key.created_at),
+            endpoints: endpoint.map(|e| e.to_string()).into_iter().collect(),
+            ..Default::default()
+        };
+        // Write when what we publish changes; connectivity alone at most once a minute. Every
+        // write carries connectivity: under server-side apply a field left out is removed.
+        let mut body = serde_json::to_value(&status).unwrap_or_default();
+        let changed = self.last_status.as_ref() != Some(&body);
+        let connectivity_due = self
+            .last_connectivity_write
+            .is_none_or(|t| t.elapsed() >= CONNECTIVITY_INTERVAL);
+        if !changed && !connectivity_due {
+            return;
+        }
+        let comparable = body.clone();
+        if let Some(c) = connectivity {
+            body["connectivity"] = serde_json::to_value(c).unwrap_or_default();
+        }
+        let patch = serde_json::json!({
+            "apiVersion": "wgmesh.dev/v1alpha1",
+            "kind": "MeshPeer",
+            "status": body,
+        });
+        let params = PatchParams::apply(AGENT_MANAGER).force();
+        match self
+            .peers_api
+            .patch_status(&self.args.node_name, &params, &Patch::Apply(patch))
+            .await
+        {
+            Ok(_) => {
+                self.metrics.status_writes.inc();
+                self.last_status = Some(comparable);
+                self.last_connectivity_write = Some(Instant::now());
+            }
+            Err(e) => {
+                self.metrics.error("status");
+                warn!(error = %e, "publishing status failed");
+            }
+        }
+    }
+}

@@ -1,0 +1,256 @@
+//! Translating the cluster's objects into what the agent's plan needs, trusting only what
+//! the operator approved.
+//!
+//! A peer is configured only if the operator marked it `Ready` and wrote `status.approved`.
+//! For a node peer the allowed IPs are further limited to its `spec.podCIDRs`, which only
+//! the operator writes: an approval can never route more to a node than its own subnets.
+
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::Node;
+use std::net::{IpAddr, SocketAddr};
+use wgmesh_api::{
+    ConditionStatus, Mesh, MeshPeer,
+    consts::{ENDPOINT_ANNOTATION, condition},
+    mesh::{EndpointAddressType, HostGateway, Mtu},
+};
+use wgmesh_core::topology::{ApprovedPeer, HostGatewayPolicy, TransportPolicy};
+
+fn is_ready(p: &MeshPeer) -> bool {
+    p.status.as_ref().is_some_and(|s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == condition::READY && c.status == ConditionStatus::True)
+    })
+}
+
+fn nets(values: &[String]) -> Vec<IpNet> {
+    values.iter().filter_map(|v| v.parse().ok()).collect()
+}
+
+/// The peers to configure, from every `MeshPeer` (this node's own is left out).
+pub fn approved_peers<'a>(
+    peers: impl IntoIterator<Item = &'a MeshPeer>,
+    self_name: &str,
+) -> Vec<ApprovedPeer> {
+    let mut out = Vec::new();
+    for p in peers {
+        let name = p.metadata.name.clone().unwrap_or_default();
+        if name == self_name || p.metadata.deletion_timestamp.is_some() || !is_ready(p) {
+            continue;
+        }
+        let Some(approved) = p.status.as_ref().and_then(|s| s.approved.as_ref()) else {
+            continue;
+        };
+        let Some(public_key) = approved.public_key.clone() else {
+            continue;
+        };
+        let mut allowed = nets(&approved.allowed_ips);
+        let is_node = p.spec.node.is_some();
+        if is_node {
+            let own = nets(&p.spec.pod_cidrs);
+            allowed.retain(|a| own.contains(a));
+        }
+        if allowed.is_empty() {
+            continue;
+        }
+        out.push(ApprovedPeer {
+            name,
+            is_node,
+            public_key,
+            allowed_ips: allowed,
+            endpoint: approved.endpoint.as_deref().and_then(|e| e.parse().ok()),
+            persistent_keepalive: approved.persistent_keepalive.unwrap_or(0),
+        });
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+/// The mesh settings the agent uses, with defaults applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshSettings {
+    pub listen_port: u16,
+    /// `None`: derive from the underlay.
+    pub mtu: Option<u32>,
+    pub transport: TransportPolicy,
+    pub masquerade: bool,
+    pub endpoint_address_type: EndpointAddressType,
+}
+
+/// Reads the `Mesh` (or its absence).
+pub fn mesh_settings(mesh: Option<&Mesh>) -> MeshSettings {
+    let spec = mesh.map(|m| &m.spec);
+    let transport = spec.and_then(|s| s.transport.as_ref());
+    MeshSettings {
+        listen_port: spec
+            .and_then(|s| s.listen_port)
+            .unwrap_or(wgmesh_api::consts::DEFAULT_LISTEN_PORT),
+        mtu: match spec.and_then(|s| s.mtu) {
+            Some(Mtu::Bytes(b)) => Some(u32::from(b)),
+            _ => None,
+        },
+        transport: TransportPolicy {
+            host_gateway: match transport.and_then(|t| t.host_gateway) {
+                Some(HostGateway::OnLink) => HostGatewayPolicy::OnLink,
+                Some(HostGateway::Fallback) => HostGatewayPolicy::Fallback,
+                _ => HostGatewayPolicy::Never,
+            },
+            trusted_subnets: transport
+                .map(|t| nets(&t.host_gateway_subnets))
+                .unwrap_or_default(),
+        },
+        masquerade: spec.and_then(|s| s.masquerade).unwrap_or(true),
+        endpoint_address_type: spec
+            .and_then(|s| s.endpoint_address_type)
+            .unwrap_or_default(),
+    }
+}
+
+/// The node's WireGuard endpoint: the `wgmesh.dev/endpoint` annotation (`ip` or `ip:port`),
+/// else the Node address of the configured type, with the listen port.
+pub fn endpoint(node: &Node, kind: EndpointAddressType, port: u16) -> Option<SocketAddr> {
+    if let Some(value) = node
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ENDPOINT_ANNOTATION))
+    {
+        if let Ok(sa) = value.parse::<SocketAddr>() {
+            return Some(sa);
+        }
+        if let Ok(ip) = value.parse::<IpAddr>() {
+            return Some(SocketAddr::new(ip, port));
+        }
+    }
+    let want = match kind {
+        EndpointAddressType::InternalIP => "InternalIP",
+        EndpointAddressType::ExternalIP => "ExternalIP",
+    };
+    node.status
+        .as_ref()?
+        .addresses
+        .as_ref()?
+        .iter()
+        .filter(|a| a.type_ == want)
+        .find_map(|a| a.address.parse::<IpAddr>().ok())
+        .map(|ip| SocketAddr::new(ip, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use wgmesh_api::{Condition, MeshPeerSpec, MeshPeerStatus, peer::ApprovedPeer as Approval};
+
+    const KEY: &str = "mGpQp9SmU3aD4Jq0Ykwj1CzO3P0k9+4w6VvVvHXxrmI=";
+
+    fn mk_peer(
+        name: &str,
+        node: bool,
+        ready: bool,
+        spec_cidrs: &[&str],
+        approved: &[&str],
+    ) -> MeshPeer {
+        let mut p = MeshPeer::new(
+            name,
+            MeshPeerSpec {
+                node: node.then(|| name.to_string()),
+                pod_cidrs: spec_cidrs.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            },
+        );
+        p.status = Some(MeshPeerStatus {
+            conditions: vec![Condition {
+                type_: "Ready".into(),
+                status: if ready {
+                    ConditionStatus::True
+                } else {
+                    ConditionStatus::False
+                },
+                observed_generation: None,
+                last_transition_time: Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+                reason: "Valid".into(),
+                message: String::new(),
+            }],
+            approved: Some(Approval {
+                public_key: Some(KEY.into()),
+                allowed_ips: approved.iter().map(|s| s.to_string()).collect(),
+                endpoint: Some("192.0.2.2:51820".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        p
+    }
+
+    #[test]
+    fn only_ready_approved_peers_other_than_this_node_are_configured() {
+        let peers = [
+            mk_peer("me", true, true, &["10.244.0.0/24"], &["10.244.0.0/24"]),
+            mk_peer("ok", true, true, &["10.244.1.0/24"], &["10.244.1.0/24"]),
+            mk_peer(
+                "unready",
+                true,
+                false,
+                &["10.244.2.0/24"],
+                &["10.244.2.0/24"],
+            ),
+        ];
+        let got = approved_peers(&peers, "me");
+        assert_eq!(
+            got.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(),
+            ["ok"]
+        );
+        assert_eq!(
+            got[0].endpoint,
+            Some("192.0.2.2:51820".parse().expect("sa"))
+        );
+    }
+
+    #[test]
+    fn a_node_approval_never_reaches_beyond_its_own_pod_subnets() {
+        let peers = [mk_peer(
+            "n",
+            true,
+            true,
+            &["10.244.1.0/24"],
+            &["10.244.1.0/24", "0.0.0.0/0"],
+        )];
+        let got = approved_peers(&peers, "me");
+        assert_eq!(
+            got[0].allowed_ips,
+            vec!["10.244.1.0/24".parse::<IpNet>().expect("net")]
+        );
+    }
+
+    #[test]
+    fn the_endpoint_annotation_overrides_the_node_address() {
+        let mut node = Node::default();
+        node.status = Some(k8s_openapi::api::core::v1::NodeStatus {
+            addresses: Some(vec![k8s_openapi::api::core::v1::NodeAddress {
+                type_: "InternalIP".into(),
+                address: "192.168.1.5".into(),
+            }]),
+            ..Default::default()
+        });
+        assert_eq!(
+            endpoint(&node, EndpointAddressType::InternalIP, 51820),
+            Some("192.168.1.5:51820".parse().expect("sa"))
+        );
+        assert_eq!(
+            endpoint(&node, EndpointAddressType::ExternalIP, 51820),
+            None
+        );
+        node.metadata.annotations = Some(
+            [(
+                ENDPOINT_ANNOTATION.to_string(),
+                "203.0.113.9:4500".to_string(),
+            )]
+            .into(),
+        );
+        assert_eq!(
+            endpoint(&node, EndpointAddressType::InternalIP, 51820),
+            Some("203.0.113.9:4500".parse().expect("sa"))
+        );
+    }
+}
