@@ -1,0 +1,269 @@
+#!/usr/bin/env bash
+# hack/mesh.sh: a multi-node wgmesh cluster on one machine, all real parts, no kubelet and no
+# Docker: a control-plane network namespace (etcd, kube-apiserver, kube-controller-manager,
+# wgmesh-operator), N node namespaces on a shared underlay (a bridge in a namespace of its
+# own), each running wgmesh-agent, and pods as network namespaces plumbed by the CNI
+# reference plugins with the configuration the agent wrote, as a container runtime would.
+#
+#   hack/mesh.sh up [--nodes N] [--dir DIR] [--id ID] [--release] [--host-gw]
+#   hack/mesh.sh pod NODE POD          make a pod (netns ID-POD) on NODE via CNI ADD
+#   hack/mesh.sh add-node NODE         register one more node and start its agent
+#   hack/mesh.sh remove-node NODE      stop the node's agent, delete its Node and netns
+#   hack/mesh.sh stop-agent NODE [SIG] stop a node's agent (default TERM; KILL for a crash)
+#   hack/mesh.sh start-agent NODE      start a node's agent again
+#   hack/mesh.sh down [--dir DIR]      stop everything, delete every namespace
+#   hack/mesh.sh env [--dir DIR]       print the variables tests and people use
+#
+# The underlay is a /24 of 198.18.0.0/15 (the range set aside for benchmarking networks, so
+# it collides with no real one): nodes node-1..node-N are .11.., the API server .2, the
+# underlay's gateway .1, and the host joins as .254 to reach the API server. Needs root.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+root=$(cd "$here/.." && pwd)
+# shellcheck source=hack/lib/common.sh
+source "$here/lib/common.sh"
+WGMESH_LOG_PREFIX="[mesh]"
+
+dir=${WGMESH_MESH_DIR:-/tmp/wgmesh-mesh}
+nodes=3
+id=""
+profile=debug
+hostgw=""
+net=""
+
+usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
+
+cmd=${1:-}
+[[ -n $cmd ]] || {
+	usage
+	exit 1
+}
+shift
+args=()
+while [[ $# -gt 0 ]]; do
+	case "$1" in
+	--dir) dir=$2; shift 2 ;;
+	--nodes) nodes=$2; shift 2 ;;
+	--id) id=$2; shift 2 ;;
+	--net) net=$2; shift 2 ;;
+	--release) profile=release; shift ;;
+	--host-gw) hostgw=1; shift ;;
+	-h | --help) usage; exit 0 ;;
+	*) args+=("$1"); shift ;;
+	esac
+done
+
+# Settings of a running mesh.
+if [[ -f $dir/mesh.env ]]; then
+	# shellcheck disable=SC1091
+	source "$dir/mesh.env"
+fi
+
+ns_ul() { echo "${MESH_ID}-ul"; }
+ns_cp() { echo "${MESH_ID}-cp"; }
+ns_node() { echo "${MESH_ID}-$1"; }
+ns_pod() { echo "${MESH_ID}-$1"; }
+node_index() { echo "${1#node-}"; }
+node_ip() { echo "${MESH_NET}.$((10 + $(node_index "$1")))"; }
+iface() { echo "wg-${MESH_ID}-n$(node_index "$1")"; }
+kc() { KUBECONFIG="$dir/cp/kubeconfig" kubectl "$@"; }
+
+start_agent() {
+	local node=$1 nd="$dir/nodes/$1"
+	mkdir -p "$nd/state" "$nd/cni" "$nd/ipam" "$dir/logs" "$dir/pids"
+	ip netns exec "$(ns_node "$node")" env KUBECONFIG="$dir/cp/kubeconfig" RUST_LOG=info,kube=warn \
+		"$MESH_BIN/wgmesh-agent" run --node-name "$node" --interface "$(iface "$node")" \
+		--state-dir "$nd/state" --cni-conf-dir "$nd/cni" --cni-ipam-data-dir "$nd/ipam" \
+		--metrics-addr "$(node_ip "$node"):9091" \
+		>>"$dir/logs/agent-$node.log" 2>&1 &
+	echo $! >"$dir/pids/agent-$node"
+}
+
+stop_agent() {
+	local node=$1 sig=${2:-TERM} pidf="$dir/pids/agent-$1"
+	[[ -f $pidf ]] || return 0
+	local pid
+	pid=$(cat "$pidf")
+	kill -"$sig" "$pid" 2>/dev/null || true
+	for _ in $(seq 50); do
+		kill -0 "$pid" 2>/dev/null || break
+		sleep 0.1
+	done
+	kill -KILL "$pid" 2>/dev/null || true
+	rm -f "$pidf"
+}
+
+add_node() {
+	local node=$1 ns ip
+	ns=$(ns_node "$node")
+	ip=$(node_ip "$node")
+	ip netns add "$ns"
+	ip -n "$ns" link set lo up
+	ip link add "m${MESH_ID}n$(node_index "$node")" type veth peer name eth0 netns "$ns"
+	ip link set "m${MESH_ID}n$(node_index "$node")" netns "$(ns_ul)"
+	ip -n "$(ns_ul)" link set "m${MESH_ID}n$(node_index "$node")" master ul0 up
+	ip -n "$ns" addr add "$ip/24" dev eth0
+	ip -n "$ns" link set eth0 up
+	# A default gateway, as real nodes have: anything sent in the clear would show on the
+	# underlay, which is what the fail-closed checks look for.
+	ip -n "$ns" route add default via "${MESH_NET}.1"
+	# As a kubelet registers it: the Node with its address in status (kept on create).
+	cat <<YAML | kc create -f - >/dev/null
+apiVersion: v1
+kind: Node
+metadata:
+  name: $node
+  labels: {kubernetes.io/hostname: $node}
+status:
+  addresses: [{type: InternalIP, address: "$ip"}]
+YAML
+	start_agent "$node"
+}
+
+remove_node() {
+	local node=$1
+	stop_agent "$node" TERM
+	kc delete node "$node" --wait=false >/dev/null 2>&1 || true
+	for pod in $(cat "$dir/pods/$node" 2>/dev/null); do
+		ip netns del "$(ns_pod "$pod")" 2>/dev/null || true
+	done
+	rm -f "$dir/pods/$node"
+	ip netns del "$(ns_node "$node")" 2>/dev/null || true
+}
+
+make_pod() {
+	local node=$1 pod=$2 ns conf
+	ns=$(ns_pod "$pod")
+	conf="$dir/nodes/$node/cni/10-wgmesh.conflist"
+	for _ in $(seq 300); do
+		[[ -f $conf ]] && break
+		sleep 0.1
+	done
+	[[ -f $conf ]] || die "$node has no CNI configuration yet ($conf); is its agent running? see $dir/logs/agent-$node.log"
+	ip netns add "$ns"
+	ip -n "$ns" link set lo up
+	ip netns exec "$(ns_node "$node")" "$MESH_BIN/cni-exec" add "$conf" "/var/run/netns/$ns" "$pod" eth0 >"$dir/nodes/$node/pod-$pod.json"
+	echo "$pod" >>"$dir/pods/$node"
+	ip -n "$ns" -4 -o addr show dev eth0 | awk '{print $4}' | cut -d/ -f1
+}
+
+down() {
+	[[ -f $dir/mesh.env ]] || {
+		log "no mesh in $dir"
+		return 0
+	}
+	for f in "$dir"/pids/agent-*; do
+		[[ -f $f ]] && stop_agent "${f##*/agent-}" KILL
+	done
+	if [[ -f $dir/pids/operator ]]; then
+		kill "$(cat "$dir/pids/operator")" 2>/dev/null || true
+	fi
+	bash "$here/cluster.sh" down --dir "$dir/cp" >/dev/null 2>&1 || true
+	for ns in $(ip netns list | awk '{print $1}' | grep "^${MESH_ID}-" || true); do
+		ip netns pids "$ns" 2>/dev/null | xargs -r kill -KILL 2>/dev/null || true
+		ip netns del "$ns" 2>/dev/null || true
+	done
+	ip link del "m${MESH_ID}h" 2>/dev/null || true
+	rm -f /var/run/wireguard/wg-"${MESH_ID}"-n*.sock
+	rm -rf "$dir"
+	log "mesh ${MESH_ID} is down"
+}
+
+up() {
+	need_root "hack/mesh.sh"
+	[[ -f $dir/mesh.env ]] && die "a mesh is already up in $dir; run hack/mesh.sh down --dir $dir first"
+	bash "$here/cluster.sh" install
+	bash "$here/lib/mesh-deps.sh"
+	[[ -n $id ]] || id=$(printf 'm%03d' $((RANDOM % 1000)))
+	[[ -n $net ]] || net="198.18.$((RANDOM % 250))"
+	log "building ($profile)"
+	local flags=()
+	[[ $profile == release ]] && flags=(--release)
+	(cd "$root" && cargo build -q "${flags[@]}" -p wgmesh-operator -p wgmesh-agent -p wgmesh-tests --bin wgmesh-operator --bin wgmesh-agent --bin cni-exec)
+	mkdir -p "$dir/logs" "$dir/pids" "$dir/pods" "$dir/nodes"
+	cat >"$dir/mesh.env" <<ENV
+MESH_ID=$id
+MESH_NET=$net
+MESH_BIN=$root/target/$profile
+ENV
+	# shellcheck disable=SC1091
+	source "$dir/mesh.env"
+
+	log "underlay ${MESH_NET}.0/24 in netns $(ns_ul)"
+	ip netns add "$(ns_ul)"
+	ip -n "$(ns_ul)" link set lo up
+	ip -n "$(ns_ul)" link add ul0 type bridge
+	ip -n "$(ns_ul)" addr add "${MESH_NET}.1/24" dev ul0
+	ip -n "$(ns_ul)" link set ul0 up
+	# The host's leg, to reach the API server.
+	ip link add "m${MESH_ID}h" type veth peer name "m${MESH_ID}hu"
+	ip link set "m${MESH_ID}hu" netns "$(ns_ul)"
+	ip -n "$(ns_ul)" link set "m${MESH_ID}hu" master ul0 up
+	ip addr add "${MESH_NET}.254/24" dev "m${MESH_ID}h"
+	ip link set "m${MESH_ID}h" up
+	# The control plane's namespace.
+	ip netns add "$(ns_cp)"
+	ip -n "$(ns_cp)" link set lo up
+	ip link add "m${MESH_ID}c" type veth peer name eth0 netns "$(ns_cp)"
+	ip link set "m${MESH_ID}c" netns "$(ns_ul)"
+	ip -n "$(ns_ul)" link set "m${MESH_ID}c" master ul0 up
+	ip -n "$(ns_cp)" addr add "${MESH_NET}.2/24" dev eth0
+	ip -n "$(ns_cp)" link set eth0 up
+
+	log "control plane in netns $(ns_cp)"
+	bash "$here/cluster.sh" up --dir "$dir/cp" --netns "$(ns_cp)" --address "${MESH_NET}.2" --port 6443 >/dev/null
+	kc apply -f "$root/crds" >/dev/null
+	kc wait --for=condition=Established --timeout=60s -f "$root/crds" >/dev/null
+	local transport="{hostGateway: Never}"
+	[[ -n $hostgw ]] && transport="{hostGateway: OnLink}"
+	cat <<YAML | kc apply -f - >/dev/null
+apiVersion: wgmesh.dev/v1alpha1
+kind: Mesh
+metadata: {name: default}
+spec:
+  listenPort: 51820
+  transport: $transport
+---
+apiVersion: wgmesh.dev/v1alpha1
+kind: PodCIDRPool
+metadata: {name: default}
+spec:
+  cidrs: ["10.244.0.0/16", "fd00:10:244::/56"]
+  nodePrefixLength: {ipv4: 24, ipv6: 64}
+YAML
+	ip netns exec "$(ns_cp)" env KUBECONFIG="$dir/cp/kubeconfig" RUST_LOG=info,kube=warn \
+		"$MESH_BIN/wgmesh-operator" --metrics-addr "${MESH_NET}.2:9090" --lease-duration-seconds 5 \
+		>>"$dir/logs/operator.log" 2>&1 &
+	echo $! >"$dir/pids/operator"
+
+	for i in $(seq "$nodes"); do
+		log "node-$i at $(node_ip "node-$i") in netns $(ns_node "node-$i")"
+		add_node "node-$i"
+	done
+	log "waiting for every node's peer to be Ready"
+	kc wait --for=condition=Ready --timeout=120s meshpeers --all >/dev/null ||
+		die "peers not Ready; see $dir/logs/"
+	log "mesh ${MESH_ID} is up: $nodes nodes. KUBECONFIG=$dir/cp/kubeconfig"
+}
+
+case "$cmd" in
+up) up ;;
+down) down ;;
+env)
+	[[ -f $dir/mesh.env ]] || die "no mesh in $dir"
+	cat "$dir/mesh.env"
+	echo "KUBECONFIG=$dir/cp/kubeconfig"
+	;;
+pod) make_pod "${args[0]:?NODE}" "${args[1]:?POD}" ;;
+add-node)
+	add_node "${args[0]:?NODE}"
+	;;
+remove-node) remove_node "${args[0]:?NODE}" ;;
+stop-agent) stop_agent "${args[0]:?NODE}" "${args[1]:-TERM}" ;;
+start-agent) start_agent "${args[0]:?NODE}" ;;
+*)
+	usage
+	exit 1
+	;;
+esac
