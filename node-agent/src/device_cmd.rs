@@ -22,6 +22,8 @@ pub struct DeviceOptions {
     pub socket_dir: PathBuf,
     /// MTU of the interface.
     pub mtu: Option<u32>,
+    /// Use UDP GSO/GRO.
+    pub udp_offload: bool,
 }
 
 /// Why the `device` command failed.
@@ -53,6 +55,7 @@ pub fn run(opts: &DeviceOptions) -> Result<(), DeviceCmdError> {
     let signals = block_termination_signals()?;
     let device = Device::start(DeviceConfig {
         mtu: opts.mtu,
+        udp_offload: opts.udp_offload,
         ..DeviceConfig::new(opts.interface.clone())
     })
     .map_err(DeviceCmdError::Start)?;
@@ -118,6 +121,9 @@ fn daemonize(opts: &DeviceOptions) -> Result<(), DeviceCmdError> {
         .process_group(0);
     if let Some(mtu) = opts.mtu {
         cmd.arg("--mtu").arg(mtu.to_string());
+    }
+    if !opts.udp_offload {
+        cmd.arg("--no-udp-offload");
     }
     let mut child = cmd.spawn().map_err(DeviceCmdError::Daemonize)?;
     let deadline = Instant::now() + DAEMON_START_TIMEOUT;

@@ -32,6 +32,9 @@ enum Command {
         /// Interface MTU.
         #[arg(long, env = "WGMESH_MTU")]
         mtu: Option<u32>,
+        /// Send and receive datagrams one by one, without UDP GSO/GRO.
+        #[arg(long, env = "WGMESH_NO_UDP_OFFLOAD")]
+        no_udp_offload: bool,
     },
 }
 
@@ -69,11 +72,13 @@ fn main() -> anyhow::Result<()> {
             foreground,
             socket_dir,
             mtu,
+            no_udp_offload,
         } => device_cmd::run(&DeviceOptions {
             interface,
             foreground,
             socket_dir,
             mtu,
+            udp_offload: !no_udp_offload,
         })?,
     }
     Ok(())

@@ -31,15 +31,23 @@ use std::sync::atomic::Ordering;
 pub const MAX_PACKET_BYTES: usize = 65_535;
 /// WireGuard data message overhead: type, receiver index, counter, tag.
 pub const WG_OVERHEAD_BYTES: usize = 32;
-/// Datagrams per `recvmmsg`/`sendmmsg`.
-const BATCH: usize = 32;
+/// Messages per `recvmmsg` (each may carry a GRO run of datagrams).
+const RECV_BATCH: usize = 32;
+/// Bytes of encrypted datagrams gathered before one `sendmmsg` (about 128 full-size packets).
+const SEND_BATCH_BYTES: usize = 192 * 1024;
+/// Separate sends (GSO runs or single datagrams) per `sendmmsg`.
+const SEND_BATCH_GROUPS: usize = 64;
 /// Room for any handshake message `Tunn` writes.
 const HANDSHAKE_BUF_BYTES: usize = 256;
 
 /// The TUN reader and encryptor.
 pub(crate) fn tun_rx(shared: &Shared, tun: &Tun) {
     let mut packet = vec![0u8; MAX_PACKET_BYTES];
-    let mut batch = SendBatch::new(BATCH, MAX_PACKET_BYTES + WG_OVERHEAD_BYTES);
+    let mut batch = SendBatch::new(
+        SEND_BATCH_BYTES,
+        SEND_BATCH_GROUPS,
+        MAX_PACKET_BYTES + WG_OVERHEAD_BYTES,
+    );
     let mut socket = shared.socket();
     batch.set_family(&socket.1);
     loop {
@@ -113,7 +121,7 @@ fn encrypt_one(state: &super::State, packet: &[u8], batch: &mut SendBatch) {
 
 /// The UDP reader and decryptor.
 pub(crate) fn udp_rx(shared: &Shared, tun: &Tun) {
-    let mut batch = RecvBatch::new(BATCH, MAX_PACKET_BYTES + WG_OVERHEAD_BYTES);
+    let mut batch = RecvBatch::new(RECV_BATCH, MAX_PACKET_BYTES + WG_OVERHEAD_BYTES);
     let mut plain = vec![0u8; MAX_PACKET_BYTES + WG_OVERHEAD_BYTES];
     let mut socket = shared.socket();
     loop {
@@ -127,8 +135,10 @@ pub(crate) fn udp_rx(shared: &Shared, tun: &Tun) {
             Ok(n) => {
                 let state = shared.read_state();
                 for i in 0..n {
-                    if let Some((datagram, from)) = batch.get(i) {
-                        decrypt_one(&state, &socket.1, tun, datagram, from, &mut plain);
+                    if let Some((run, from, segment)) = batch.get(i) {
+                        for datagram in run.chunks(segment) {
+                            decrypt_one(&state, &socket.1, tun, datagram, from, &mut plain);
+                        }
                     }
                 }
                 if n == 0 {

@@ -55,6 +55,8 @@ pub struct DeviceConfig {
     pub fwmark: u32,
     /// Private key, if known at start.
     pub private_key: Option<Key>,
+    /// Use UDP segmentation offload (GSO on send, GRO on receive) where the kernel has it.
+    pub udp_offload: bool,
     /// Clock; `None` uses the system clocks.
     pub clock: Option<Arc<dyn Clock>>,
 }
@@ -69,6 +71,7 @@ impl DeviceConfig {
             listen_port: 0,
             fwmark: 0,
             private_key: None,
+            udp_offload: true,
             clock: None,
         }
     }
@@ -145,6 +148,7 @@ pub(crate) struct Shared {
     name: String,
     state: RwLock<State>,
     socket: RwLock<(u64, Arc<UdpSocket>)>,
+    udp_offload: bool,
     pub(crate) socket_generation: AtomicU64,
     stopping: AtomicBool,
     /// Becomes readable (and stays so) when the device stops; wakes threads blocked in poll.
@@ -233,12 +237,11 @@ impl Device {
         if config.up {
             tun.set_up().map_err(configure)?;
         }
-        let socket = UdpSocket::bind(config.listen_port, config.fwmark).map_err(|source| {
-            DeviceError::BindUdp {
+        let socket = UdpSocket::bind(config.listen_port, config.fwmark, config.udp_offload)
+            .map_err(|source| DeviceError::BindUdp {
                 port: config.listen_port,
                 source,
-            }
-        })?;
+            })?;
         // SAFETY: plain eventfd creation.
         let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if raw < 0 {
@@ -258,6 +261,7 @@ impl Device {
                 fwmark: config.fwmark,
             }),
             socket: RwLock::new((0, Arc::new(socket))),
+            udp_offload: config.udp_offload,
             socket_generation: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
             stop_fd,
@@ -567,8 +571,8 @@ fn rebind(shared: &Shared, port: u16, fwmark: u32) -> Result<(), DeviceError> {
     if port == 0 || port == guard.1.port() {
         return Ok(());
     }
-    let socket =
-        UdpSocket::bind(port, fwmark).map_err(|source| DeviceError::BindUdp { port, source })?;
+    let socket = UdpSocket::bind(port, fwmark, shared.udp_offload)
+        .map_err(|source| DeviceError::BindUdp { port, source })?;
     let generation = guard.0 + 1;
     let old = std::mem::replace(&mut *guard, (generation, Arc::new(socket)));
     shared

@@ -616,9 +616,9 @@ pub fn iperf(ns: &Netns, server: &str, port: u16, seconds: u32, extra: &[&str]) 
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         if out.status.success() {
             let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-            return v["end"]["sum_received"]["bits_per_second"]
-                .as_f64()
-                .unwrap();
+            if let Some(bps) = v["end"]["sum_received"]["bits_per_second"].as_f64() {
+                return bps;
+            }
         }
         last = text;
         std::thread::sleep(Duration::from_millis(200));
