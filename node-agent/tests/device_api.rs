@@ -1,0 +1,140 @@
+//! The library API the node agent uses in-process: `Device::start` and `DeviceHandle`. Each
+//! test runs on a thread moved into a fresh network namespace, so the TUN interface and the
+//! socket it creates are its own and vanish with it.
+
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use wgmesh_agent::device::config::{ConfigUpdate, PeerUpdate};
+use wgmesh_agent::device::{Device, DeviceConfig, DeviceError};
+
+/// Runs `f` on a thread in a new, empty network namespace (None if not root).
+fn in_fresh_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: device API tests need root (network namespaces, TUN)");
+        return None;
+    }
+    Some(
+        std::thread::spawn(move || {
+            // SAFETY: unshare affects only this thread, which the test owns.
+            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0);
+            f()
+        })
+        .join()
+        .unwrap(),
+    )
+}
+
+/// Whether the calling thread's namespace has the interface (sysfs would show the mount's).
+fn link_exists(name: &str) -> bool {
+    let c = std::ffi::CString::new(name).unwrap();
+    // SAFETY: a valid NUL-terminated name.
+    unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
+}
+
+fn key(b: u8) -> [u8; 32] {
+    let mut k = [b; 32];
+    // Clamp like a real private key would be; any 32 bytes are a valid public key.
+    k[0] &= 248;
+    k
+}
+
+#[test]
+fn configure_read_back_and_shut_down() {
+    let Some(()) = in_fresh_netns(|| {
+        let dev = Device::start(DeviceConfig {
+            listen_port: 0,
+            private_key: Some(key(7)),
+            ..DeviceConfig::new("wgapi0")
+        })
+        .unwrap();
+        assert!(link_exists("wgapi0"));
+        assert_ne!(dev.listen_port(), 0);
+        assert!(dev.public_key().is_some());
+
+        // Upsert a peer, then update it by identity.
+        let mut peer = PeerUpdate::new([1; 32]);
+        peer.endpoint = Some("192.0.2.1:51820".parse::<SocketAddr>().unwrap());
+        peer.allowed_ips = vec!["10.1.0.0/24".parse().unwrap()];
+        let id = dev.upsert_peer(&peer).unwrap();
+        let mut more = PeerUpdate::new([1; 32]);
+        more.allowed_ips = vec!["fd01::/64".parse().unwrap()];
+        assert_eq!(dev.upsert_peer(&more), Some(id));
+        assert_eq!(dev.peer_id(&[1; 32]), Some(id));
+        let stats = dev.peer(id).unwrap();
+        assert_eq!(stats.endpoint, peer.endpoint);
+        assert_eq!(stats.allowed_ips.len(), 2);
+        assert_eq!(
+            (stats.rx_bytes, stats.tx_bytes, stats.last_handshake),
+            (0, 0, None)
+        );
+
+        // update_only never creates; the device's own key is never a peer.
+        let mut ghost = PeerUpdate::new([2; 32]);
+        ghost.update_only = true;
+        assert_eq!(dev.upsert_peer(&ghost), None);
+        assert_eq!(
+            dev.upsert_peer(&PeerUpdate::new(dev.public_key().unwrap())),
+            None
+        );
+        assert_eq!(dev.snapshot().peers.len(), 1);
+
+        // Rebinding: a fixed port, then a busy one is refused and changes nothing.
+        let port = dev.set_listen_port(41234).unwrap();
+        assert_eq!(port, 41234);
+        let busy = std::net::UdpSocket::bind("0.0.0.0:41235").unwrap();
+        assert!(matches!(
+            dev.set_listen_port(41235),
+            Err(DeviceError::BindUdp { .. })
+        ));
+        drop(busy);
+        assert_eq!(dev.listen_port(), 41234);
+
+        // replace_peers empties the table; removal by key reports whether it existed.
+        dev.apply(&ConfigUpdate {
+            replace_peers: true,
+            peers: vec![PeerUpdate::new([3; 32])],
+            ..ConfigUpdate::default()
+        })
+        .unwrap();
+        assert_eq!(dev.peer_id(&[1; 32]), None);
+        assert!(dev.remove_peer(&[3; 32]));
+        assert!(!dev.remove_peer(&[3; 32]));
+
+        // Removing the private key keeps peers but no sessions; the snapshot says so.
+        dev.upsert_peer(&PeerUpdate::new([4; 32])).unwrap();
+        dev.set_private_key(None);
+        let snap = dev.snapshot();
+        assert_eq!(snap.private_key, None);
+        assert_eq!(snap.peers.len(), 1);
+
+        dev.shutdown();
+        assert!(dev.is_stopped());
+        assert!(
+            !link_exists("wgapi0"),
+            "interface left behind after shutdown"
+        );
+        // Shutdown is idempotent.
+        dev.shutdown();
+    }) else {
+        return;
+    };
+}
+
+#[test]
+fn dropping_the_last_handle_stops_the_device() {
+    let Some(()) = in_fresh_netns(|| {
+        let dev = Device::start(DeviceConfig::new("wgapi1")).unwrap();
+        let clone = dev.clone();
+        drop(dev);
+        assert!(link_exists("wgapi1"), "a clone still holds the device");
+        drop(clone);
+        assert!(
+            !link_exists("wgapi1"),
+            "interface left behind after the last handle"
+        );
+    }) else {
+        return;
+    };
+}
