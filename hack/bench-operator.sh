@@ -35,7 +35,7 @@ bash hack/cluster.sh install
 log "building release binaries"
 cargo build -q --release -p wgmesh-operator -p wgmesh-tests --bin wgmesh-operator --bin bench-operator
 
-dir=$(mktemp -d /tmp/wgmesh-bench.XXXXXX)
+dir=/tmp/wgmesh-bench.$$
 trap 'bash hack/cluster.sh down --dir "$dir" >/dev/null 2>&1 || true' EXIT
 bash hack/cluster.sh up --dir "$dir" --port "${WGMESH_BENCH_PORT:-26443}"
 export KUBECONFIG="$dir/kubeconfig"

@@ -48,7 +48,7 @@ cargo fmt --all -- --check || die "cargo fmt --all -- --check failed: run cargo 
 
 step "CRD drift"
 gen=$(mktemp -d)
-cluster_dir=$(mktemp -d /tmp/wgmesh-test-cluster.XXXXXX)
+cluster_dir=/tmp/wgmesh-test-cluster.$$
 cleanup() {
 	bash hack/cluster.sh down --dir "$cluster_dir" >/dev/null 2>&1 || true
 	rm -rf "$gen"
