@@ -39,9 +39,8 @@ step() { log "── $* ($(($(date +%s) - start))s)"; }
 
 step "installing dependencies"
 bash hack/cluster.sh install
-if [[ -f hack/lib/datapath-deps.sh ]]; then
-	bash hack/lib/datapath-deps.sh
-fi
+bash hack/lib/datapath-deps.sh
+bash hack/lib/mesh-deps.sh
 
 step "formatting"
 cargo fmt --all -- --check || die "cargo fmt --all -- --check failed: run cargo fmt --all"
@@ -65,6 +64,11 @@ bash hack/cluster.sh up --dir "$cluster_dir" --port "${WGMESH_TEST_PORT:-16443}"
 export WGMESH_TEST_KUBECONFIG="$cluster_dir/kubeconfig"
 
 step "tests"
+rm -f target/wgmesh-e2e-report.txt
 cargo test --workspace "${cargo_args[@]}"
+if [[ -f target/wgmesh-e2e-report.txt ]]; then
+	step "end-to-end figures"
+	cat target/wgmesh-e2e-report.txt
+fi
 
 step "all checks passed"
