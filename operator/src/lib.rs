@@ -84,7 +84,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     tracing::info!(%identity, lease = %args.lease_name, "starting");
     let lease_api = Api::namespaced(client.clone(), &args.lease_namespace);
     let metrics_addr = args.metrics_addr;
-    let http = metrics::serve(metrics_addr, metrics.clone());
+    let http = wgmesh_telemetry::serve(metrics_addr, metrics.telemetry());
     tokio::select! {
         r = http => r.with_context(|| format!("serving metrics on {metrics_addr}")),
         () = lease::run(lease_api, lease, leader_tx) => anyhow::bail!("leader election ended"),

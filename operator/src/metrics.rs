@@ -1,20 +1,14 @@
-//! The operator's Prometheus metrics and its HTTP endpoint: `/metrics`, `/healthz`
-//! (the process is alive) and `/readyz` (caches synced; followers are ready too, so a
-//! standby replica is not restarted for waiting its turn).
+//! The operator's Prometheus metrics, served by `wgmesh_telemetry` with `/healthz` and
+//! `/readyz` (ready once the caches synced; followers are ready too, so a standby replica
+//! is not restarted for waiting its turn).
 
-use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 use prometheus_client::{
-    encoding::{EncodeLabelSet, text::encode},
+    encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
-use std::{
-    net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-};
+use std::sync::Arc;
+use wgmesh_telemetry::Telemetry;
 
 /// Labels of per-pool, per-family gauges.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -32,7 +26,7 @@ pub struct ErrorLabels {
 /// Every metric the operator exports.
 #[derive(Debug)]
 pub struct Metrics {
-    registry: Registry,
+    telemetry: Arc<Telemetry>,
     /// Reconcile passes run.
     pub reconciles: Counter,
     /// Errors by kind of write or read that failed.
@@ -51,7 +45,6 @@ pub struct Metrics {
     pub peers_not_ready: Gauge,
     /// 1 while this replica holds the lease.
     pub leader: Gauge,
-    ready: AtomicBool,
 }
 
 impl Metrics {
@@ -68,8 +61,7 @@ impl Metrics {
             peers_ready: Gauge::default(),
             peers_not_ready: Gauge::default(),
             leader: Gauge::default(),
-            ready: AtomicBool::new(false),
-            registry: Registry::default(),
+            telemetry: Arc::default(),
         };
         registry.register("reconciles", "Reconcile passes run", m.reconciles.clone());
         registry.register("errors", "Errors by kind", m.errors.clone());
@@ -104,12 +96,20 @@ impl Metrics {
             "1 while this replica holds the lease",
             m.leader.clone(),
         );
-        Metrics { registry, ..m }
+        Metrics {
+            telemetry: Arc::new(Telemetry::new(registry)),
+            ..m
+        }
     }
 
     /// Marks the operator ready (caches synced).
     pub fn set_ready(&self) {
-        self.ready.store(true, Ordering::Relaxed);
+        self.telemetry.set_ready();
+    }
+
+    /// The endpoint serving these metrics.
+    pub fn telemetry(&self) -> Arc<Telemetry> {
+        self.telemetry.clone()
     }
 
     /// Counts one error of `kind`.
@@ -120,50 +120,10 @@ impl Metrics {
             })
             .inc();
     }
-
-    fn render(&self) -> Result<String, std::fmt::Error> {
-        let mut out = String::new();
-        encode(&mut out, &self.registry)?;
-        Ok(out)
-    }
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
-    }
-}
-
-/// Serves `/metrics`, `/healthz` and `/readyz` on `addr` until the process ends.
-pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
-    let app = Router::new()
-        .route("/metrics", get(render))
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(ready))
-        .with_state(metrics);
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    axum::serve(listener, app).await
-}
-
-async fn render(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
-    match m.render() {
-        Ok(body) => (
-            StatusCode::OK,
-            [(
-                "content-type",
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            body,
-        )
-            .into_response(),
-        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
-    }
-}
-
-async fn ready(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
-    if m.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, "ok")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "caches not synced")
     }
 }

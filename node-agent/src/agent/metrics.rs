@@ -1,19 +1,15 @@
-//! The agent's Prometheus metrics and HTTP endpoint (`/metrics`, `/healthz`, `/readyz`).
+//! The agent's Prometheus metrics, served by `wgmesh_telemetry` with `/healthz` and `/readyz`.
 
 use crate::device::config::{DeviceSnapshot, Key};
-use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 use prometheus_client::{
-    encoding::{EncodeLabelSet, text::encode},
+    encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::sync::{
-    Arc,
-    atomic::{AtomicBool, Ordering},
-};
+use std::sync::Arc;
 use std::time::SystemTime;
+use wgmesh_telemetry::Telemetry;
 
 /// Labels of per-peer metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -30,7 +26,7 @@ pub struct StageLabels {
 /// Every metric the agent exports.
 #[derive(Debug)]
 pub struct Metrics {
-    registry: Registry,
+    telemetry: Arc<Telemetry>,
     /// Passes run.
     pub applies: Counter,
     /// Errors by stage.
@@ -47,7 +43,6 @@ pub struct Metrics {
     pub peer_tx: Family<PeerLabels, Gauge>,
     /// Seconds since each peer's last handshake.
     pub peer_handshake_age: Family<PeerLabels, Gauge>,
-    ready: AtomicBool,
 }
 
 impl Metrics {
@@ -55,7 +50,7 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("wgmesh_agent");
         let m = Metrics {
-            registry: Registry::default(),
+            telemetry: Arc::default(),
             applies: Counter::default(),
             errors: Family::default(),
             status_writes: Counter::default(),
@@ -64,7 +59,6 @@ impl Metrics {
             peer_rx: Family::default(),
             peer_tx: Family::default(),
             peer_handshake_age: Family::default(),
-            ready: AtomicBool::new(false),
         };
         registry.register("applies", "Passes run", m.applies.clone());
         registry.register("errors", "Errors by stage", m.errors.clone());
@@ -98,12 +92,20 @@ impl Metrics {
             "Seconds since each peer's last handshake",
             m.peer_handshake_age.clone(),
         );
-        Metrics { registry, ..m }
+        Metrics {
+            telemetry: Arc::new(Telemetry::new(registry)),
+            ..m
+        }
     }
 
     /// Marks the agent ready.
     pub fn set_ready(&self) {
-        self.ready.store(true, Ordering::Relaxed);
+        self.telemetry.set_ready();
+    }
+
+    /// The endpoint serving these metrics.
+    pub fn telemetry(&self) -> Arc<Telemetry> {
+        self.telemetry.clone()
     }
 
     /// Counts one error of `stage`.
@@ -145,50 +147,10 @@ impl Metrics {
             }
         }
     }
-
-    fn render(&self) -> Result<String, std::fmt::Error> {
-        let mut out = String::new();
-        encode(&mut out, &self.registry)?;
-        Ok(out)
-    }
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
-    }
-}
-
-/// Serves the endpoint until the process ends.
-pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
-    let app = Router::new()
-        .route("/metrics", get(render))
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(ready))
-        .with_state(metrics);
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    axum::serve(listener, app).await
-}
-
-async fn render(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
-    match m.render() {
-        Ok(body) => (
-            StatusCode::OK,
-            [(
-                "content-type",
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            body,
-        )
-            .into_response(),
-        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
-    }
-}
-
-async fn ready(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
-    if m.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, "ok")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
     }
 }

@@ -219,7 +219,10 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             notify.clone(),
         ),
     };
-    let http = tokio::spawn(metrics::serve(args.metrics_addr, metrics.clone()));
+    let http = tokio::spawn(wgmesh_telemetry::serve(
+        args.metrics_addr,
+        metrics.telemetry(),
+    ));
     for ready in [
         caches.peers.wait_until_ready().await,
         caches.meshes.wait_until_ready().await,
