@@ -22,8 +22,10 @@ fn main() -> Result<()> {
         "del" => "DEL",
         other => bail!("unknown command {other}: add or del"),
     };
-    let list: Value = serde_json::from_str(&std::fs::read_to_string(conflist).with_context(|| format!("reading {conflist}"))?)
-        .with_context(|| format!("parsing {conflist}"))?;
+    let list: Value = serde_json::from_str(
+        &std::fs::read_to_string(conflist).with_context(|| format!("reading {conflist}"))?,
+    )
+    .with_context(|| format!("parsing {conflist}"))?;
     let version = list["cniVersion"].clone();
     let name = list["name"].clone();
     let mut plugins: Vec<Value> = list["plugins"].as_array().cloned().unwrap_or_default();
@@ -33,7 +35,10 @@ fn main() -> Result<()> {
     let cni_path = std::env::var("CNI_PATH").unwrap_or_else(|_| "/usr/lib/cni".into());
     let mut prev: Option<Value> = None;
     for mut plugin in plugins {
-        let kind = plugin["type"].as_str().context("a plugin without type")?.to_owned();
+        let kind = plugin["type"]
+            .as_str()
+            .context("a plugin without type")?
+            .to_owned();
         plugin["cniVersion"] = version.clone();
         plugin["name"] = name.clone();
         if let Some(p) = &prev {
@@ -69,8 +74,12 @@ fn main() -> Result<()> {
             );
         }
         if command == "ADD" {
-            let result: Value = serde_json::from_slice(&out.stdout)
-                .with_context(|| format!("{kind} printed no result: {}", String::from_utf8_lossy(&out.stdout)))?;
+            let result: Value = serde_json::from_slice(&out.stdout).with_context(|| {
+                format!(
+                    "{kind} printed no result: {}",
+                    String::from_utf8_lossy(&out.stdout)
+                )
+            })?;
             prev = Some(result);
         }
     }
