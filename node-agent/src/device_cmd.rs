@@ -24,6 +24,8 @@ pub struct DeviceOptions {
     pub mtu: Option<u32>,
     /// Use UDP GSO/GRO.
     pub udp_offload: bool,
+    /// Use TUN TSO/checksum offload.
+    pub tun_offload: bool,
 }
 
 /// Why the `device` command failed.
@@ -56,6 +58,7 @@ pub fn run(opts: &DeviceOptions) -> Result<(), DeviceCmdError> {
     let device = Device::start(DeviceConfig {
         mtu: opts.mtu,
         udp_offload: opts.udp_offload,
+        tun_offload: opts.tun_offload,
         ..DeviceConfig::new(opts.interface.clone())
     })
     .map_err(DeviceCmdError::Start)?;
@@ -124,6 +127,9 @@ fn daemonize(opts: &DeviceOptions) -> Result<(), DeviceCmdError> {
     }
     if !opts.udp_offload {
         cmd.arg("--no-udp-offload");
+    }
+    if !opts.tun_offload {
+        cmd.arg("--no-tun-offload");
     }
     let mut child = cmd.spawn().map_err(DeviceCmdError::Daemonize)?;
     let deadline = Instant::now() + DAEMON_START_TIMEOUT;

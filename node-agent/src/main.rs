@@ -35,6 +35,9 @@ enum Command {
         /// Send and receive datagrams one by one, without UDP GSO/GRO.
         #[arg(long, env = "WGMESH_NO_UDP_OFFLOAD")]
         no_udp_offload: bool,
+        /// Read and write the TUN device packet by packet, without TSO/checksum offload.
+        #[arg(long, env = "WGMESH_NO_TUN_OFFLOAD")]
+        no_tun_offload: bool,
     },
 }
 
@@ -73,12 +76,14 @@ fn main() -> anyhow::Result<()> {
             socket_dir,
             mtu,
             no_udp_offload,
+            no_tun_offload,
         } => device_cmd::run(&DeviceOptions {
             interface,
             foreground,
             socket_dir,
             mtu,
             udp_offload: !no_udp_offload,
+            tun_offload: !no_tun_offload,
         })?,
     }
     Ok(())

@@ -14,6 +14,7 @@
 //! peer's mutex is held only around `Tunn` calls, never across a syscall on the hot path.
 
 use super::Shared;
+use super::offload::{self, VNET_HDR_LEN};
 use super::peer::{Peer, PeerState};
 use super::timers::TickSchedule;
 use super::tun::Tun;
@@ -48,6 +49,7 @@ pub(crate) fn tun_rx(shared: &Shared, tun: &Tun) {
         SEND_BATCH_GROUPS,
         MAX_PACKET_BYTES + WG_OVERHEAD_BYTES,
     );
+    let mut scratch = vec![0u8; MAX_PACKET_BYTES];
     let mut socket = shared.socket();
     batch.set_family(&socket.1);
     loop {
@@ -63,6 +65,18 @@ pub(crate) fn tun_rx(shared: &Shared, tun: &Tun) {
             let state = shared.read_state();
             while !batch.is_full() {
                 match tun.read(&mut packet) {
+                    Ok(n) if tun.vnet_hdr() => {
+                        // A super-packet may need more room than is left: flush as we go.
+                        let split = offload::split(&packet[..n], &mut scratch, |p| {
+                            if batch.is_full() {
+                                socket.1.send_batch(&mut batch);
+                            }
+                            encrypt_one(&state, p, &mut batch);
+                        });
+                        if let Err(e) = split {
+                            tracing::trace!(error = %e, "dropping packet from TUN");
+                        }
+                    }
                     Ok(n) => encrypt_one(&state, &packet[..n], &mut batch),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -99,12 +113,17 @@ fn encrypt_one(state: &super::State, packet: &[u8], batch: &mut SendBatch) {
     else {
         return;
     };
+    let slot = batch.slot();
+    if slot.len() < (packet.len() + WG_OVERHEAD_BYTES).max(HANDSHAKE_BUF_BYTES) {
+        // `encapsulate` would panic; cannot happen with the batch's reserve, but never panic.
+        return;
+    }
     let mut st = peer.lock();
     let endpoint = st.endpoint;
     let Some(tunn) = st.tunn.as_mut() else {
         return;
     };
-    let len = match tunn.encapsulate(packet, batch.slot()) {
+    let len = match tunn.encapsulate(packet, slot) {
         TunnResult::WriteToNetwork(out) => out.len(),
         TunnResult::Err(e) => {
             tracing::trace!(peer = %peer.id, error = ?e, "encapsulate failed");
@@ -122,7 +141,9 @@ fn encrypt_one(state: &super::State, packet: &[u8], batch: &mut SendBatch) {
 /// The UDP reader and decryptor.
 pub(crate) fn udp_rx(shared: &Shared, tun: &Tun) {
     let mut batch = RecvBatch::new(RECV_BATCH, MAX_PACKET_BYTES + WG_OVERHEAD_BYTES);
-    let mut plain = vec![0u8; MAX_PACKET_BYTES + WG_OVERHEAD_BYTES];
+    // With a vnet header, every write starts with an all-zero one (no offload asked).
+    let prefix = if tun.vnet_hdr() { VNET_HDR_LEN } else { 0 };
+    let mut plain = vec![0u8; prefix + MAX_PACKET_BYTES + WG_OVERHEAD_BYTES];
     let mut socket = shared.socket();
     loop {
         if shared.stopping() {
@@ -137,7 +158,10 @@ pub(crate) fn udp_rx(shared: &Shared, tun: &Tun) {
                 for i in 0..n {
                     if let Some((run, from, segment)) = batch.get(i) {
                         for datagram in run.chunks(segment) {
-                            decrypt_one(&state, &socket.1, tun, datagram, from, &mut plain);
+                            let out = &mut plain[prefix..];
+                            if let Some(len) = decrypt_one(&state, &socket.1, datagram, from, out) {
+                                let _ = tun.write(&plain[..prefix + len]);
+                            }
                         }
                     }
                 }
@@ -158,18 +182,18 @@ pub(crate) fn udp_rx(shared: &Shared, tun: &Tun) {
     }
 }
 
-/// Handles one datagram. Never panics on its content: `parse_incoming_packet` checks sizes,
-/// and every lookup failure drops the datagram.
+/// Handles one datagram; returns the length of the inner packet (at the start of `plain`) to
+/// deliver to the TUN device. Never panics on its content: `parse_incoming_packet` checks
+/// sizes, and every lookup failure drops the datagram.
 fn decrypt_one(
     state: &super::State,
     socket: &UdpSocket,
-    tun: &Tun,
     datagram: &[u8],
     from: SocketAddr,
     plain: &mut [u8],
-) {
+) -> Option<usize> {
     let Ok(packet) = Tunn::parse_incoming_packet(datagram) else {
-        return;
+        return None;
     };
     let peer: &Arc<Peer> = match &packet {
         Packet::HandshakeInit(init) => {
@@ -178,7 +202,7 @@ fn decrypt_one(
                 state.public_key.as_ref(),
                 state.rate_limiter.as_ref(),
             ) else {
-                return;
+                return None;
             };
             // MAC1 and load check before the expensive DH; under load this answers with a
             // cookie instead of doing the handshake.
@@ -186,40 +210,27 @@ fn decrypt_one(
                 Ok(_) => {}
                 Err(TunnResult::WriteToNetwork(cookie)) => {
                     let _ = socket.send_to(cookie, from);
-                    return;
+                    return None;
                 }
-                Err(_) => return,
+                Err(_) => return None,
             }
             let Ok(half) = parse_handshake_anon(secret, public, init) else {
-                return;
+                return None;
             };
-            match state.peers.by_key(&half.peer_static_public) {
-                Some(p) => p,
-                None => return,
-            }
+            state.peers.by_key(&half.peer_static_public)?
         }
-        Packet::HandshakeResponse(r) => match state.peers.by_receiver_index(r.receiver_idx) {
-            Some(p) => p,
-            None => return,
-        },
-        Packet::PacketCookieReply(c) => match state.peers.by_receiver_index(c.receiver_idx) {
-            Some(p) => p,
-            None => return,
-        },
-        Packet::PacketData(d) => match state.peers.by_receiver_index(d.receiver_idx) {
-            Some(p) => p,
-            None => return,
-        },
+        Packet::HandshakeResponse(r) => state.peers.by_receiver_index(r.receiver_idx)?,
+        Packet::PacketCookieReply(c) => state.peers.by_receiver_index(c.receiver_idx)?,
+        Packet::PacketData(d) => state.peers.by_receiver_index(d.receiver_idx)?,
     };
     let roams = !matches!(packet, Packet::PacketCookieReply(_));
 
     let mut st = peer.lock();
-    let Some(tunn) = st.tunn.as_mut() else {
-        return;
-    };
+    let tunn = st.tunn.as_mut()?;
     match tunn.decapsulate(Some(from.ip()), datagram, plain) {
         TunnResult::Done => {
             authenticated(&mut st, datagram.len(), from, roams);
+            None
         }
         TunnResult::WriteToNetwork(out) => {
             // A handshake answer (or a cookie); then anything queued while waiting.
@@ -228,26 +239,20 @@ fn decrypt_one(
             authenticated(&mut st, datagram.len(), from, roams);
             st.tx_bytes += sent;
             flush_queued(&mut st, socket, plain);
+            None
         }
         TunnResult::WriteToTunnelV4(inner, src) => {
-            let ok = allowed_source(state, peer, IpAddr::V4(src));
             authenticated(&mut st, datagram.len(), from, true);
-            drop(st);
-            if ok {
-                let _ = tun.write(inner);
-            }
+            allowed_source(state, peer, IpAddr::V4(src)).then_some(inner.len())
         }
         TunnResult::WriteToTunnelV6(inner, src) => {
-            let ok = allowed_source(state, peer, IpAddr::V6(src));
             authenticated(&mut st, datagram.len(), from, true);
-            drop(st);
-            if ok {
-                let _ = tun.write(inner);
-            }
+            allowed_source(state, peer, IpAddr::V6(src)).then_some(inner.len())
         }
-        TunnResult::Err(WireGuardError::DuplicateCounter) => {}
+        TunnResult::Err(WireGuardError::DuplicateCounter) => None,
         TunnResult::Err(e) => {
             tracing::trace!(peer = %peer.id, %from, error = ?e, "decapsulate failed");
+            None
         }
     }
 }

@@ -9,6 +9,7 @@
 pub mod allowed_ips;
 pub mod config;
 mod datapath;
+pub mod offload;
 pub mod peer;
 pub mod timers;
 pub mod tun;
@@ -57,6 +58,9 @@ pub struct DeviceConfig {
     pub private_key: Option<Key>,
     /// Use UDP segmentation offload (GSO on send, GRO on receive) where the kernel has it.
     pub udp_offload: bool,
+    /// Let the kernel hand over TCP super-packets and partial checksums on the TUN device
+    /// (`IFF_VNET_HDR`, TSO4/TSO6/CSUM); the device segments them.
+    pub tun_offload: bool,
     /// Clock; `None` uses the system clocks.
     pub clock: Option<Arc<dyn Clock>>,
 }
@@ -72,6 +76,7 @@ impl DeviceConfig {
             fwmark: 0,
             private_key: None,
             udp_offload: true,
+            tun_offload: true,
             clock: None,
         }
     }
@@ -223,9 +228,11 @@ pub struct Device;
 impl Device {
     /// Creates the interface, binds the socket and starts the threads.
     pub fn start(config: DeviceConfig) -> Result<DeviceHandle, DeviceError> {
-        let tun = Tun::create(&config.name).map_err(|source| DeviceError::CreateTun {
-            name: config.name.clone(),
-            source,
+        let tun = Tun::create(&config.name, config.tun_offload).map_err(|source| {
+            DeviceError::CreateTun {
+                name: config.name.clone(),
+                source,
+            }
         })?;
         let name = tun.name().to_owned();
         let configure = |source| DeviceError::ConfigureInterface {

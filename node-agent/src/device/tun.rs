@@ -1,13 +1,23 @@
 //! The TUN interface: `/dev/net/tun` opened with `IFF_TUN | IFF_NO_PI`, IPv4 and IPv6 packets
 //! without any header. Owns the file descriptor; the interface disappears when it is closed.
 //!
-//! Only ioctls live here (create, MTU, up). Addresses and routes are the caller's business.
+//! With offload on, every read and write carries a `virtio_net_hdr` (`IFF_VNET_HDR`) and the
+//! kernel may hand over TCP super-packets (TSO4/TSO6) and partial checksums; `offload` splits
+//! them.
+//!
+//! Only ioctls live here (create, offload, MTU, up). Addresses and routes are the caller's
+//! business.
 
 use std::ffi::CStr;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+const IFF_VNET_HDR: libc::c_int = 0x4000;
+const TUN_F_CSUM: libc::c_ulong = 0x01;
+const TUN_F_TSO4: libc::c_ulong = 0x02;
+const TUN_F_TSO6: libc::c_ulong = 0x04;
 const IFNAMSIZ: usize = libc::IFNAMSIZ;
 
 /// `struct ifreq` with the union members we use.
@@ -51,13 +61,16 @@ impl IfReq {
 pub struct Tun {
     fd: OwnedFd,
     name: String,
+    vnet_hdr: bool,
 }
 
 impl Tun {
     /// Creates (or attaches to) the TUN interface `name`. The descriptor is non-blocking.
-    pub fn create(name: &str) -> io::Result<Self> {
+    /// `offload` asks for TCP segmentation and checksum offload (see the module doc).
+    pub fn create(name: &str, offload: bool) -> io::Result<Self> {
         let mut req = IfReq::new(name)?;
-        req.data.flags = (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short;
+        let vnet = if offload { IFF_VNET_HDR } else { 0 };
+        req.data.flags = (libc::IFF_TUN | libc::IFF_NO_PI | vnet) as libc::c_short;
         // SAFETY: a constant NUL-terminated path and valid flags.
         let raw = unsafe {
             libc::open(
@@ -78,7 +91,24 @@ impl Tun {
         let name = CStr::from_bytes_until_nul(&req.name)
             .map(|c| c.to_string_lossy().into_owned())
             .unwrap_or_else(|_| name.to_owned());
-        Ok(Self { fd, name })
+        if offload {
+            let features = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6;
+            // SAFETY: TUNSETOFFLOAD takes the feature bits by value.
+            if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETOFFLOAD, features) } < 0 {
+                // Still correct without: the kernel then sends plain packets (with a header).
+                tracing::info!(error = %io::Error::last_os_error(), "TUN offload unavailable");
+            }
+        }
+        Ok(Self {
+            fd,
+            name,
+            vnet_hdr: offload,
+        })
+    }
+
+    /// Whether reads and writes carry a `virtio_net_hdr`.
+    pub fn vnet_hdr(&self) -> bool {
+        self.vnet_hdr
     }
 
     /// The interface name.
