@@ -225,14 +225,16 @@ mod tests {
 
     #[test]
     fn the_endpoint_annotation_overrides_the_node_address() {
-        let mut node = Node::default();
-        node.status = Some(k8s_openapi::api::core::v1::NodeStatus {
-            addresses: Some(vec![k8s_openapi::api::core::v1::NodeAddress {
-                type_: "InternalIP".into(),
-                address: "192.168.1.5".into(),
-            }]),
+        let mut node = Node {
+            status: Some(k8s_openapi::api::core::v1::NodeStatus {
+                addresses: Some(vec![k8s_openapi::api::core::v1::NodeAddress {
+                    type_: "InternalIP".into(),
+                    address: "192.168.1.5".into(),
+                }]),
+                ..Default::default()
+            }),
             ..Default::default()
-        });
+        };
         assert_eq!(
             endpoint(&node, EndpointAddressType::InternalIP, 51820),
             Some("192.168.1.5:51820".parse().expect("sa"))
