@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # hack/demo.sh: the README's first command. Installs what it needs, builds wgmesh, and brings
 # up a local 3-node encrypted mesh with a real control plane in network namespaces
-# (hack/mesh.sh): one pod on each node, then shows the mesh's peers, `wg show` on each node,
-# and a ping matrix between every pair of pods across nodes.
+# (hack/mesh.sh): one pod on each node, then shows the mesh's peers, a ping matrix between
+# every pair of pods across nodes, and `wg show` on each node.
 #
 #   hack/demo.sh            set up and run the demo (the mesh keeps running)
 #   hack/demo.sh down       stop everything the demo started
@@ -54,9 +54,6 @@ show() {
 }
 show kubectl get meshes,podcidrpools
 show kubectl get meshpeers -o wide
-for i in $(seq "$nodes"); do
-	show wg show "wg-demo-n$i"
-done
 
 printf '\nping matrix (pod network namespaces %s-pod-N; rows ping columns):\n' "$MESH_ID"
 printf '%-8s' ""
@@ -79,6 +76,11 @@ for i in $(seq "$nodes"); do
 	echo
 done
 
+# After the pings, so the handshakes and transfer counters show.
+for i in $(seq "$nodes"); do
+	show wg show "wg-demo-n$i"
+done
+
 cat <<MSG
 
 Every packet between the nodes above went through wgmesh's userspace WireGuard devices.
@@ -86,7 +88,7 @@ Look around:
   export KUBECONFIG=$KUBECONFIG
   kubectl describe meshpeer node-1
   ip netns exec demo-node-1 ip route          # routes through wg-demo-n1, blackholes behind them
-  ip netns exec demo-ul tcpdump -i ul0 -n     # the underlay: only UDP 51820 between nodes
+  ip netns exec demo-ul tcpdump -i ul0 -n     # the underlay: between nodes only UDP 51820 (and the API)
   ip netns exec demo-pod-1 ping ${pod_ip[pod-2]}
 Logs: $dir/logs/
 Tear it all down with:
