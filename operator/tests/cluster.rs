@@ -229,7 +229,18 @@ async fn a_restart_in_the_middle_of_200_nodes_neither_duplicates_nor_moves() -> 
         )
         .await?;
     let mut op = OperatorProcess::start(OPERATOR, &env.lease, &[])?;
-    env.add_nodes((0..200).map(|i| format!("n{i:03}"))).await?;
+    // Nodes register one after another while the operator allocates, so the kill below
+    // lands in the middle however fast the machine is.
+    let registering = {
+        let nodes = env.nodes.clone();
+        tokio::spawn(async move {
+            for i in 0..200 {
+                let node = mk_node(&format!("n{i:03}"), &[], "192.0.2.1");
+                nodes.create(&PostParams::default(), &node).await?;
+            }
+            anyhow::Ok(())
+        })
+    };
 
     // Kill it once some, but not all, nodes have subnets.
     let partial = wait_for("some allocations", Duration::from_secs(120), || async {
@@ -257,6 +268,7 @@ async fn a_restart_in_the_middle_of_200_nodes_neither_duplicates_nor_moves() -> 
     );
 
     let _op2 = OperatorProcess::start(OPERATOR, &env.lease, &[])?;
+    registering.await??;
     let after = env.allocated(200, 1, Duration::from_secs(180)).await?;
     assert_disjoint(&after);
     for (node, subnets) in before.iter().chain(partial.iter()) {
