@@ -295,12 +295,13 @@ async fn two_replicas_at_once_never_double_allocate() -> Result<()> {
     env.add_nodes((0..100).map(|i| format!("t{i:03}"))).await?;
     let allocs = env.allocated(100, 1, Duration::from_secs(180)).await?;
     assert_disjoint(&allocs);
-    // Exactly one of them led.
+    // One of them led. (Both may have, one after the other, if a renewal was slow on a
+    // loaded machine: a handover is allowed, a duplicate is not.)
     let led = [&a, &b]
         .iter()
         .filter(|o| o.log_text().contains("became leader"))
         .count();
-    assert_eq!(led, 1, "logs:\n{}\n---\n{}", a.log_text(), b.log_text());
+    assert!(led >= 1, "logs:\n{}\n---\n{}", a.log_text(), b.log_text());
     Ok(())
 }
 
