@@ -19,6 +19,7 @@
 //! - [`net`]: address families and CIDR parsing shared by the above.
 //! - [`topology`]: the node agent's plan: device peers, routes (fail closed), host-gw, MTU.
 //! - [`duration`]: Go-style durations as the `Mesh` spells them.
+//! - [`rotation`]: key rotation decisions: which nodes are due, what a rotating node does next.
 //!
 //! Error and problem types implement `Display` with a complete sentence fit for a status
 //! condition or an event; where one error wraps another, the inner one is part of that text
@@ -32,6 +33,7 @@ pub mod ipam;
 pub mod keys;
 pub mod net;
 pub mod peers;
+pub mod rotation;
 pub mod selector;
 pub mod topology;
 

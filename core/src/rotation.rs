@@ -1,0 +1,570 @@
+//! Key rotation decisions: which nodes are due and may start (the operator's schedule), and
+//! what a rotating node does next (the agent's step), as pure functions of persisted state,
+//! observations and the time.
+//!
+//! This module owns the rotation protocol's decisions. It must not generate keys, touch the
+//! device or write status: it returns [`Action`]s and the next [`Phase`]. The agent persists
+//! the phase together with its keys in one atomic write (generating the next key and entering
+//! `Prepared` is one write; retiring the old key and entering `Steady` is another), and a
+//! phase re-issues every action a crash could have lost, so a restarted agent resumes.
+//!
+//! The protocol, for one node `n` rotating from key generation `g` to `g+1`:
+//!
+//! 1. **Prepare** (`Steady` → `Prepared`): once the operator grants `n` a rotation slot, the
+//!    agent generates the next key, persists it beside the current one and publishes only its
+//!    public half as `nextPublicKey`.
+//! 2. **Distribute**: the operator validates and approves the next key; every other agent
+//!    then accepts handshakes from `n` under either key and acknowledges generation `g+1`.
+//! 3. **Switch** (`Prepared` → `Switched`): when every peer acknowledged — or the ack timeout
+//!    passed, naming the laggards — `n` initiates with the new key, still answering
+//!    handshakes addressed to the old one.
+//! 4. **Retire** (`Switched` → `Steady(g+1)`): when every peer has completed a handshake with
+//!    the new key — or the move timeout passed, naming the laggards — the old key is zeroed
+//!    and deleted and the generation bumped.
+//!
+//! A rotation that is due again while one is under way does not restart it: due-ness is
+//! judged against the key's creation time, and the next key is created after the request.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, SystemTime};
+
+/// How much of the interval a node's deterministic jitter may add: up to a tenth.
+const JITTER_FRACTION: u64 = 10;
+
+/// The rotation settings of the mesh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    /// Rotate every key created before this instant (`Mesh.spec.keyRotation.requestedAt`).
+    pub mesh_requested_at: Option<SystemTime>,
+    /// Rotate each key when it gets this old.
+    pub interval: Option<Duration>,
+    /// How many nodes may rotate at once (at least 1).
+    pub max_concurrent: usize,
+}
+
+/// What the operator knows about one node's key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeKeyView {
+    /// The node's peer name.
+    pub name: String,
+    /// When its current key was created.
+    pub key_created_at: SystemTime,
+    /// The node's own request (`MeshPeer.spec.keyRotation.requestedAt`).
+    pub requested_at: Option<SystemTime>,
+    /// Whether it is rotating now (it holds a grant, or announced a next key).
+    pub rotating: bool,
+}
+
+/// A node's deterministic jitter: the same node always gets the same share of the interval,
+/// so restarts of the operator do not reshuffle the schedule.
+pub fn jitter(name: &str, interval: Duration) -> Duration {
+    // FNV-1a: stable across platforms and releases, unlike std's hasher.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    let max = interval.as_millis() / u128::from(JITTER_FRACTION);
+    let max = u64::try_from(max).unwrap_or(u64::MAX);
+    if max == 0 {
+        return Duration::ZERO;
+    }
+    Duration::from_millis(h % max)
+}
+
+/// Why a node is due for rotation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Due {
+    /// Its key predates a request on its `MeshPeer`.
+    NodeRequest,
+    /// Its key predates the `Mesh`'s request.
+    MeshRequest,
+    /// Its key is older than the interval (plus its jitter).
+    Interval,
+}
+
+/// Whether `node` is due at `now`, and why.
+pub fn due(node: &NodeKeyView, policy: &Policy, now: SystemTime) -> Option<Due> {
+    if node
+        .requested_at
+        .is_some_and(|r| node.key_created_at < r && r <= now)
+    {
+        return Some(Due::NodeRequest);
+    }
+    if policy
+        .mesh_requested_at
+        .is_some_and(|r| node.key_created_at < r && r <= now)
+    {
+        return Some(Due::MeshRequest);
+    }
+    let interval = policy.interval?;
+    let at = node
+        .key_created_at
+        .checked_add(interval)?
+        .checked_add(jitter(&node.name, interval))?;
+    (at <= now).then_some(Due::Interval)
+}
+
+/// The operator's schedule: the nodes that may start rotating now, so that at most
+/// `max_concurrent` rotate at once. Due nodes go oldest key first, then by name.
+pub fn schedule(nodes: &[NodeKeyView], policy: &Policy, now: SystemTime) -> Vec<(String, Due)> {
+    let busy = nodes.iter().filter(|n| n.rotating).count();
+    let free = policy.max_concurrent.max(1).saturating_sub(busy);
+    let mut candidates: Vec<(&NodeKeyView, Due)> = nodes
+        .iter()
+        .filter(|n| !n.rotating)
+        .filter_map(|n| due(n, policy, now).map(|d| (n, d)))
+        .collect();
+    candidates
+        .sort_by(|(a, _), (b, _)| (a.key_created_at, &a.name).cmp(&(b.key_created_at, &b.name)));
+    candidates
+        .into_iter()
+        .take(free)
+        .map(|(n, d)| (n.name.clone(), d))
+        .collect()
+}
+
+/// Where a node is in its own rotation; persisted with its keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// One key, generation `generation`.
+    Steady { generation: i64 },
+    /// The next key exists and is published; waiting for approval and acknowledgements
+    /// since `since`.
+    Prepared { generation: i64, since: SystemTime },
+    /// Initiating with the next key since `since`; still answering under the old one.
+    Switched { generation: i64, since: SystemTime },
+}
+
+/// What the agent observes about its own rotation.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Observation {
+    /// The operator granted this node a rotation slot.
+    pub granted: bool,
+    /// The operator approved this node's published next key.
+    pub next_approved: bool,
+    /// The peers that must move (every ready node peer but this one).
+    pub peers: BTreeSet<String>,
+    /// Peers that installed this node's next key (acknowledged generation + 1).
+    pub acknowledged: BTreeSet<String>,
+    /// Peers that completed a handshake with this node's next key.
+    pub moved: BTreeSet<String>,
+}
+
+/// How long each wait may last before the rotation goes on without the laggards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// From publishing the next key to switching.
+    pub acknowledge: Duration,
+    /// From switching to retiring the old key.
+    pub move_over: Duration,
+}
+
+/// What the agent does, in order, after persisting the returned phase.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Generate the next key (unless one is persisted already) and publish its public half.
+    PrepareNext,
+    /// Initiate handshakes with the next key; keep answering handshakes to the old one.
+    Switch,
+    /// Zero and delete the old key; publish the next as current with `generation`.
+    Retire { generation: i64 },
+    /// Report peers that did not keep up; the rotation went on without them.
+    Laggards {
+        step: LaggardStep,
+        peers: Vec<String>,
+    },
+}
+
+/// Which wait a laggard missed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LaggardStep {
+    /// It never acknowledged the next key.
+    Acknowledge,
+    /// It never completed a handshake with the next key.
+    MoveOver,
+}
+
+fn missing(peers: &BTreeSet<String>, done: &BTreeSet<String>) -> Vec<String> {
+    peers.difference(done).cloned().collect()
+}
+
+/// One step of a node's rotation: the next phase and the actions to take.
+pub fn step(
+    phase: Phase,
+    obs: &Observation,
+    timeouts: &Timeouts,
+    now: SystemTime,
+) -> (Phase, Vec<Action>) {
+    match phase {
+        Phase::Steady { generation } if obs.granted => (
+            Phase::Prepared {
+                generation,
+                since: now,
+            },
+            vec![Action::PrepareNext],
+        ),
+        Phase::Steady { .. } => (phase, vec![]),
+        Phase::Prepared { generation, since } => {
+            let waiting = missing(&obs.peers, &obs.acknowledged);
+            let timed_out = now
+                .duration_since(since)
+                .is_ok_and(|d| d >= timeouts.acknowledge);
+            if !obs.next_approved {
+                // Re-publishing is idempotent: after a crash the persisted next key is
+                // published again rather than a new one generated.
+                return (phase, vec![Action::PrepareNext]);
+            }
+            if waiting.is_empty() {
+                (
+                    Phase::Switched {
+                        generation,
+                        since: now,
+                    },
+                    vec![Action::Switch],
+                )
+            } else if timed_out {
+                (
+                    Phase::Switched {
+                        generation,
+                        since: now,
+                    },
+                    vec![
+                        Action::Laggards {
+                            step: LaggardStep::Acknowledge,
+                            peers: waiting,
+                        },
+                        Action::Switch,
+                    ],
+                )
+            } else {
+                (phase, vec![])
+            }
+        }
+        Phase::Switched { generation, since } => {
+            let waiting = missing(&obs.peers, &obs.moved);
+            let timed_out = now
+                .duration_since(since)
+                .is_ok_and(|d| d >= timeouts.move_over);
+            let next = Phase::Steady {
+                generation: generation + 1,
+            };
+            if waiting.is_empty() {
+                (
+                    next,
+                    vec![Action::Retire {
+                        generation: generation + 1,
+                    }],
+                )
+            } else if timed_out {
+                (
+                    next,
+                    vec![
+                        Action::Laggards {
+                            step: LaggardStep::MoveOver,
+                            peers: waiting,
+                        },
+                        Action::Retire {
+                            generation: generation + 1,
+                        },
+                    ],
+                )
+            } else {
+                (phase, vec![Action::Switch])
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs)
+    }
+
+    fn mk_node(name: &str, created: u64, requested: Option<u64>, rotating: bool) -> NodeKeyView {
+        NodeKeyView {
+            name: name.into(),
+            key_created_at: at(created),
+            requested_at: requested.map(at),
+            rotating,
+        }
+    }
+
+    fn policy(mesh: Option<u64>, interval: Option<u64>, max: usize) -> Policy {
+        Policy {
+            mesh_requested_at: mesh.map(at),
+            interval: interval.map(Duration::from_secs),
+            max_concurrent: max,
+        }
+    }
+
+    fn set(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    }
+
+    const T: Timeouts = Timeouts {
+        acknowledge: Duration::from_secs(60),
+        move_over: Duration::from_secs(120),
+    };
+
+    #[test]
+    fn a_request_rotates_only_keys_created_before_it() {
+        let p = policy(None, None, 1);
+        assert_eq!(
+            due(&mk_node("a", 10, Some(20), false), &p, at(30)),
+            Some(Due::NodeRequest)
+        );
+        assert_eq!(due(&mk_node("a", 25, Some(20), false), &p, at(30)), None);
+        // A request in the future is not yet in force.
+        assert_eq!(due(&mk_node("a", 10, Some(40), false), &p, at(30)), None);
+        let mesh = policy(Some(20), None, 1);
+        assert_eq!(
+            due(&mk_node("a", 10, None, false), &mesh, at(30)),
+            Some(Due::MeshRequest)
+        );
+    }
+
+    #[test]
+    fn the_interval_rotates_old_keys_with_a_stable_jitter() {
+        let p = policy(None, Some(1000), 1);
+        let j = jitter("a", Duration::from_secs(1000));
+        assert!(j < Duration::from_secs(100));
+        assert_eq!(
+            j,
+            jitter("a", Duration::from_secs(1000)),
+            "jitter is deterministic"
+        );
+        let just_before = 1000 + j.as_secs();
+        assert_eq!(
+            due(
+                &mk_node("a", 0, None, false),
+                &p,
+                at(just_before.saturating_sub(1))
+            ),
+            None
+        );
+        assert_eq!(
+            due(&mk_node("a", 0, None, false), &p, at(just_before + 1)),
+            Some(Due::Interval)
+        );
+    }
+
+    #[test]
+    fn the_schedule_never_exceeds_max_concurrent_and_takes_the_oldest_keys_first() {
+        let nodes = [
+            mk_node("c", 5, None, false),
+            mk_node("a", 10, None, false),
+            mk_node("b", 1, None, true),
+            mk_node("d", 3, None, false),
+        ];
+        let p = policy(Some(100), None, 2);
+        let granted = schedule(&nodes, &p, at(200));
+        assert_eq!(
+            granted,
+            vec![("d".to_string(), Due::MeshRequest)],
+            "b already holds one of the 2 slots"
+        );
+        let p3 = policy(Some(100), None, 3);
+        let names: Vec<String> = schedule(&nodes, &p3, at(200))
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(names, ["d", "c"]);
+        let all_busy = [mk_node("a", 1, None, true), mk_node("b", 1, None, true)];
+        assert!(schedule(&all_busy, &p, at(200)).is_empty());
+    }
+
+    #[test]
+    fn a_rotation_with_prompt_peers_walks_every_step() {
+        let peers = set(&["p1", "p2"]);
+        let mut obs = Observation {
+            granted: true,
+            peers: peers.clone(),
+            ..Default::default()
+        };
+        let (phase, acts) = step(Phase::Steady { generation: 3 }, &obs, &T, at(0));
+        assert_eq!(acts, vec![Action::PrepareNext]);
+        // Not approved yet: keep publishing, do not switch.
+        let (phase, acts) = step(phase, &obs, &T, at(1));
+        assert_eq!(acts, vec![Action::PrepareNext]);
+        obs.next_approved = true;
+        obs.acknowledged = set(&["p1"]);
+        let (phase, acts) = step(phase, &obs, &T, at(2));
+        assert!(acts.is_empty() && matches!(phase, Phase::Prepared { .. }));
+        obs.acknowledged = peers.clone();
+        let (phase, acts) = step(phase, &obs, &T, at(3));
+        assert_eq!(acts, vec![Action::Switch]);
+        obs.moved = peers;
+        let (phase, acts) = step(phase, &obs, &T, at(4));
+        assert_eq!(acts, vec![Action::Retire { generation: 4 }]);
+        assert_eq!(phase, Phase::Steady { generation: 4 });
+    }
+
+    #[test]
+    fn laggards_do_not_block_forever_and_are_named() {
+        let obs = Observation {
+            granted: true,
+            next_approved: true,
+            peers: set(&["fast", "slow"]),
+            acknowledged: set(&["fast"]),
+            moved: set(&["fast"]),
+        };
+        let prepared = Phase::Prepared {
+            generation: 0,
+            since: at(0),
+        };
+        assert_eq!(step(prepared, &obs, &T, at(59)).1, vec![]);
+        let (phase, acts) = step(prepared, &obs, &T, at(60));
+        assert_eq!(
+            acts,
+            vec![
+                Action::Laggards {
+                    step: LaggardStep::Acknowledge,
+                    peers: vec!["slow".into()]
+                },
+                Action::Switch
+            ]
+        );
+        let Phase::Switched { since, .. } = phase else {
+            panic!("{phase:?}")
+        };
+        let (_, acts) = step(phase, &obs, &T, since + Duration::from_secs(119));
+        assert_eq!(
+            acts,
+            vec![Action::Switch],
+            "keeps answering both keys while waiting"
+        );
+        let (phase, acts) = step(phase, &obs, &T, since + Duration::from_secs(120));
+        assert_eq!(
+            acts,
+            vec![
+                Action::Laggards {
+                    step: LaggardStep::MoveOver,
+                    peers: vec!["slow".into()]
+                },
+                Action::Retire { generation: 1 }
+            ]
+        );
+        assert_eq!(phase, Phase::Steady { generation: 1 });
+    }
+
+    #[test]
+    fn after_a_crash_the_persisted_phase_reissues_what_was_lost() {
+        // Crashed after persisting Prepared, before publishing: publish again (the persisted
+        // next key, not a new one).
+        let waiting = Observation {
+            granted: true,
+            peers: set(&["p"]),
+            ..Default::default()
+        };
+        let prepared = Phase::Prepared {
+            generation: 0,
+            since: at(0),
+        };
+        assert_eq!(
+            step(prepared, &waiting, &T, at(1)),
+            (prepared, vec![Action::PrepareNext])
+        );
+        // Crashed after persisting Switched, before reconfiguring the device: switch again.
+        let switched = Phase::Switched {
+            generation: 0,
+            since: at(0),
+        };
+        let approved = Observation {
+            next_approved: true,
+            acknowledged: set(&["p"]),
+            ..waiting
+        };
+        assert_eq!(
+            step(switched, &approved, &T, at(1)),
+            (switched, vec![Action::Switch])
+        );
+        // A restarted agent that finds itself Steady with no grant does nothing.
+        let idle = Observation::default();
+        assert_eq!(
+            step(Phase::Steady { generation: 1 }, &idle, &T, at(1)),
+            (Phase::Steady { generation: 1 }, vec![])
+        );
+    }
+
+    #[test]
+    fn a_rotation_never_skips_a_step_or_goes_backwards() {
+        // Whatever is observed, one step moves at most one phase forward, and the
+        // generation only grows by one, at retirement.
+        let all = ["a", "b"];
+        let subsets: Vec<BTreeSet<String>> = vec![set(&[]), set(&["a"]), set(&all)];
+        let rank = |p: &Phase| match p {
+            Phase::Steady { .. } => 0,
+            Phase::Prepared { .. } => 1,
+            Phase::Switched { .. } => 2,
+        };
+        let generation = |p: &Phase| match p {
+            Phase::Steady { generation }
+            | Phase::Prepared { generation, .. }
+            | Phase::Switched { generation, .. } => *generation,
+        };
+        for phase in [
+            Phase::Steady { generation: 5 },
+            Phase::Prepared {
+                generation: 5,
+                since: at(0),
+            },
+            Phase::Switched {
+                generation: 5,
+                since: at(0),
+            },
+        ] {
+            for granted in [false, true] {
+                for approved in [false, true] {
+                    for acked in &subsets {
+                        for moved in &subsets {
+                            for now in [at(0), at(59), at(60), at(119), at(120), at(10_000)] {
+                                let obs = Observation {
+                                    granted,
+                                    next_approved: approved,
+                                    peers: set(&all),
+                                    acknowledged: acked.clone(),
+                                    moved: moved.clone(),
+                                };
+                                let (next, acts) = step(phase, &obs, &T, now);
+                                let (r0, r1) = (rank(&phase), rank(&next));
+                                let wrapped = r0 == 2 && r1 == 0;
+                                assert!(
+                                    r1 == r0 || r1 == r0 + 1 || wrapped,
+                                    "{phase:?} -> {next:?}"
+                                );
+                                if wrapped {
+                                    assert_eq!(generation(&next), generation(&phase) + 1);
+                                    assert!(acts.contains(&Action::Retire { generation: 6 }));
+                                } else {
+                                    assert_eq!(generation(&next), generation(&phase));
+                                }
+                                // The old key is retired only after switching.
+                                if acts.iter().any(|a| matches!(a, Action::Retire { .. })) {
+                                    assert_eq!(r0, 2);
+                                }
+                                // Switching needs an approved next key.
+                                if acts.contains(&Action::Switch) && r0 == 1 {
+                                    assert!(approved);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_new_request_during_a_rotation_does_not_restart_it() {
+        // The node is rotating, so the schedule does not grant it again...
+        let rotating = mk_node("a", 0, Some(50), true);
+        assert!(schedule(&[rotating], &policy(None, None, 1), at(60)).is_empty());
+        // ...and once its next key (created after the request) is current, it is not due.
+        let done = mk_node("a", 55, Some(50), false);
+        assert_eq!(due(&done, &policy(None, None, 1), at(60)), None);
+    }
+}
