@@ -17,7 +17,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
 
-use crate::net::{Family, overlaps};
+use crate::net::Family;
 
 /// The metric of routes through the device or a host-gw gateway.
 pub const ROUTE_METRIC: u32 = 100;
@@ -278,11 +278,6 @@ pub fn diff_routes(installed: &[Route], desired: &[Route]) -> (Vec<Route>, Vec<R
         .copied()
         .collect();
     (add, remove)
-}
-
-/// Whether any of `nets` overlaps `net`.
-pub fn overlaps_any(nets: &[IpNet], net: &IpNet) -> bool {
-    nets.iter().any(|n| overlaps(n, net))
 }
 
 #[cfg(test)]

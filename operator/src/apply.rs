@@ -311,7 +311,6 @@ impl Writer {
         let (api_version, kind) = match ev.kind {
             EventTarget::Peer => ("wgmesh.dev/v1alpha1", "MeshPeer"),
             EventTarget::Pool => ("wgmesh.dev/v1alpha1", "PodCIDRPool"),
-            EventTarget::Node => ("v1", "Node"),
         };
         // The objects are cluster-scoped, so their Events live in `default`. API servers
         // before 1.22 insist that the reference's namespace match the Event's, so say so.

@@ -84,7 +84,6 @@ pub struct AllocationWrite {
 pub enum EventTarget {
     Peer,
     Pool,
-    Node,
 }
 
 /// The writes of one pass, in the order `apply` performs them.

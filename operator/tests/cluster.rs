@@ -25,7 +25,6 @@ const KEY_A: &str = "mGpQp9SmU3aD4Jq0Ykwj1CzO3P0k9+4w6VvVvHXxrmI=";
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 struct Env {
-    client: kube::Client,
     nodes: Api<Node>,
     peers: Api<MeshPeer>,
     pools: Api<PodCIDRPool>,
@@ -41,8 +40,7 @@ async fn setup() -> Result<Env> {
         nodes: Api::all(client.clone()),
         peers: Api::all(client.clone()),
         pools: Api::all(client.clone()),
-        meshes: Api::all(client.clone()),
-        client,
+        meshes: Api::all(client),
         lease: unique_name("wgmesh-test"),
     })
 }
@@ -520,6 +518,5 @@ async fn a_v4_and_a_v6_pool_give_each_node_one_of_each() -> Result<()> {
     let mut got = approved.allowed_ips.clone();
     got.sort();
     assert_eq!(got, want);
-    let _ = &env.client;
     Ok(())
 }

@@ -8,7 +8,6 @@
 
 use anyhow::{Context, Result, bail};
 use std::borrow::BorrowMut;
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -20,7 +19,6 @@ struct Mesh {
     dir: PathBuf,
     id: String,
     net: String,
-    pods: BTreeMap<String, String>,
 }
 
 fn run(mut cmd: impl BorrowMut<Command>) -> Result<Output> {
@@ -66,7 +64,6 @@ impl Mesh {
             dir,
             id: String::new(),
             net: String::new(),
-            pods: BTreeMap::new(),
         };
         if !out.status.success() {
             bail!(
@@ -128,10 +125,8 @@ impl Mesh {
             .args(args))
     }
 
-    fn pod(&mut self, node: &str, pod: &str) -> Result<String> {
-        let ip = self.script(&["pod", node, pod])?.trim().to_owned();
-        self.pods.insert(pod.to_owned(), ip.clone());
-        Ok(ip)
+    fn pod(&self, node: &str, pod: &str) -> Result<String> {
+        Ok(self.script(&["pod", node, pod])?.trim().to_owned())
     }
 
     fn ping(&self, from_pod: &str, to: &str) -> bool {
@@ -304,7 +299,7 @@ fn a_three_node_mesh_end_to_end() -> Result<()> {
         "the end-to-end test needs root (network namespaces); run hack/test.sh as root"
     );
     let _ = std::fs::remove_file(repo_root().join("target/wgmesh-e2e-report.txt"));
-    let mut mesh = Mesh::up(3)?;
+    let mesh = Mesh::up(3)?;
     let ips: Vec<String> = (1..=3)
         .map(|i| mesh.pod(&format!("node-{i}"), &format!("pod-{i}")))
         .collect::<Result<_>>()?;
@@ -420,7 +415,7 @@ fn a_three_node_mesh_end_to_end() -> Result<()> {
     // 5. A node joins: how long from its Node object to its pod answering; then it leaves.
     let joined = Instant::now();
     mesh.script(&["add-node", "node-4"])?;
-    let ip4 = wait_until_pod(&mut mesh, "node-4", "pod-4")?;
+    let ip4 = wait_until_pod(&mesh, "node-4", "pod-4")?;
     wait_until("pod-4 <-> pod-1", Duration::from_secs(60), || {
         mesh.ping("pod-4", &ips[0]) && mesh.ping("pod-1", &ip4)
     })?;
@@ -512,11 +507,10 @@ fn a_three_node_mesh_end_to_end() -> Result<()> {
 
     // 7. An external peer running wireguard-go, configured from what the mesh publishes.
     external_peer(&mesh, &ips)?;
-    let _ = &mesh.pods;
     Ok(())
 }
 
-fn wait_until_pod(mesh: &mut Mesh, node: &str, pod: &str) -> Result<String> {
+fn wait_until_pod(mesh: &Mesh, node: &str, pod: &str) -> Result<String> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         match mesh.pod(node, pod) {

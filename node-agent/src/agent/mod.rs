@@ -447,10 +447,15 @@ impl Agent {
             }
         }
         let routes_ok = self.apply_routes(&plan, device_index).await;
-        let mtu = links.iter().find(|l| Some(l.index) == device_index).map_or(
-            topology::mtu(mesh.mtu, self.underlay_mtu(endpoint).await, false),
-            |l| l.mtu,
-        );
+        // The pods' MTU is the device's; without a device, what it would have been.
+        let mtu = match links.iter().find(|l| Some(l.index) == device_index) {
+            Some(l) => l.mtu,
+            None => topology::mtu(
+                mesh.mtu,
+                self.underlay_mtu(endpoint).await,
+                endpoint.is_some_and(|e| e.is_ipv6()),
+            ),
+        };
         if !own_subnets.is_empty() {
             let body = cni::conflist(&cni::CniSettings {
                 network: "wgmesh".into(),
