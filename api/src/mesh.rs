@@ -193,10 +193,22 @@ pub struct MeshKeyRotation {
     pub max_concurrent: Option<u32>,
 
     /// How long a node keeps answering external peers under its old key after a rotation.
-    /// Default `24h`.
+    /// Default `24h`. Node peers learn the new key through the API and need no grace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "duration_schema")]
     pub external_grace_period: Option<String>,
+
+    /// How long a rotating node waits for every peer to install its next key before it
+    /// switches anyway, naming the laggards. Default `2m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "duration_schema")]
+    pub acknowledge_timeout: Option<String>,
+
+    /// How long a rotating node waits, after switching, for every peer to move its traffic
+    /// to the next key before it retires the old one, naming the laggards. Default `2m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "duration_schema")]
+    pub move_timeout: Option<String>,
 }
 
 /// Observed state of the mesh, written by the operator.

@@ -159,6 +159,79 @@ pub struct MeshPeerStatus {
     /// Operator: the `metadata.generation` the approval describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+
+    /// Operator: this node may rotate its key now (it is due, and within the mesh's
+    /// `maxConcurrent`). Stale once the node's `keyGeneration` passes `generation`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation_grant: Option<RotationGrant>,
+
+    /// Agent: the node's own key rotation: the phase it is in, or how the last one ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<KeyRotationStatus>,
+
+    /// Agent: the key generation this node has installed for each peer that is rotating
+    /// (only those, so the list stays short): a rotating node's acknowledgements.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub installed_keys: Vec<InstalledKey>,
+}
+
+/// The operator's permission for one node to rotate.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RotationGrant {
+    /// The key generation to rotate away from.
+    pub generation: i64,
+    /// When the grant was given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub granted_at: Option<Time>,
+    /// Why: `NodeRequest` (this peer's `spec.keyRotation`), `MeshRequest` (the `Mesh`'s),
+    /// or `Interval` (the key reached the mesh's rotation interval).
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// Where a node's own rotation is.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyRotationStatus {
+    /// `Prepared` (the next key is published, peers are installing it), `Switched` (the
+    /// node initiates with the next key and still answers under the old one), or
+    /// `Completed` (the old key is retired).
+    #[serde(default)]
+    pub phase: String,
+    /// The generation being rotated away from; after `Completed`, the new generation.
+    #[serde(default)]
+    pub generation: i64,
+    /// When the rotation started (the next key was generated).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<Time>,
+    /// When the current phase began.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<Time>,
+    /// Peers that have not yet installed the next key (`Prepared`) or moved to it
+    /// (`Switched`); after `Completed`, the peers the rotation went on without.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub waiting_for: Vec<String>,
+    /// After `Completed`: peers that never acknowledged or never moved before the timeouts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub laggards: Vec<String>,
+    /// Until when the node answers handshakes under its previous key, for external peers
+    /// that cannot learn the new one by themselves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub old_key_answered_until: Option<Time>,
+    /// External peers whose latest session with this node is still under the previous key.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub external_peers_on_old_key: Vec<String>,
+}
+
+/// One peer's key generation as installed on this node.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InstalledKey {
+    /// The peer's name.
+    pub peer: String,
+    /// The newest generation of the peer's key this node accepts handshakes from.
+    pub generation: i64,
 }
 
 /// What the operator approved for a peer.

@@ -169,6 +169,9 @@ pub enum Action {
     Switch,
     /// Zero and delete the old key; publish the next as current with `generation`.
     Retire { generation: i64 },
+    /// The next key was never approved: discard it and stay on the current key. Peers
+    /// never learned it, so nothing else changes.
+    Abandon,
     /// Report peers that did not keep up; the rotation went on without them.
     Laggards {
         step: LaggardStep,
@@ -211,6 +214,10 @@ pub fn step(
                 .duration_since(since)
                 .is_ok_and(|d| d >= timeouts.acknowledge);
             if !obs.next_approved {
+                if timed_out {
+                    // No peer can know an unapproved key: switching would cut them all off.
+                    return (Phase::Steady { generation }, vec![Action::Abandon]);
+                }
                 // Re-publishing is idempotent: after a crash the persisted next key is
                 // published again rather than a new one generated.
                 return (phase, vec![Action::PrepareNext]);
@@ -274,6 +281,91 @@ pub fn step(
             }
         }
     }
+}
+
+/// How long a peer must send nothing under the old key, once a session under the next key
+/// is up, before it counts as moved: packets already in flight under the old key land.
+pub const MOVE_QUIET: Duration = Duration::from_secs(2);
+
+/// What a rotating node's device shows of one peer's sessions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionView {
+    /// The peer's name.
+    pub peer: String,
+    /// When the newest session under this node's next key was established, if any.
+    pub next_key_session: Option<SystemTime>,
+    /// When data last arrived under this node's old key, if ever (as far as observed).
+    pub old_key_last_data: Option<SystemTime>,
+}
+
+/// The peers that have moved to this node's next key: a session under it is up and nothing
+/// arrived under the old key for [`MOVE_QUIET`].
+pub fn moved(sessions: &[SessionView], now: SystemTime) -> BTreeSet<String> {
+    sessions
+        .iter()
+        .filter(|s| s.next_key_session.is_some_and(|t| t <= now))
+        .filter(|s| {
+            s.old_key_last_data
+                .is_none_or(|t| now.duration_since(t).is_ok_and(|d| d >= MOVE_QUIET))
+        })
+        .map(|s| s.peer.clone())
+        .collect()
+}
+
+/// Which of a node's keys the device holds in each phase: the one it initiates with, and
+/// the others it answers handshakes under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyRole {
+    /// The key of the current generation.
+    Current,
+    /// The next key, while rotating.
+    Next,
+    /// The retired key, kept for external peers during their grace period.
+    Previous,
+}
+
+/// The device's keys in `phase`: (initiating key, answered-only keys). The next key is
+/// answered from the moment it exists, before it is published, so a peer that learns it can
+/// never reach a node that does not hold it; the old key is answered until it is retired.
+pub fn device_keys(phase: Phase, has_previous: bool) -> (KeyRole, Vec<KeyRole>) {
+    match phase {
+        Phase::Steady { .. } if has_previous => (KeyRole::Current, vec![KeyRole::Previous]),
+        Phase::Steady { .. } => (KeyRole::Current, vec![]),
+        Phase::Prepared { .. } => (KeyRole::Current, vec![KeyRole::Next]),
+        Phase::Switched { .. } => (KeyRole::Next, vec![KeyRole::Current]),
+    }
+}
+
+/// Until when a retired key is still answered: for the grace period if the mesh has
+/// external peers (which cannot learn the new key by themselves), else not at all.
+pub fn previous_key_until(
+    retired_at: SystemTime,
+    grace: Duration,
+    has_external_peers: bool,
+) -> Option<SystemTime> {
+    if !has_external_peers || grace.is_zero() {
+        return None;
+    }
+    retired_at.checked_add(grace)
+}
+
+/// When `node` becomes due on its own (a request in the future, or its interval with
+/// jitter), for the operator's requeue; `None` if nothing is pending.
+pub fn next_due_at(node: &NodeKeyView, policy: &Policy, now: SystemTime) -> Option<SystemTime> {
+    let future = |r: Option<SystemTime>| r.filter(|r| *r > now && node.key_created_at < *r);
+    let interval = policy.interval.and_then(|i| {
+        node.key_created_at
+            .checked_add(i)?
+            .checked_add(jitter(&node.name, i))
+    });
+    [
+        future(node.requested_at),
+        future(policy.mesh_requested_at),
+        interval.filter(|t| *t > now),
+    ]
+    .into_iter()
+    .flatten()
+    .min()
 }
 
 #[cfg(test)]
@@ -532,11 +624,17 @@ mod tests {
                                 let (next, acts) = step(phase, &obs, &T, now);
                                 let (r0, r1) = (rank(&phase), rank(&next));
                                 let wrapped = r0 == 2 && r1 == 0;
+                                let abandoned = r0 == 1 && r1 == 0;
                                 assert!(
-                                    r1 == r0 || r1 == r0 + 1 || wrapped,
+                                    r1 == r0 || r1 == r0 + 1 || wrapped || abandoned,
                                     "{phase:?} -> {next:?}"
                                 );
-                                if wrapped {
+                                if abandoned {
+                                    // Only an unapproved key, only after the timeout.
+                                    assert!(!approved && now >= at(60), "{obs:?} at {now:?}");
+                                    assert_eq!(acts, vec![Action::Abandon]);
+                                    assert_eq!(generation(&next), generation(&phase));
+                                } else if wrapped {
                                     assert_eq!(generation(&next), generation(&phase) + 1);
                                     assert!(acts.contains(&Action::Retire { generation: 6 }));
                                 } else {

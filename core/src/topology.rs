@@ -61,6 +61,8 @@ pub struct ApprovedPeer {
     pub is_node: bool,
     /// The approved public key, base64.
     pub public_key: String,
+    /// During the peer's key rotation: its approved next key, accepted alongside.
+    pub next_public_key: Option<String>,
     /// The approved allowed IPs.
     pub allowed_ips: Vec<IpNet>,
     /// The approved endpoint, if any.
@@ -123,6 +125,8 @@ pub struct DevicePeer {
     pub name: String,
     /// Public key, base64.
     pub public_key: String,
+    /// The peer's next key during its rotation, base64.
+    pub next_public_key: Option<String>,
     /// Allowed IPs, sorted.
     pub allowed_ips: Vec<IpNet>,
     /// Endpoint, if known.
@@ -228,6 +232,7 @@ pub fn plan_node(
             DevicePeer {
                 name: peer.name.clone(),
                 public_key: peer.public_key.clone(),
+                next_public_key: peer.next_public_key.clone(),
                 allowed_ips: allowed,
                 endpoint: peer.endpoint,
                 persistent_keepalive: peer.persistent_keepalive,
@@ -293,6 +298,7 @@ mod tests {
             name: name.into(),
             is_node: true,
             public_key: format!("{name}-key"),
+            next_public_key: None,
             allowed_ips: allowed.iter().map(|a| net(a)).collect(),
             endpoint: Some(endpoint.parse().expect("endpoint")),
             persistent_keepalive: 0,

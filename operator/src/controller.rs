@@ -243,6 +243,16 @@ pub async fn run(
         metrics.allocations.inc_by(plan.allocated as u64);
         metrics.peers_ready.set(plan.peers_ready as i64);
         metrics.peers_not_ready.set(plan.peers_not_ready as i64);
+        metrics.rotating.set(plan.rotating as i64);
+        for (_, due) in &plan.rotations_granted {
+            let reason = crate::plan::due_reason(*due);
+            metrics
+                .rotations_granted
+                .get_or_create(&crate::metrics::ReasonLabels {
+                    reason: reason.to_owned(),
+                })
+                .inc();
+        }
         for u in &plan.usage {
             let labels = crate::metrics::PoolLabels {
                 pool: u.pool.clone(),

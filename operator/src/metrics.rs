@@ -45,6 +45,16 @@ pub struct Metrics {
     pub peers_not_ready: Gauge,
     /// 1 while this replica holds the lease.
     pub leader: Gauge,
+    /// Key rotations granted, by reason (`NodeRequest`, `MeshRequest`, `Interval`).
+    pub rotations_granted: Family<ReasonLabels, Counter>,
+    /// Nodes rotating their key now.
+    pub rotating: Gauge,
+}
+
+/// Labels of the rotation counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
 }
 
 impl Metrics {
@@ -61,8 +71,20 @@ impl Metrics {
             peers_ready: Gauge::default(),
             peers_not_ready: Gauge::default(),
             leader: Gauge::default(),
+            rotations_granted: Family::default(),
+            rotating: Gauge::default(),
             telemetry: Arc::default(),
         };
+        registry.register(
+            "key_rotations_granted",
+            "Key rotations granted to nodes, by reason",
+            m.rotations_granted.clone(),
+        );
+        registry.register(
+            "key_rotations_in_progress",
+            "Nodes rotating their key now",
+            m.rotating.clone(),
+        );
         registry.register("reconciles", "Reconcile passes run", m.reconciles.clone());
         registry.register("errors", "Errors by kind", m.errors.clone());
         registry.register(

@@ -26,7 +26,7 @@ use wgmesh_api::{
     Mesh, MeshPeer, MeshPeerSpec, MeshPeerStatus, PodCIDRPool, PodCIDRPoolStatus,
     consts::{self, condition},
     mesh::{IpamSource, MeshStatus},
-    peer::ApprovedPeer,
+    peer::{ApprovedPeer, RotationGrant},
     pool::PoolCounts,
 };
 use wgmesh_core as core;
@@ -115,6 +115,10 @@ pub struct Plan {
     /// Peers ready / not ready after this plan.
     pub peers_ready: usize,
     pub peers_not_ready: usize,
+    /// Rotations granted by this plan, with their reason.
+    pub rotations_granted: Vec<(String, core::rotation::Due)>,
+    /// Nodes rotating after this plan.
+    pub rotating: usize,
 }
 
 /// Mesh settings the plan needs, with defaults applied.
@@ -123,6 +127,7 @@ struct Settings {
     grace: Duration,
     honour_node_pod_cidrs: bool,
     keepalive: u16,
+    rotation: core::rotation::Policy,
 }
 
 impl Settings {
@@ -143,10 +148,55 @@ impl Settings {
                 }
             },
         };
+        let rotation = spec.and_then(|s| s.key_rotation.as_ref());
+        let interval = match rotation.and_then(|r| r.interval.as_deref()) {
+            None => None,
+            Some(text) => match core::duration::parse(text) {
+                Ok(d) if d.is_zero() => None,
+                Ok(d) => Some(d),
+                Err(e) => {
+                    problems.push(format!(
+                        "spec.keyRotation.interval {text:?}: {e}; keys are not rotated by age"
+                    ));
+                    None
+                }
+            },
+        };
+        for (field, value) in [
+            (
+                "externalGracePeriod",
+                rotation.and_then(|r| r.external_grace_period.as_deref()),
+            ),
+            (
+                "acknowledgeTimeout",
+                rotation.and_then(|r| r.acknowledge_timeout.as_deref()),
+            ),
+            (
+                "moveTimeout",
+                rotation.and_then(|r| r.move_timeout.as_deref()),
+            ),
+        ] {
+            if let Some(text) = value
+                && let Err(e) = core::duration::parse(text)
+            {
+                problems.push(format!(
+                    "spec.keyRotation.{field} {text:?}: {e}; agents use the default"
+                ));
+            }
+        }
         let settings = Settings {
             grace,
             honour_node_pod_cidrs: ipam.and_then(|i| i.source) == Some(IpamSource::NodeSpec),
             keepalive: spec.and_then(|s| s.persistent_keepalive).unwrap_or(0),
+            rotation: core::rotation::Policy {
+                mesh_requested_at: rotation
+                    .and_then(|r| r.requested_at.as_ref())
+                    .map(system_time),
+                interval,
+                max_concurrent: rotation
+                    .and_then(|r| r.max_concurrent)
+                    .map_or(1, |m| m.max(1) as usize),
+            },
         };
         (settings, problems)
     }
@@ -362,12 +412,26 @@ pub fn plan(snap: &Snapshot) -> Plan {
     }
     let verdicts = core::admit(&validation.valid, &node_peers, &externals);
 
+    // Key rotation: which nodes rotate, and which may start now.
+    let rotations = rotation_views(&peers, &roles, &verdicts);
+    let granted: BTreeMap<String, core::rotation::Due> =
+        core::rotation::schedule(&rotations.views, &settings.rotation, snap.now)
+            .into_iter()
+            .collect();
+    for v in rotations.views.iter().filter(|v| !v.rotating) {
+        if let Some(t) = core::rotation::next_due_at(v, &settings.rotation, snap.now) {
+            out.requeue_at = Some(out.requeue_at.map_or(t, |r| r.min(t)));
+        }
+    }
+    out.rotating = rotations.views.iter().filter(|v| v.rotating).count() + granted.len();
+
     // Peer status.
     let mut ready_peers: BTreeSet<&str> = BTreeSet::new();
     for (&name, &peer) in &peers {
         let role = roles.get(name);
         let mut desired: Vec<Desired> = Vec::new();
         let mut approved = None;
+        let mut grant = None;
         let generation = peer.metadata.generation;
         match role {
             Some(PeerRole::Node) => {
@@ -392,6 +456,33 @@ pub fn plan(snap: &Snapshot) -> Plan {
                     )),
                     (None, true) => {}
                 }
+                let (g, cond) = rotation_state(
+                    peer,
+                    rotations.active_grant.get(name),
+                    granted.get(name).copied(),
+                    rotations.views.iter().find(|v| v.name == name),
+                    &settings.rotation,
+                    snap.now,
+                );
+                if let Some(g) = &g
+                    && rotations.active_grant.get(name).is_none()
+                {
+                    out.rotations_granted.push((name.to_owned(), due_from(&g.reason)));
+                    out.events.push(EventSpec {
+                        kind: EventTarget::Peer,
+                        name: name.to_owned(),
+                        uid: peer.metadata.uid.clone(),
+                        warning: false,
+                        reason: "RotationStarted".into(),
+                        note: format!(
+                            "key rotation of generation {} granted ({})",
+                            g.generation,
+                            due_text(&g.reason)
+                        ),
+                    });
+                }
+                grant = g;
+                desired.extend(cond);
             }
             Some(PeerRole::External) => {
                 if let Some(v) = verdicts.get(name) {
@@ -449,7 +540,12 @@ pub fn plan(snap: &Snapshot) -> Plan {
         }
         let current_approved = current.and_then(|s| s.approved.clone());
         let current_gen = current.and_then(|s| s.observed_generation);
-        if changes.is_empty() && current_approved == approved && current_gen == generation {
+        let current_grant = current.and_then(|s| s.rotation_grant.clone());
+        if changes.is_empty()
+            && current_approved == approved
+            && current_gen == generation
+            && current_grant == grant
+        {
             continue;
         }
         for change in changes.iter().filter(|c| c.type_ == condition::READY) {
@@ -473,6 +569,7 @@ pub fn plan(snap: &Snapshot) -> Plan {
                 conditions: conds,
                 approved,
                 observed_generation: generation,
+                rotation_grant: grant,
                 ..Default::default()
             },
         });
@@ -650,6 +747,177 @@ pub fn plan(snap: &Snapshot) -> Plan {
     out.usage = alloc.usage;
     out.carry_over = carry_over;
     out
+}
+
+/// What the plan knows of the nodes' keys.
+struct RotationViews {
+    views: Vec<core::rotation::NodeKeyView>,
+    /// Grants still in force: they name the node's current key generation.
+    active_grant: BTreeMap<String, RotationGrant>,
+}
+
+/// The rotation view of every ready node peer that published a key.
+fn rotation_views(
+    peers: &BTreeMap<&str, &MeshPeer>,
+    roles: &BTreeMap<&str, PeerRole>,
+    verdicts: &BTreeMap<String, core::Verdict>,
+) -> RotationViews {
+    let mut views = Vec::new();
+    let mut active_grant = BTreeMap::new();
+    for (&name, &peer) in peers {
+        if !matches!(roles.get(name), Some(PeerRole::Node))
+            || !verdicts.get(name).is_some_and(core::Verdict::ready)
+        {
+            continue;
+        }
+        let Some(status) = peer.status.as_ref() else {
+            continue;
+        };
+        let Some(created) = status.key_created_at.as_ref().map(system_time) else {
+            continue;
+        };
+        let generation = status.key_generation.unwrap_or(0);
+        let grant = status
+            .rotation_grant
+            .clone()
+            .filter(|g| g.generation == generation);
+        let rotating = grant.is_some() || status.next_public_key.is_some();
+        if let Some(g) = grant {
+            active_grant.insert(name.to_owned(), g);
+        }
+        views.push(core::rotation::NodeKeyView {
+            name: name.to_owned(),
+            key_created_at: created,
+            requested_at: peer
+                .spec
+                .key_rotation
+                .as_ref()
+                .and_then(|r| r.requested_at.as_ref())
+                .map(system_time),
+            rotating,
+        });
+    }
+    RotationViews {
+        views,
+        active_grant,
+    }
+}
+
+/// The `reason` a grant carries for `due`.
+pub fn due_reason(due: core::rotation::Due) -> &'static str {
+    match due {
+        core::rotation::Due::NodeRequest => "NodeRequest",
+        core::rotation::Due::MeshRequest => "MeshRequest",
+        core::rotation::Due::Interval => "Interval",
+    }
+}
+
+fn due_from(reason: &str) -> core::rotation::Due {
+    match reason {
+        "MeshRequest" => core::rotation::Due::MeshRequest,
+        "Interval" => core::rotation::Due::Interval,
+        _ => core::rotation::Due::NodeRequest,
+    }
+}
+
+fn due_text(reason: &str) -> &'static str {
+    match reason {
+        "MeshRequest" => "requested for every node by the Mesh's spec.keyRotation.requestedAt",
+        "Interval" => "the key reached the Mesh's spec.keyRotation.interval",
+        _ => "requested by this peer's spec.keyRotation.requestedAt",
+    }
+}
+
+/// A node peer's grant and `Rotating` condition: a grant in force is kept until the node
+/// reports the next generation; a new one is given when the schedule picks the node.
+fn rotation_state(
+    peer: &MeshPeer,
+    active: Option<&RotationGrant>,
+    newly: Option<core::rotation::Due>,
+    view: Option<&core::rotation::NodeKeyView>,
+    policy: &core::rotation::Policy,
+    now: SystemTime,
+) -> (Option<RotationGrant>, Option<Desired>) {
+    let status = peer.status.as_ref();
+    let generation = status.and_then(|s| s.key_generation).unwrap_or(0);
+    let agent = status.and_then(|s| s.rotation.as_ref());
+    let grant = active.cloned().or_else(|| {
+        newly.map(|due| RotationGrant {
+            generation,
+            granted_at: k8s_openapi::jiff::Timestamp::try_from(now)
+                .ok()
+                .map(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time),
+            reason: due_reason(due).to_owned(),
+        })
+    });
+    let Some(view) = view else {
+        return (None, None);
+    };
+    let cond = if let Some(g) = &grant {
+        let progress =
+            match agent.filter(|a| a.generation == g.generation && a.phase != "Completed") {
+                Some(a) if a.waiting_for.is_empty() => format!("; {}", a.phase),
+                Some(a) => format!("; {}, waiting for {}", a.phase, a.waiting_for.join(", ")),
+                None => "; waiting for the node's agent to publish its next key".to_owned(),
+            };
+        Desired::new(
+            condition::ROTATING,
+            true,
+            &g.reason,
+            format!(
+                "rotating key generation {}: {}{progress}",
+                g.generation,
+                due_text(&g.reason)
+            ),
+        )
+    } else if let Some(due) = core::rotation::due(view, policy, now) {
+        Desired::new(
+            condition::ROTATING,
+            false,
+            "Queued",
+            format!(
+                "due ({}); waiting for a rotation slot (spec.keyRotation.maxConcurrent is {})",
+                due_text(due_reason(due)),
+                policy.max_concurrent
+            ),
+        )
+    } else {
+        match agent.filter(|a| a.phase == "Completed") {
+            Some(a) if !a.laggards.is_empty() => Desired::new(
+                condition::ROTATING,
+                false,
+                "CompletedWithLaggards",
+                format!(
+                    "key generation {} in use; the rotation went on without {}",
+                    a.generation,
+                    a.laggards.join(", ")
+                ),
+            ),
+            Some(a) => {
+                let mut msg = format!("key generation {} in use", a.generation);
+                if let Some(until) = &a.old_key_answered_until {
+                    msg.push_str(&format!(
+                        "; the previous key is answered for external peers until {}",
+                        until.0
+                    ));
+                }
+                if !a.external_peers_on_old_key.is_empty() {
+                    msg.push_str(&format!(
+                        "; external peers still on it: {}",
+                        a.external_peers_on_old_key.join(", ")
+                    ));
+                }
+                Desired::new(condition::ROTATING, false, "Completed", msg)
+            }
+            None => Desired::new(
+                condition::ROTATING,
+                false,
+                "Idle",
+                format!("key generation {generation}; no rotation requested"),
+            ),
+        }
+    };
+    (grant, Some(cond))
 }
 
 fn pool_spec(pool: &PodCIDRPool) -> core::PoolSpec {

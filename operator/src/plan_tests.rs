@@ -129,6 +129,7 @@ fn apply_in_memory(snap: &mut Snapshot, plan: &Plan) {
                 status.conditions.extend(w.status.conditions.clone());
                 status.approved = w.status.approved.clone();
                 status.observed_generation = w.status.observed_generation;
+                status.rotation_grant = w.status.rotation_grant.clone();
                 p.status = Some(status);
             }
         }
@@ -139,6 +140,9 @@ fn apply_in_memory(snap: &mut Snapshot, plan: &Plan) {
                 Arc::make_mut(p).status = Some(w.status.clone());
             }
         }
+    }
+    if let (Some(w), Some(mesh)) = (&plan.mesh_status, snap.mesh.as_mut()) {
+        Arc::make_mut(mesh).status = Some(w.status.clone());
     }
     snap.carry_over = plan.carry_over.clone();
 }
@@ -461,4 +465,138 @@ fn a_converged_mesh_plans_no_writes() {
     assert!(again.events.is_empty());
     // Dual-stack: one subnet per family.
     assert_eq!(peer(&snap, "n7").spec.pod_cidrs.len(), 2);
+}
+
+const KEY_3: &str = "QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUE=";
+
+fn set_key_state(
+    snap: &mut Snapshot,
+    name: &str,
+    generation: i64,
+    created: u64,
+    phase: Option<&str>,
+) {
+    for p in &mut snap.peers {
+        if p.metadata.name.as_deref() == Some(name) {
+            let p = Arc::make_mut(p);
+            let status = p.status.get_or_insert_with(MeshPeerStatus::default);
+            status.key_generation = Some(generation);
+            status.key_created_at = Some(time(created));
+            status.rotation = phase.map(|ph| wgmesh_api::peer::KeyRotationStatus {
+                phase: ph.into(),
+                generation,
+                ..Default::default()
+            });
+        }
+    }
+}
+
+fn rotating(p: &MeshPeer) -> (bool, String) {
+    let c = p
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == condition::ROTATING))
+        .unwrap_or_else(|| panic!("no Rotating condition on {:?}", p.metadata.name));
+    (
+        c.status == wgmesh_api::ConditionStatus::True,
+        c.reason.clone(),
+    )
+}
+
+fn grant(p: &MeshPeer) -> Option<i64> {
+    p.status
+        .as_ref()
+        .and_then(|s| s.rotation_grant.as_ref())
+        .map(|g| g.generation)
+}
+
+#[test]
+fn a_mesh_request_rotates_nodes_one_slot_at_a_time_and_a_grant_lasts_until_the_generation_moves() {
+    let mut snap = mk_snapshot(
+        vec![mk_node("a", "ua"), mk_node("b", "ub"), mk_node("c", "uc")],
+        vec![],
+        vec![mk_pool("p", &["10.244.0.0/16"], 24, 0)],
+    );
+    converge(&mut snap);
+    for (n, k) in [("a", KEY_1), ("b", KEY_2), ("c", KEY_3)] {
+        publish_key(&mut snap, n, k);
+        set_key_state(&mut snap, n, 0, 10, None);
+    }
+    converge(&mut snap);
+    assert_eq!(rotating(peer(&snap, "a")), (false, "Idle".into()));
+
+    let mut mesh = Mesh::new(consts::DEFAULT_MESH, Default::default());
+    mesh.spec.key_rotation = Some(wgmesh_api::mesh::MeshKeyRotation {
+        requested_at: Some(time(500)),
+        ..Default::default()
+    });
+    snap.mesh = Some(Arc::new(mesh));
+    let first = plan(&snap);
+    assert_eq!(
+        first.rotations_granted.len(),
+        1,
+        "maxConcurrent defaults to 1"
+    );
+    assert!(
+        first
+            .events
+            .iter()
+            .any(|e| e.reason == "RotationStarted" && e.name == "a")
+    );
+    converge(&mut snap);
+    assert_eq!(grant(peer(&snap, "a")), Some(0));
+    assert_eq!(rotating(peer(&snap, "a")), (true, "MeshRequest".into()));
+    assert_eq!(rotating(peer(&snap, "b")), (false, "Queued".into()));
+    assert_eq!(grant(peer(&snap, "b")), None);
+
+    // The grant survives passes while the node rotates, and no second node starts.
+    set_key_state(&mut snap, "a", 0, 10, Some("Switched"));
+    converge(&mut snap);
+    assert_eq!(grant(peer(&snap, "a")), Some(0));
+    assert_eq!(grant(peer(&snap, "b")), None);
+
+    // The node reports the next generation: its grant goes, the next node's comes.
+    set_key_state(&mut snap, "a", 1, 1001, Some("Completed"));
+    snap.now = at(1002);
+    converge(&mut snap);
+    assert_eq!(grant(peer(&snap, "a")), None);
+    assert_eq!(rotating(peer(&snap, "a")), (false, "Completed".into()));
+    assert_eq!(grant(peer(&snap, "b")), Some(0));
+    // A key created after the request is not due again.
+    assert_eq!(grant(peer(&snap, "a")), None);
+}
+
+#[test]
+fn a_node_request_rotates_only_that_node_and_a_bad_interval_is_reported() {
+    let mut snap = mk_snapshot(
+        vec![mk_node("a", "ua"), mk_node("b", "ub")],
+        vec![],
+        vec![mk_pool("p", &["10.244.0.0/16"], 24, 0)],
+    );
+    converge(&mut snap);
+    for (n, k) in [("a", KEY_1), ("b", KEY_2)] {
+        publish_key(&mut snap, n, k);
+        set_key_state(&mut snap, n, 0, 10, None);
+    }
+    for p in &mut snap.peers {
+        if p.metadata.name.as_deref() == Some("b") {
+            Arc::make_mut(p).spec.key_rotation = Some(wgmesh_api::peer::PeerKeyRotation {
+                requested_at: Some(time(900)),
+            });
+        }
+    }
+    let mut mesh = Mesh::new(consts::DEFAULT_MESH, Default::default());
+    mesh.spec.key_rotation = Some(wgmesh_api::mesh::MeshKeyRotation {
+        interval: Some("soon".into()),
+        max_concurrent: Some(5),
+        ..Default::default()
+    });
+    snap.mesh = Some(Arc::new(mesh));
+    converge(&mut snap);
+    assert_eq!(grant(peer(&snap, "b")), Some(0));
+    assert_eq!(rotating(peer(&snap, "b")), (true, "NodeRequest".into()));
+    assert_eq!(grant(peer(&snap, "a")), None);
+    let mesh_status = snap.mesh.as_ref().and_then(|m| m.status.clone());
+    let text = format!("{mesh_status:?} {:?}", plan(&snap).mesh_status);
+    assert!(text.contains("keyRotation.interval"), "{text}");
 }

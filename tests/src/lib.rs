@@ -5,6 +5,8 @@
 //! `WGMESH_TEST_KUBECONFIG` when it is set (as `hack/test.sh` does), and otherwise bring up
 //! a private control plane under `target/wgmesh-test-cluster` with `hack/cluster.sh up`.
 
+pub mod netns;
+
 use anyhow::{Context, Result, bail};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use std::{

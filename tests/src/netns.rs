@@ -1,0 +1,509 @@
+//! The network-namespace mesh harness of the end-to-end tests: a mesh brought up by
+//! `hack/mesh.sh` (real control plane, agents, devices, CNI-plumbed pods), and the tools a
+//! person would use on it: ping, iperf3, tcpdump on the underlay, `wg`, kubectl.
+
+use crate::{repo_root, unique_name};
+use anyhow::{Context, Result, bail};
+use std::borrow::BorrowMut;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// A mesh brought up by `hack/mesh.sh`, torn down when dropped.
+#[derive(Debug)]
+pub struct Mesh {
+    pub dir: PathBuf,
+    pub id: String,
+    pub net: String,
+}
+
+pub fn run(mut cmd: impl BorrowMut<Command>) -> Result<Output> {
+    let cmd = cmd.borrow_mut();
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    Ok(out)
+}
+
+pub fn ok(mut cmd: impl BorrowMut<Command>) -> Result<String> {
+    let cmd = cmd.borrow_mut();
+    let out = run(&mut *cmd)?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+pub fn report(line: &str) {
+    println!("{line}");
+    let path = repo_root().join("target/wgmesh-e2e-report.txt");
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = writeln!(f, "{line}");
+    }
+}
+
+impl Mesh {
+    pub fn up(nodes: usize) -> Result<Mesh> {
+        let dir = std::env::temp_dir().join(unique_name("wgmesh-e2e"));
+        let script = repo_root().join("hack/mesh.sh");
+        let out = run(Command::new("bash")
+            .arg(&script)
+            .args(["up", "--nodes", &nodes.to_string(), "--dir"])
+            .arg(&dir))?;
+        let mut mesh = Mesh {
+            dir,
+            id: String::new(),
+            net: String::new(),
+        };
+        if !out.status.success() {
+            bail!(
+                "hack/mesh.sh up failed:\n{}{}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+                mesh.logs()
+            );
+        }
+        let env = std::fs::read_to_string(mesh.dir.join("mesh.env"))?;
+        for line in env.lines() {
+            if let Some(v) = line.strip_prefix("MESH_ID=") {
+                mesh.id = v.to_owned();
+            }
+            if let Some(v) = line.strip_prefix("MESH_NET=") {
+                mesh.net = v.to_owned();
+            }
+        }
+        Ok(mesh)
+    }
+
+    pub fn logs(&self) -> String {
+        let mut s = String::new();
+        if let Ok(entries) = std::fs::read_dir(self.dir.join("logs")) {
+            for e in entries.flatten() {
+                let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(15).collect();
+                s.push_str(&format!("--- {} (last lines)\n", e.path().display()));
+                for l in tail.into_iter().rev() {
+                    s.push_str(l);
+                    s.push('\n');
+                }
+            }
+        }
+        s
+    }
+
+    pub fn script(&self, args: &[&str]) -> Result<String> {
+        ok(Command::new("bash")
+            .arg(repo_root().join("hack/mesh.sh"))
+            .args(args)
+            .arg("--dir")
+            .arg(&self.dir))
+    }
+
+    pub fn ns(&self, name: &str) -> String {
+        format!("{}-{name}", self.id)
+    }
+
+    pub fn exec(&self, ns: &str, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.ns(ns)]).args(args);
+        c
+    }
+
+    pub fn kubectl(&self, args: &[&str]) -> Result<String> {
+        ok(Command::new("kubectl")
+            .env("KUBECONFIG", self.dir.join("cp/kubeconfig"))
+            .args(args))
+    }
+
+    pub fn pod(&self, node: &str, pod: &str) -> Result<String> {
+        Ok(self.script(&["pod", node, pod])?.trim().to_owned())
+    }
+
+    pub fn ping(&self, from_pod: &str, to: &str) -> bool {
+        run(self.exec(from_pod, &["ping", "-c", "1", "-W", "2", to]))
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    }
+
+    pub fn node_ip(&self, node: &str) -> String {
+        let i: u32 = node.trim_start_matches("node-").parse().unwrap_or(0);
+        format!("{}.{}", self.net, 10 + i)
+    }
+
+    pub fn iface(&self, node: &str) -> String {
+        format!("wg-{}-n{}", self.id, node.trim_start_matches("node-"))
+    }
+
+    /// Starts tcpdump on the underlay bridge, writing every packet to a file, and returns
+    /// once it is capturing.
+    pub fn capture(&self, name: &str) -> Result<Capture> {
+        let file = self.dir.join(format!("{name}.pcap"));
+        let log = self.dir.join(format!("{name}.tcpdump.log"));
+        let child = self
+            .exec(
+                "ul",
+                &[
+                    "tcpdump",
+                    "-i",
+                    "ul0",
+                    "-n",
+                    "--immediate-mode",
+                    "-U",
+                    "-s",
+                    "128",
+                    "-w",
+                ],
+            )
+            .arg(&file)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()?;
+        wait_until("tcpdump to listen", Duration::from_secs(10), || {
+            std::fs::read_to_string(&log).is_ok_and(|l| l.contains("listening on"))
+        })?;
+        Ok(Capture { child, file })
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs());
+            if std::env::var_os("WGMESH_E2E_KEEP").is_some() {
+                eprintln!(
+                    "WGMESH_E2E_KEEP: leaving the mesh in {} (hack/mesh.sh down --dir ...)",
+                    self.dir.display()
+                );
+                return;
+            }
+        }
+        let _ = Command::new("bash")
+            .arg(repo_root().join("hack/mesh.sh"))
+            .args(["down", "--dir"])
+            .arg(&self.dir)
+            .output();
+    }
+}
+
+#[derive(Debug)]
+pub struct Capture {
+    child: Child,
+    file: PathBuf,
+}
+
+impl Capture {
+    /// Stops capturing and counts the packets matching each filter.
+    pub fn stop(mut self, filters: &[&str]) -> Result<Vec<usize>> {
+        // Let the last packets reach the capture before it stops.
+        std::thread::sleep(Duration::from_millis(500));
+        signal(&self.child, "INT");
+        let _ = self.child.wait();
+        let all = ok(Command::new("tcpdump").arg("-r").arg(&self.file).arg("-n"))?;
+        let summary: Vec<&str> = all.lines().take(12).collect();
+        eprintln!(
+            "capture {}: {} packets; first:\n{}",
+            self.file.display(),
+            all.lines().count(),
+            summary.join("\n")
+        );
+        filters
+            .iter()
+            .map(|f| {
+                let out = ok(Command::new("tcpdump")
+                    .arg("-r")
+                    .arg(&self.file)
+                    .args(["-n", f]))?;
+                Ok(out.lines().count())
+            })
+            .collect()
+    }
+}
+
+/// Sends `sig` (e.g. `INT`) to a child, as a person would with kill(1).
+pub fn signal(child: &Child, sig: &str) {
+    let _ = Command::new("kill")
+        .args([&format!("-{sig}"), &child.id().to_string()])
+        .status();
+}
+
+/// The public key of a WireGuard private key, by `wg pubkey`.
+pub fn wg_pubkey(private: &str) -> Result<String> {
+    let mut child = Command::new("wg")
+        .arg("pubkey")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .context("wg stdin")?
+        .write_all(private.as_bytes())?;
+    let out = child.wait_with_output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Result<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if f() {
+            return Ok(start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("timed out after {timeout:?} waiting for {what}")
+}
+
+pub fn all_pairs(mesh: &Mesh, pods: &[(&str, &str)]) -> Vec<String> {
+    let mut failures = Vec::new();
+    for (from, _) in pods {
+        for (to, ip) in pods {
+            if from != to && !mesh.ping(from, ip) {
+                failures.push(format!("{from} -> {to} ({ip})"));
+            }
+        }
+    }
+    failures
+}
+
+/// Runs iperf3 from `client` to `server_ip` (a server must listen) for `secs`; returns Gbit/s.
+pub fn iperf(mesh: &Mesh, client: &str, server_ip: &str, secs: u32) -> Result<f64> {
+    let out = ok(mesh.exec(
+        client,
+        &["iperf3", "-c", server_ip, "-t", &secs.to_string(), "-J"],
+    ))?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    let bps = v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .context("iperf3 result")?;
+    Ok(bps / 1e9)
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+pub fn wait_until_pod(mesh: &Mesh, node: &str, pod: &str) -> Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match mesh.pod(node, pod) {
+            Ok(ip) => return Ok(ip),
+            Err(e) if Instant::now() > deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
+/// The longest time between two consecutive replies in `ping -D` output.
+pub fn longest_gap(out: &str) -> f64 {
+    let times: Vec<f64> = out
+        .lines()
+        .filter(|l| l.contains("bytes from"))
+        .filter_map(|l| {
+            l.strip_prefix('[')
+                .and_then(|r| r.split(']').next())
+                .and_then(|t| t.parse().ok())
+        })
+        .collect();
+    times.windows(2).map(|w| w[1] - w[0]).fold(0.0, f64::max)
+}
+
+/// An external machine running `wireguard-go` in its own namespace on the underlay, added
+/// to the mesh as a `MeshPeer` and configured by hand from what the mesh publishes, as an
+/// administrator would. wireguard-go stops when this is dropped.
+#[derive(Debug)]
+pub struct ExternalPeer<'a> {
+    mesh: &'a Mesh,
+    /// Its namespace's short name (`ext`).
+    pub ns: String,
+    /// Its WireGuard interface.
+    pub iface: String,
+    /// Its address inside the mesh (its `allowedIPs`).
+    pub address: String,
+    /// Its public key.
+    pub public_key: String,
+    wggo: Child,
+}
+
+impl<'a> ExternalPeer<'a> {
+    /// Creates the machine, its `MeshPeer` named `name` (waits for it to be Ready) and its
+    /// WireGuard interface with the address `address`; configures no node yet.
+    pub fn start(mesh: &'a Mesh, name: &str, address: &str) -> Result<ExternalPeer<'a>> {
+        let ns = "ext".to_owned();
+        let ext_ip = format!("{}.50", mesh.net);
+        let iface = format!("wgx{}", mesh.id);
+        ok(Command::new("ip").args(["netns", "add", &mesh.ns(&ns)]))?;
+        let veth = format!("m{}x", mesh.id);
+        ok(Command::new("ip").args([
+            "link",
+            "add",
+            &veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &mesh.ns(&ns),
+        ]))?;
+        ok(Command::new("ip").args(["link", "set", &veth, "netns", &mesh.ns("ul")]))?;
+        ok(mesh.exec("ul", &["ip", "link", "set", &veth, "master", "ul0", "up"]))?;
+        ok(mesh.exec(
+            &ns,
+            &["ip", "addr", "add", &format!("{ext_ip}/24"), "dev", "eth0"],
+        ))?;
+        ok(mesh.exec(&ns, &["ip", "link", "set", "eth0", "up"]))?;
+        ok(mesh.exec(&ns, &["ip", "link", "set", "lo", "up"]))?;
+
+        let private = ok(Command::new("wg").arg("genkey"))?;
+        let public_key = wg_pubkey(&private)?;
+        let key_file = mesh.dir.join("ext.key");
+        std::fs::write(&key_file, private.trim())?;
+
+        let peer = format!(
+            "apiVersion: wgmesh.dev/v1alpha1\nkind: MeshPeer\nmetadata: {{name: {name}}}\nspec:\n  publicKey: \"{public_key}\"\n  allowedIPs: [\"{address}/32\"]\n  endpoint: \"{ext_ip}:51820\"\n"
+        );
+        let file = mesh.dir.join(format!("{name}.yaml"));
+        std::fs::write(&file, peer)?;
+        mesh.kubectl(&["apply", "-f", &file.to_string_lossy()])?;
+        mesh.kubectl(&[
+            "wait",
+            "--for=condition=Ready",
+            "--timeout=60s",
+            &format!("meshpeer/{name}"),
+        ])?;
+        let wggo = mesh
+            .exec(&ns, &["wireguard-go", "-f", &iface])
+            .env("WG_PROCESS_FOREGROUND", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let ext = ExternalPeer {
+            mesh,
+            ns,
+            iface,
+            address: address.to_owned(),
+            public_key,
+            wggo,
+        };
+        wait_until("wireguard-go's socket", Duration::from_secs(10), || {
+            Path::new(&format!("/var/run/wireguard/{}.sock", ext.iface)).exists()
+        })?;
+        ok(mesh.exec(
+            &ext.ns,
+            &[
+                "wg",
+                "set",
+                &ext.iface,
+                "private-key",
+                &key_file.to_string_lossy(),
+                "listen-port",
+                "51820",
+            ],
+        ))?;
+        ok(mesh.exec(
+            &ext.ns,
+            &[
+                "ip",
+                "addr",
+                "add",
+                &format!("{address}/32"),
+                "dev",
+                &ext.iface,
+            ],
+        ))?;
+        ok(mesh.exec(&ext.ns, &["ip", "link", "set", &ext.iface, "up"]))?;
+        ok(mesh.exec(
+            &ext.ns,
+            &["ip", "route", "add", "10.244.0.0/16", "dev", &ext.iface],
+        ))?;
+        Ok(ext)
+    }
+
+    /// Configures every node peer the operator approved (key, endpoint, pod subnets), as
+    /// an administrator would from `kubectl get meshpeers`; returns the keys configured
+    /// by node name.
+    pub fn configure_nodes(&self) -> Result<Vec<(String, String)>> {
+        let peers: serde_json::Value =
+            serde_json::from_str(&self.mesh.kubectl(&["get", "meshpeers", "-o", "json"])?)?;
+        let mut configured = Vec::new();
+        for p in peers["items"].as_array().into_iter().flatten() {
+            let a = &p["status"]["approved"];
+            // Node peers the operator approved; a departed node's peer has no approval.
+            if p["spec"]["node"].is_null() || a["publicKey"].is_null() {
+                continue;
+            }
+            let allowed: Vec<&str> = a["allowedIPs"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v.as_str())
+                .collect();
+            let key = a["publicKey"].as_str().unwrap_or_default();
+            self.set_peer(key, a["endpoint"].as_str().unwrap_or_default(), &allowed)?;
+            configured.push((
+                p["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+                key.to_owned(),
+            ));
+        }
+        Ok(configured)
+    }
+
+    /// `wg set IFACE peer KEY endpoint ENDPOINT allowed-ips ALLOWED`.
+    pub fn set_peer(&self, key: &str, endpoint: &str, allowed: &[&str]) -> Result<()> {
+        ok(self.mesh.exec(
+            &self.ns,
+            &[
+                "wg",
+                "set",
+                &self.iface,
+                "peer",
+                key,
+                "endpoint",
+                endpoint,
+                "allowed-ips",
+                &allowed.join(","),
+            ],
+        ))?;
+        Ok(())
+    }
+
+    /// `wg set IFACE peer KEY remove`.
+    pub fn remove_peer(&self, key: &str) -> Result<()> {
+        ok(self
+            .mesh
+            .exec(&self.ns, &["wg", "set", &self.iface, "peer", key, "remove"]))?;
+        Ok(())
+    }
+
+    /// One ping from the machine's mesh address, with a 2 s wait.
+    pub fn ping(&self, ip: &str) -> bool {
+        run(self.mesh.exec(
+            &self.ns,
+            &["ping", "-c", "1", "-W", "2", "-I", &self.address, ip],
+        ))
+        .is_ok_and(|o| o.status.success())
+    }
+
+    /// A command run on the machine.
+    pub fn exec(&self, args: &[&str]) -> Command {
+        self.mesh.exec(&self.ns, args)
+    }
+}
+
+impl Drop for ExternalPeer<'_> {
+    fn drop(&mut self) {
+        let _ = self.wggo.kill();
+        let _ = self.wggo.wait();
+    }
+}
