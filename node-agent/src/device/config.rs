@@ -11,8 +11,15 @@ pub type Key = [u8; 32];
 /// Changes to a device, applied in order as one transaction (the UAPI `set=1` operation).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ConfigUpdate {
-    /// New private key; `Some([0; 32])` removes it.
+    /// New private key; `Some([0; 32])` removes it (and every extra key with it). The device
+    /// initiates handshakes only with this key, its primary. Switching to a key that is
+    /// currently an extra makes the old primary an extra in its place (unless
+    /// `extra_private_keys` says otherwise), keeping every session of both keys.
     pub private_key: Option<Key>,
+    /// Additional private keys the device answers handshakes under, for a key rotation:
+    /// `Some(vec![])` removes all, `None` leaves them. Keys equal to the primary are ignored;
+    /// at most two are kept (the first two). Ignored while the device has no primary key.
+    pub extra_private_keys: Option<Vec<Key>>,
     /// New listen port (0 picks a free one); rebinds the socket.
     pub listen_port: Option<u16>,
     /// New firewall mark for outgoing datagrams (0 clears it).
@@ -24,10 +31,21 @@ pub struct ConfigUpdate {
 }
 
 /// Changes to one peer, identified by its public key.
+///
+/// A peer is known under its primary key and, while it rotates, its next key; both find it,
+/// and no two peers ever share a key: an update that would give a peer another peer's key is
+/// refused as a whole.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerUpdate {
-    /// The peer's public key.
+    /// The peer's public key: its primary or its next key (a new peer gets it as primary).
     pub public_key: Key,
+    /// Make this the peer's primary key. The peer keeps its id, allowed IPs, endpoint,
+    /// counters and the sessions under keys it still has; if this is its next key, the next
+    /// key is cleared (promotion).
+    pub new_public_key: Option<Key>,
+    /// `Some(Some(k))`: the peer's next key. Handshakes from `k` are accepted as this peer and
+    /// new handshakes go to `k`. `Some(None)`: remove it and the sessions under it.
+    pub next_public_key: Option<Option<Key>>,
     /// Remove the peer (everything else is ignored).
     pub remove: bool,
     /// Only update an existing peer; never create one.
@@ -49,6 +67,8 @@ impl PeerUpdate {
     pub fn new(public_key: Key) -> Self {
         Self {
             public_key,
+            new_public_key: None,
+            next_public_key: None,
             remove: false,
             update_only: false,
             preshared_key: None,
@@ -65,6 +85,9 @@ impl PeerUpdate {
 pub struct DeviceSnapshot {
     /// The private key, if set.
     pub private_key: Option<Key>,
+    /// Public halves of the extra keys the device answers handshakes under (the private halves
+    /// are never reported).
+    pub extra_public_keys: Vec<Key>,
     /// The port the UDP socket is bound to.
     pub listen_port: u16,
     /// Firewall mark, 0 when unset.
@@ -76,13 +99,15 @@ pub struct DeviceSnapshot {
 /// One peer's configuration and counters.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerSnapshot {
-    /// The peer's public key.
+    /// The peer's (primary) public key.
     pub public_key: Key,
+    /// The key the peer rotates to, if set.
+    pub next_public_key: Option<Key>,
     /// The preshared key, if any.
     pub preshared_key: Option<Key>,
     /// Current endpoint (IPv4 endpoints are shown as IPv4, never v4-mapped).
     pub endpoint: Option<SocketAddr>,
-    /// Wall-clock time of the last handshake.
+    /// Wall-clock time of the last handshake (the newest over all session slots).
     pub last_handshake: Option<SystemTime>,
     /// Bytes received, as on the wire.
     pub rx_bytes: u64,
@@ -92,4 +117,21 @@ pub struct PeerSnapshot {
     pub persistent_keepalive: u16,
     /// Allowed IPs.
     pub allowed_ips: Vec<IpNet>,
+    /// Session slots: one per pair of (local key, peer key) in use.
+    pub sessions: Vec<SessionSnapshot>,
+}
+
+/// One session slot of a peer: the `Tunn` for one pair of (local key, remote key).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionSnapshot {
+    /// The device's public key the slot uses.
+    pub local_public_key: Key,
+    /// The peer's public key the slot talks to.
+    pub remote_public_key: Key,
+    /// Wall time the slot's current session was established; `None` without a current session.
+    pub established: Option<SystemTime>,
+    /// Authenticated data packets (not keepalives, not handshakes) received on this slot.
+    pub rx_data_packets: u64,
+    /// Whether outgoing data uses this slot.
+    pub active: bool,
 }

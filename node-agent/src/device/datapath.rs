@@ -1,21 +1,32 @@
 //! The device loop: the threads that move packets and drive timers.
 //!
 //! * `tun-rx` reads packets from the TUN device, routes each by destination (allowed IPs,
-//!   longest prefix), encrypts it with the peer's `Tunn` and sends the batch with one
-//!   `sendmmsg`.
-//! * `udp-rx` receives a batch of datagrams with one `recvmmsg`, routes each to its peer
-//!   (handshake initiations by the key they decrypt to, everything else by receiver index),
-//!   decrypts, checks the inner source against the peer's allowed IPs and writes it to the TUN
-//!   device. It answers handshakes and cookies and follows roaming endpoints.
-//! * `timers` runs `Tunn::update_timers` for every peer each tick (rekey, retransmit,
-//!   keepalives, expiry) and resets the shared handshake rate limiter.
+//!   longest prefix), encrypts it with the `Tunn` of the peer's active session slot and sends
+//!   the batch with one `sendmmsg`.
+//! * `udp-rx` receives a batch of datagrams with one `recvmmsg`, routes each to its peer and
+//!   session slot (handshake initiations by the local key their MAC1 is keyed with and the
+//!   peer key they decrypt to, everything else by receiver index), decrypts, checks the inner
+//!   source against the peer's allowed IPs and writes it to the TUN device. It answers
+//!   handshakes and cookies, follows roaming endpoints, and re-picks the active slot when a
+//!   handshake completes or data arrives on another slot.
+//! * `timers` runs `Tunn::update_timers` for every slot each tick (rekey, retransmit,
+//!   keepalives, expiry), re-picks the active slot of peers with several, starts the handshake
+//!   that moves a peer to its preferred slot, and resets the handshake rate limiters.
+//!
+//! Which slot is active or preferred is decided in [`super::slot`]; this module only calls it.
+//! It never creates slots except the one a handshake initiation asks for (from the peer's
+//! spare indices), and never drops any: key changes happen under the write lock, in
+//! [`super::state`].
 //!
 //! Buffers are allocated once per thread. The peer table is read-locked once per batch; a
-//! peer's mutex is held only around `Tunn` calls, never across a syscall on the hot path.
+//! peer's mutex is held only around `Tunn` calls, never across a syscall on the hot path. A
+//! peer with one slot (no rotation under way) costs what it did before slots existed: no
+//! extra lookups, no clock reads per packet.
 
 use super::Shared;
 use super::offload::{self, VNET_HDR_LEN};
 use super::peer::{Peer, PeerState};
+use super::state::State;
 use super::timers::TickSchedule;
 use super::tun::Tun;
 use super::udp::{RecvBatch, SendBatch, UdpSocket};
@@ -27,6 +38,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::SystemTime;
 
 /// Largest IP packet handled; the TUN MTU is far below, but `ip link set mtu` may raise it.
 pub const MAX_PACKET_BYTES: usize = 65_535;
@@ -40,6 +52,21 @@ const SEND_BATCH_BYTES: usize = 192 * 1024;
 const SEND_BATCH_GROUPS: usize = 64;
 /// Room for any handshake message `Tunn` writes.
 const HANDSHAKE_BUF_BYTES: usize = 256;
+/// First byte of a handshake initiation (the message type, little endian).
+const HANDSHAKE_INIT_TYPE: u8 = 1;
+
+/// Where single datagrams go: the UDP socket, or a recorder in tests.
+pub(crate) trait Wire {
+    /// Sends one datagram; whether it went.
+    fn send(&self, datagram: &[u8], to: SocketAddr) -> bool;
+}
+
+impl Wire for UdpSocket {
+    #[inline]
+    fn send(&self, datagram: &[u8], to: SocketAddr) -> bool {
+        self.send_to(datagram, to).is_ok()
+    }
+}
 
 /// The TUN reader and encryptor.
 pub(crate) fn tun_rx(shared: &Shared, tun: &Tun) {
@@ -102,40 +129,40 @@ pub(crate) fn tun_rx(shared: &Shared, tun: &Tun) {
 }
 
 #[inline]
-fn encrypt_one(state: &super::State, packet: &[u8], batch: &mut SendBatch) {
-    let Some(dst) = Tunn::dst_address(packet) else {
-        return;
-    };
-    let Some(peer) = state
+fn encrypt_one(state: &State, packet: &[u8], batch: &mut SendBatch) {
+    if let Some((len, endpoint)) = seal(state, packet, batch.slot()) {
+        batch.commit(len, endpoint);
+    }
+}
+
+/// Encrypts one packet from the TUN device into `out` with the active slot of the peer its
+/// destination routes to; returns the datagram's length and where it goes. A packet for a peer
+/// without a session is queued in the slot, which starts a handshake (returned instead).
+#[inline]
+pub(crate) fn seal(state: &State, packet: &[u8], out: &mut [u8]) -> Option<(usize, SocketAddr)> {
+    let dst = Tunn::dst_address(packet)?;
+    let peer = state
         .allowed_ips
         .lookup(dst)
-        .and_then(|&id| state.peers.get(id))
-    else {
-        return;
-    };
-    let slot = batch.slot();
-    if slot.len() < (packet.len() + WG_OVERHEAD_BYTES).max(HANDSHAKE_BUF_BYTES) {
+        .and_then(|&id| state.peers.get(id))?;
+    if out.len() < (packet.len() + WG_OVERHEAD_BYTES).max(HANDSHAKE_BUF_BYTES) {
         // `encapsulate` would panic; cannot happen with the batch's reserve, but never panic.
-        return;
+        return None;
     }
     let mut st = peer.lock();
     let endpoint = st.endpoint;
-    let Some(tunn) = st.tunn.as_mut() else {
-        return;
-    };
-    let len = match tunn.encapsulate(packet, slot) {
+    let slot = st.slots.active_mut()?;
+    let len = match slot.tunn.encapsulate(packet, out) {
         TunnResult::WriteToNetwork(out) => out.len(),
         TunnResult::Err(e) => {
             tracing::trace!(peer = %peer.id, error = ?e, "encapsulate failed");
-            return;
+            return None;
         }
-        _ => return,
+        _ => return None,
     };
-    if let Some(endpoint) = endpoint {
-        st.tx_bytes += len as u64;
-        drop(st);
-        batch.commit(len, endpoint);
-    }
+    let endpoint = endpoint?;
+    st.tx_bytes += len as u64;
+    Some((len, endpoint))
 }
 
 /// The UDP reader and decryptor.
@@ -159,7 +186,8 @@ pub(crate) fn udp_rx(shared: &Shared, tun: &Tun) {
                     if let Some((run, from, segment)) = batch.get(i) {
                         for datagram in run.chunks(segment) {
                             let out = &mut plain[prefix..];
-                            if let Some(len) = decrypt_one(&state, &socket.1, datagram, from, out) {
+                            if let Some(len) = decrypt_one(&state, &*socket.1, datagram, from, out)
+                            {
                                 let _ = tun.write(&plain[..prefix + len]);
                             }
                         }
@@ -185,9 +213,9 @@ pub(crate) fn udp_rx(shared: &Shared, tun: &Tun) {
 /// Handles one datagram; returns the length of the inner packet (at the start of `plain`) to
 /// deliver to the TUN device. Never panics on its content: `parse_incoming_packet` checks
 /// sizes, and every lookup failure drops the datagram.
-fn decrypt_one(
-    state: &super::State,
-    socket: &UdpSocket,
+pub(crate) fn decrypt_one<W: Wire + ?Sized>(
+    state: &State,
+    wire: &W,
     datagram: &[u8],
     from: SocketAddr,
     plain: &mut [u8],
@@ -195,59 +223,95 @@ fn decrypt_one(
     let Ok(packet) = Tunn::parse_incoming_packet(datagram) else {
         return None;
     };
-    let peer: &Arc<Peer> = match &packet {
+    let (peer, mut st, position) = match &packet {
         Packet::HandshakeInit(init) => {
-            let (Some(secret), Some(public), Some(limiter)) = (
-                state.private_key.as_ref(),
-                state.public_key.as_ref(),
-                state.rate_limiter.as_ref(),
-            ) else {
-                return None;
-            };
-            // MAC1 and load check before the expensive DH; under load this answers with a
-            // cookie instead of doing the handshake.
-            match limiter.verify_packet(Some(from.ip()), datagram, plain) {
-                Ok(_) => {}
-                Err(TunnResult::WriteToNetwork(cookie)) => {
-                    let _ = socket.send_to(cookie, from);
-                    return None;
+            // MAC1 is keyed with the responder's public key: it says which of our keys the
+            // initiator addressed, before the expensive DH. Under load the key's limiter
+            // answers with a cookie instead of doing the handshake.
+            let mut addressed = None;
+            for key in &state.keys {
+                match key.limiter.verify_packet(Some(from.ip()), datagram, plain) {
+                    Ok(_) => {
+                        addressed = Some(key);
+                        break;
+                    }
+                    Err(TunnResult::WriteToNetwork(cookie)) => {
+                        wire.send(cookie, from);
+                        return None;
+                    }
+                    Err(_) => {}
                 }
-                Err(_) => return None,
             }
-            let Ok(half) = parse_handshake_anon(secret, public, init) else {
+            let key = addressed?;
+            let Ok(half) = parse_handshake_anon(&key.secret, &key.public, init) else {
                 return None;
             };
-            state.peers.by_key(&half.peer_static_public)?
+            let remote = half.peer_static_public;
+            let peer: &Arc<Peer> = state.peers.by_key(&remote)?;
+            let mut st = peer.lock();
+            let local = key.public_bytes();
+            let position = match st.slots.find(&local, &remote) {
+                Some(p) => p,
+                None => {
+                    let params = st.tunn_params();
+                    let Some(p) = st.slots.create(key, remote, params) else {
+                        tracing::debug!(peer = %peer.id, "no spare index for a new session slot");
+                        return None;
+                    };
+                    p
+                }
+            };
+            (peer, st, position)
         }
-        Packet::HandshakeResponse(r) => state.peers.by_receiver_index(r.receiver_idx)?,
-        Packet::PacketCookieReply(c) => state.peers.by_receiver_index(c.receiver_idx)?,
-        Packet::PacketData(d) => state.peers.by_receiver_index(d.receiver_idx)?,
+        Packet::HandshakeResponse(r) => by_index(state, r.receiver_idx)?,
+        Packet::PacketCookieReply(c) => by_index(state, c.receiver_idx)?,
+        Packet::PacketData(d) => by_index(state, d.receiver_idx)?,
     };
     let roams = !matches!(packet, Packet::PacketCookieReply(_));
+    let is_response = matches!(packet, Packet::HandshakeResponse(_));
+    let is_data = matches!(packet, Packet::PacketData(_));
+    let active = st.slots.active();
 
-    let mut st = peer.lock();
-    let tunn = st.tunn.as_mut()?;
-    match tunn.decapsulate(Some(from.ip()), datagram, plain) {
+    let slot = st.slots.get_mut(position)?;
+    match slot.tunn.decapsulate(Some(from.ip()), datagram, plain) {
         TunnResult::Done => {
             authenticated(&mut st, datagram.len(), from, roams);
+            if is_data && active != Some(position) {
+                // A keepalive may make a responder's new session current.
+                st.slots.recompute_active();
+            }
             None
         }
         TunnResult::WriteToNetwork(out) => {
             // A handshake answer (or a cookie); then anything queued while waiting.
-            let _ = socket.send_to(out, from);
+            wire.send(out, from);
             let sent = out.len() as u64;
             authenticated(&mut st, datagram.len(), from, roams);
             st.tx_bytes += sent;
-            flush_queued(&mut st, socket, plain);
+            if is_response && st.slots.len() > 1 {
+                // We initiated and the session is up: it is the newest.
+                st.slots.recompute_active();
+            }
+            flush_queued(&mut st, position, wire, plain);
             None
         }
         TunnResult::WriteToTunnelV4(inner, src) => {
+            let len = inner.len();
+            slot.rx_data_packets += 1;
             authenticated(&mut st, datagram.len(), from, true);
-            allowed_source(state, peer, IpAddr::V4(src)).then_some(inner.len())
+            if active != Some(position) {
+                st.slots.recompute_active();
+            }
+            allowed_source(state, peer, IpAddr::V4(src)).then_some(len)
         }
         TunnResult::WriteToTunnelV6(inner, src) => {
+            let len = inner.len();
+            slot.rx_data_packets += 1;
             authenticated(&mut st, datagram.len(), from, true);
-            allowed_source(state, peer, IpAddr::V6(src)).then_some(inner.len())
+            if active != Some(position) {
+                st.slots.recompute_active();
+            }
+            allowed_source(state, peer, IpAddr::V6(src)).then_some(len)
         }
         TunnResult::Err(WireGuardError::DuplicateCounter) => None,
         TunnResult::Err(e) => {
@@ -257,9 +321,21 @@ fn decrypt_one(
     }
 }
 
+/// The peer and slot an incoming receiver index belongs to, with the peer locked.
+#[inline]
+fn by_index(
+    state: &State,
+    receiver_index: u32,
+) -> Option<(&Arc<Peer>, std::sync::MutexGuard<'_, PeerState>, usize)> {
+    let peer = state.peers.by_receiver_index(receiver_index)?;
+    let st = peer.lock();
+    let position = st.slots.by_index(receiver_index >> 8)?;
+    Some((peer, st, position))
+}
+
 /// Cryptokey routing, inbound: a peer may only send from addresses it is allowed to own.
 #[inline]
-fn allowed_source(state: &super::State, peer: &Peer, src: IpAddr) -> bool {
+fn allowed_source(state: &State, peer: &Peer, src: IpAddr) -> bool {
     let ok = state.allowed_ips.lookup(src) == Some(&peer.id);
     if !ok {
         tracing::trace!(peer = %peer.id, %src, "dropping packet from a source outside allowed IPs");
@@ -277,16 +353,16 @@ fn authenticated(st: &mut PeerState, len: usize, from: SocketAddr, roams: bool) 
     }
 }
 
-/// Sends the packets `Tunn` queued while it had no session.
-fn flush_queued(st: &mut PeerState, socket: &UdpSocket, buf: &mut [u8]) {
+/// Sends the packets the slot at `position` queued while it had no session.
+fn flush_queued<W: Wire + ?Sized>(st: &mut PeerState, position: usize, wire: &W, buf: &mut [u8]) {
     let endpoint = st.endpoint;
-    let Some(tunn) = st.tunn.as_mut() else {
+    let Some(slot) = st.slots.get_mut(position) else {
         return;
     };
     let mut sent = 0u64;
-    while let TunnResult::WriteToNetwork(out) = tunn.decapsulate(None, &[], buf) {
+    while let TunnResult::WriteToNetwork(out) = slot.tunn.decapsulate(None, &[], buf) {
         if let Some(endpoint) = endpoint
-            && socket.send_to(out, endpoint).is_ok()
+            && wire.send(out, endpoint)
         {
             sent += out.len() as u64;
         }
@@ -305,10 +381,10 @@ pub(crate) fn timers(shared: &Shared) {
         }
         let work = schedule.poll(clock.now());
         let state = shared.read_state();
-        if work.reset_rate_limiter
-            && let Some(limiter) = &state.rate_limiter
-        {
-            limiter.reset_count();
+        if work.reset_rate_limiter {
+            for key in &state.keys {
+                key.limiter.reset_count();
+            }
         }
         if !work.update_peers {
             continue;
@@ -316,29 +392,77 @@ pub(crate) fn timers(shared: &Shared) {
         let (_, socket) = &shared.socket();
         let wall = clock.wall();
         for peer in state.peers.iter() {
-            let mut st = peer.lock();
-            let endpoint = st.endpoint;
-            let Some(tunn) = st.tunn.as_mut() else {
-                continue;
-            };
-            let since = tunn.time_since_last_handshake();
-            let out = match tunn.update_timers(&mut buf) {
-                TunnResult::WriteToNetwork(out) => Some(&*out),
-                TunnResult::Err(WireGuardError::ConnectionExpired) => None,
-                TunnResult::Err(e) => {
-                    tracing::trace!(peer = %peer.id, error = ?e, "timer error");
-                    None
-                }
-                _ => None,
-            };
-            st.handshake.observe(since, wall);
-            if let (Some(out), Some(endpoint)) = (out, endpoint)
-                && socket.send_to(out, endpoint).is_ok()
-            {
-                st.tx_bytes += out.len() as u64;
-            }
+            tick_peer(peer, &**socket, &mut buf, wall);
         }
     }
+}
+
+/// One timer tick of one peer: `update_timers` on every slot, sending what the active slot
+/// asks for (and the handshakes of a preferred slot still without a session); then, for a peer
+/// with several slots, the active slot is picked again and a preferred slot without a session
+/// starts its handshake.
+pub(crate) fn tick_peer<W: Wire + ?Sized>(peer: &Peer, wire: &W, buf: &mut [u8], wall: SystemTime) {
+    let mut st = peer.lock();
+    let st = &mut *st;
+    let endpoint = st.endpoint;
+    let slots = &mut st.slots;
+    let count = slots.len();
+    if count == 0 {
+        return;
+    }
+    let active = slots.active();
+    let preferred = slots.preferred();
+    // Only a preferred slot that is still handshaking may send while another slot is active:
+    // the handshakes of a slot that is being left behind (a rekey, or "no answer for 15 s")
+    // would make the keys being retired the newest again.
+    let preferred_waiting =
+        count > 1 && preferred.is_some_and(|p| Some(p) != active && !slots.has_session(p));
+    let mut sent = 0u64;
+    for position in 0..count {
+        let Some(slot) = slots.get_mut(position) else {
+            break;
+        };
+        let out = match slot.tunn.update_timers(buf) {
+            TunnResult::WriteToNetwork(out) => Some(&*out),
+            TunnResult::Err(WireGuardError::ConnectionExpired) => None,
+            TunnResult::Err(e) => {
+                tracing::trace!(peer = %peer.id, error = ?e, "timer error");
+                None
+            }
+            _ => None,
+        };
+        let Some(out) = out else {
+            continue;
+        };
+        let send = Some(position) == active
+            || (preferred_waiting
+                && Some(position) == preferred
+                && out.first() == Some(&HANDSHAKE_INIT_TYPE));
+        if send
+            && let Some(endpoint) = endpoint
+            && wire.send(out, endpoint)
+        {
+            sent += out.len() as u64;
+        }
+    }
+    if count > 1 {
+        slots.recompute_active();
+        // Move to the peer's new key (or ours) without waiting for traffic; `Tunn` sends
+        // nothing while a handshake is in progress and retries on its own schedule.
+        if let (Some(p), Some(endpoint)) = (slots.preferred(), endpoint)
+            && slots.active() != Some(p)
+            && !slots.has_session(p)
+            && let Some(slot) = slots.get_mut(p)
+            && let TunnResult::WriteToNetwork(out) =
+                slot.tunn.format_handshake_initiation(buf, false)
+            && wire.send(out, endpoint)
+        {
+            sent += out.len() as u64;
+        }
+    }
+    let newest = slots.newest_session();
+    st.handshake.observe(newest, wall);
+    st.tx_bytes += sent;
 }
 
 /// Blocks until `fd` or the stop eventfd is readable (or errors, or hangs up).

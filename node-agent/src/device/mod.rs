@@ -2,8 +2,10 @@
 //! built on boringtun's `noise::Tunn` (which does no I/O; this module is its caller).
 //!
 //! `Device::start` returns a [`DeviceHandle`] through which the node agent (in-process) or the
-//! UAPI server (for `wg(8)`) configures peers, reads counters and stops the device. The device
-//! owns its threads (see [`datapath`]), its peer table (see [`peer`]) and its timers (see
+//! UAPI server (for `wg(8)`) configures keys and peers, reads counters and stops the device. The
+//! device owns its threads (see [`datapath`]), its configuration state (see [`state`]: local
+//! keys, peer table, allowed IPs), the session slots of each peer (see [`slot`]: one `Tunn` per
+//! pair of local and remote key, so keys rotate without losing packets) and its timers (see
 //! [`timers`]); it does not configure addresses or routes on the interface.
 
 pub mod allowed_ips;
@@ -11,16 +13,15 @@ pub mod config;
 mod datapath;
 pub mod offload;
 pub mod peer;
+pub mod slot;
+mod state;
 pub mod timers;
 pub mod tun;
 pub mod udp;
 
-use allowed_ips::AllowedIps;
-use boringtun::noise::Tunn;
-use boringtun::noise::rate_limiter::RateLimiter;
-use boringtun::x25519::{PublicKey, StaticSecret};
 use config::{ConfigUpdate, DeviceSnapshot, Key, PeerSnapshot, PeerUpdate};
-use peer::{PeerId, PeerState, PeerTable};
+use peer::PeerId;
+use state::State;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -36,10 +37,6 @@ pub use datapath::{MAX_PACKET_BYTES, WG_OVERHEAD_BYTES};
 /// MTU of a new interface when none is configured: 1500 minus IPv6, UDP and WireGuard headers,
 /// as wireguard-go and wg-quick use.
 pub const DEFAULT_MTU: u32 = 1420;
-
-/// Handshake messages per second the device processes before demanding cookies. Each accepted
-/// initiation passes the shared limiter twice (once before the peer lookup, once in `Tunn`).
-const HANDSHAKES_PER_SECOND: u64 = 2 * 100;
 
 /// What a device starts with.
 #[derive(Debug, Clone)]
@@ -124,27 +121,6 @@ pub enum DeviceError {
     /// A thread or eventfd could not be created.
     #[error("starting device threads")]
     Spawn(#[source] io::Error),
-}
-
-/// State shared by the datapath threads and the handle, read-locked per batch.
-pub(crate) struct State {
-    pub(crate) private_key: Option<StaticSecret>,
-    pub(crate) public_key: Option<PublicKey>,
-    pub(crate) rate_limiter: Option<Arc<RateLimiter>>,
-    pub(crate) peers: PeerTable,
-    pub(crate) allowed_ips: AllowedIps<PeerId>,
-    pub(crate) fwmark: u32,
-}
-
-impl std::fmt::Debug for State {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("State")
-            .field("has_private_key", &self.private_key.is_some())
-            .field("peers", &self.peers.len())
-            .field("allowed_ips", &self.allowed_ips.len())
-            .field("fwmark", &self.fwmark)
-            .finish()
-    }
 }
 
 /// Everything the threads share.
@@ -259,14 +235,7 @@ impl Device {
 
         let shared = Arc::new(Shared {
             name: name.clone(),
-            state: RwLock::new(State {
-                private_key: None,
-                public_key: None,
-                rate_limiter: None,
-                peers: PeerTable::new(random_seed()),
-                allowed_ips: AllowedIps::new(),
-                fwmark: config.fwmark,
-            }),
+            state: RwLock::new(State::new(random_seed(), config.fwmark)),
             socket: RwLock::new((0, Arc::new(socket))),
             udp_offload: config.udp_offload,
             socket_generation: AtomicU64::new(0),
@@ -277,7 +246,7 @@ impl Device {
             clock: config.clock.unwrap_or_else(|| Arc::new(SystemClock)),
         });
         if let Some(key) = config.private_key {
-            set_private_key(&mut shared.write_state(), key);
+            shared.write_state().set_keys(Some(key), None);
         }
 
         let tun = Arc::new(tun);
@@ -362,13 +331,9 @@ impl DeviceHandle {
         self.inner.shared.socket().1.port()
     }
 
-    /// The device's public key, if it has a private key.
+    /// The device's (primary) public key, if it has a private key.
     pub fn public_key(&self) -> Option<Key> {
-        self.inner
-            .shared
-            .read_state()
-            .public_key
-            .map(|k| k.to_bytes())
+        self.inner.shared.read_state().public_key()
     }
 
     /// Applies a configuration change as one transaction with respect to the datapath.
@@ -376,8 +341,8 @@ impl DeviceHandle {
     pub fn apply(&self, update: &ConfigUpdate) -> Result<(), DeviceError> {
         let shared = &self.inner.shared;
         let mut state = shared.write_state();
-        if let Some(key) = update.private_key {
-            set_private_key(&mut state, key);
+        if update.private_key.is_some() || update.extra_private_keys.is_some() {
+            state.set_keys(update.private_key, update.extra_private_keys.as_deref());
         }
         if let Some(mark) = update.fwmark
             && mark != state.fwmark
@@ -394,20 +359,30 @@ impl DeviceHandle {
         }
         if update.replace_peers {
             for id in state.peers.ids() {
-                remove_peer(&mut state, id);
+                state.remove_peer(id);
             }
         }
+        let socket = shared.socket().1;
+        let mut send = |packet: &[u8], to| socket.send_to(packet, to).is_ok();
         for peer in &update.peers {
-            apply_peer(shared, &mut state, peer);
+            state.apply_peer(peer, &mut send);
         }
         Ok(())
     }
 
-    /// Sets (`Some`) or removes (`None`) the private key. Sessions survive only if the key is
-    /// unchanged.
+    /// Sets (`Some`) or removes (`None`) the primary private key; removing it removes the extra
+    /// keys too. Sessions survive only under keys the device keeps: setting the key it has, or
+    /// switching to one of its extra keys (the old primary then becomes an extra).
     pub fn set_private_key(&self, key: Option<Key>) {
         let mut state = self.inner.shared.write_state();
-        set_private_key(&mut state, key.unwrap_or([0; 32]));
+        state.set_keys(Some(key.unwrap_or([0; 32])), None);
+    }
+
+    /// Sets the extra private keys the device answers handshakes under (not initiating with
+    /// them); an empty list removes them. See [`ConfigUpdate::extra_private_keys`].
+    pub fn set_extra_private_keys(&self, keys: Vec<Key>) {
+        let mut state = self.inner.shared.write_state();
+        state.set_keys(None, Some(&keys));
     }
 
     /// Rebinds the UDP socket to `port` (0: keep the current one); returns the bound port.
@@ -418,30 +393,32 @@ impl DeviceHandle {
         Ok(shared.socket().1.port())
     }
 
-    /// Creates or updates the peer `update.public_key`; returns its id (`None` if it was
-    /// removed, or skipped because of `update_only` or because it is this device's own key).
+    /// Creates or updates the peer `update.public_key` (its primary or next key); returns its
+    /// id (`None` if it was removed, or skipped because of `update_only`, because it is this
+    /// device's own key, or refused because it would give the peer another peer's key).
     pub fn upsert_peer(&self, update: &PeerUpdate) -> Option<PeerId> {
         let shared = &self.inner.shared;
         let mut state = shared.write_state();
-        apply_peer(shared, &mut state, update)
+        let socket = shared.socket().1;
+        state.apply_peer(update, &mut |packet, to| socket.send_to(packet, to).is_ok())
     }
 
-    /// Removes the peer with this key; returns whether it existed.
+    /// Removes the peer known under this key (primary or next); returns whether it existed.
     pub fn remove_peer(&self, public_key: &Key) -> bool {
         let mut state = self.inner.shared.write_state();
-        match state.peers.by_key(public_key).map(|p| p.id) {
+        match state.peers.id_by_key(public_key) {
             Some(id) => {
-                remove_peer(&mut state, id);
+                state.remove_peer(id);
                 true
             }
             None => false,
         }
     }
 
-    /// The id of the peer with this key.
+    /// The id of the peer known under this key (primary or next).
     pub fn peer_id(&self, public_key: &Key) -> Option<PeerId> {
         let state = self.inner.shared.read_state();
-        state.peers.by_key(public_key).map(|p| p.id)
+        state.peers.id_by_key(public_key)
     }
 
     /// Configuration and counters of one peer.
@@ -449,7 +426,7 @@ impl DeviceHandle {
         let shared = &self.inner.shared;
         let state = shared.read_state();
         let wall = shared.clock.wall();
-        state.peers.get(id).map(|p| peer_snapshot(&state, p, wall))
+        state.peers.get(id).map(|p| state.peer_snapshot(p, wall))
     }
 
     /// The whole device, as `wg show` reports it.
@@ -458,13 +435,19 @@ impl DeviceHandle {
         let state = shared.read_state();
         let wall = shared.clock.wall();
         DeviceSnapshot {
-            private_key: state.private_key.as_ref().map(StaticSecret::to_bytes),
+            private_key: state.primary().map(|k| k.secret.to_bytes()),
+            extra_public_keys: state
+                .keys
+                .iter()
+                .skip(1)
+                .map(|k| k.public_bytes())
+                .collect(),
             listen_port: shared.socket().1.port(),
             fwmark: state.fwmark,
             peers: state
                 .peers
                 .iter()
-                .map(|p| peer_snapshot(&state, p, wall))
+                .map(|p| state.peer_snapshot(p, wall))
                 .collect(),
         }
     }
@@ -485,92 +468,9 @@ impl DeviceHandle {
     }
 }
 
-fn peer_snapshot(state: &State, peer: &peer::Peer, wall: std::time::SystemTime) -> PeerSnapshot {
-    let mut st = peer.lock();
-    let since = st.tunn.as_ref().and_then(Tunn::time_since_last_handshake);
-    let last_handshake = st.handshake.observe(since, wall);
-    PeerSnapshot {
-        public_key: peer.public_key,
-        preshared_key: st.preshared_key,
-        endpoint: st.endpoint,
-        last_handshake,
-        rx_bytes: st.rx_bytes,
-        tx_bytes: st.tx_bytes,
-        persistent_keepalive: st.keepalive,
-        allowed_ips: state.allowed_ips.prefixes_of(&peer.id),
-    }
-}
-
 fn random_seed() -> u64 {
     use rand_core::RngCore;
     rand_core::OsRng.next_u64()
-}
-
-fn new_tunn(
-    state: &State,
-    peer_key: &Key,
-    psk: Option<Key>,
-    keepalive: u16,
-    index: u32,
-) -> Option<Tunn> {
-    let secret = state.private_key.clone()?;
-    Some(Tunn::new(
-        secret,
-        PublicKey::from(*peer_key),
-        psk,
-        (keepalive != 0).then_some(keepalive),
-        index,
-        state.rate_limiter.clone(),
-    ))
-}
-
-fn set_private_key(state: &mut State, key: Key) {
-    let current = state.private_key.as_ref().map(StaticSecret::to_bytes);
-    let wanted = (key != [0; 32]).then_some(key);
-    if current == wanted {
-        // Re-sending the same key (wg setconf, syncconf) must not reset sessions.
-        return;
-    }
-    match wanted {
-        None => {
-            state.private_key = None;
-            state.public_key = None;
-            state.rate_limiter = None;
-            for peer in state.peers.iter() {
-                peer.lock().tunn = None;
-            }
-        }
-        Some(key) => {
-            let secret = StaticSecret::from(key);
-            let public = PublicKey::from(&secret);
-            // A peer with our own public key would be a loop; wireguard-go drops it too.
-            if let Some(own) = state.peers.by_key(public.as_bytes()).map(|p| p.id) {
-                remove_peer(state, own);
-            }
-            let limiter = Arc::new(RateLimiter::new(&public, HANDSHAKES_PER_SECOND));
-            state.private_key = Some(secret.clone());
-            state.public_key = Some(public);
-            state.rate_limiter = Some(limiter.clone());
-            for peer in state.peers.iter() {
-                let mut st = peer.lock();
-                match st.tunn.as_mut() {
-                    Some(tunn) => {
-                        tunn.set_static_private(secret.clone(), public, Some(limiter.clone()))
-                    }
-                    None => {
-                        st.tunn = Some(Tunn::new(
-                            secret.clone(),
-                            PublicKey::from(peer.public_key),
-                            st.preshared_key,
-                            (st.keepalive != 0).then_some(st.keepalive),
-                            peer.index,
-                            Some(limiter.clone()),
-                        ));
-                    }
-                }
-            }
-        }
-    }
 }
 
 fn rebind(shared: &Shared, port: u16, fwmark: u32) -> Result<(), DeviceError> {
@@ -589,108 +489,4 @@ fn rebind(shared: &Shared, port: u16, fwmark: u32) -> Result<(), DeviceError> {
     old.1.shutdown();
     tracing::info!(port, "listen port changed");
     Ok(())
-}
-
-fn remove_peer(state: &mut State, id: PeerId) {
-    state.allowed_ips.remove_value(&id);
-    state.peers.remove(id);
-}
-
-fn apply_peer(shared: &Shared, state: &mut State, update: &PeerUpdate) -> Option<PeerId> {
-    if state
-        .public_key
-        .is_some_and(|own| *own.as_bytes() == update.public_key)
-    {
-        return None;
-    }
-    let existing = state.peers.by_key(&update.public_key).map(|p| p.id);
-    if update.remove {
-        if let Some(id) = existing {
-            remove_peer(state, id);
-        }
-        return None;
-    }
-    let id = match existing {
-        Some(id) => id,
-        None if update.update_only => return None,
-        None => {
-            let psk = update.preshared_key.filter(|k| *k != [0; 32]);
-            let keepalive = update.persistent_keepalive.unwrap_or(0);
-            insert_peer(state, update.public_key, psk, keepalive)
-        }
-    };
-    let created = existing.is_none();
-    let peer = state.peers.get(id).cloned()?;
-    let mut st = peer.lock();
-    let mut rebuild = false;
-    if let Some(psk) = update.preshared_key {
-        let psk = (psk != [0; 32]).then_some(psk);
-        if psk != st.preshared_key {
-            st.preshared_key = psk;
-            rebuild = !created;
-        }
-    }
-    let mut keepalive_turned_on = false;
-    if let Some(keepalive) = update.persistent_keepalive
-        && keepalive != st.keepalive
-    {
-        keepalive_turned_on = st.keepalive == 0;
-        st.keepalive = keepalive;
-        rebuild = !created;
-    }
-    if let Some(endpoint) = update.endpoint {
-        st.endpoint = Some(endpoint);
-    }
-    if rebuild && st.tunn.is_some() {
-        // Tunn has no setters for these; a new one renegotiates at once below.
-        st.tunn = new_tunn(
-            state,
-            &peer.public_key,
-            st.preshared_key,
-            st.keepalive,
-            peer.index,
-        );
-    }
-    if (rebuild || keepalive_turned_on || (created && st.keepalive != 0)) && st.endpoint.is_some() {
-        // Like wireguard-go: a peer with keepalive on, or with renegotiated parameters, is
-        // contacted right away instead of on the first packet.
-        let endpoint = st.endpoint;
-        if let (Some(tunn), Some(endpoint)) = (st.tunn.as_mut(), endpoint) {
-            let mut buf = [0u8; 256];
-            if let boringtun::noise::TunnResult::WriteToNetwork(out) =
-                tunn.encapsulate(&[], &mut buf)
-            {
-                let len = out.len();
-                if shared.socket().1.send_to(out, endpoint).is_ok() {
-                    st.tx_bytes += len as u64;
-                }
-            }
-        }
-    }
-    drop(st);
-    if update.replace_allowed_ips {
-        state.allowed_ips.remove_value(&id);
-    }
-    for net in &update.allowed_ips {
-        state.allowed_ips.insert(*net, id);
-    }
-    Some(id)
-}
-
-fn insert_peer(state: &mut State, key: Key, psk: Option<Key>, keepalive: u16) -> PeerId {
-    let secret = state.private_key.clone();
-    let limiter = state.rate_limiter.clone();
-    state.peers.insert(key, |index| {
-        let tunn = secret.map(|secret| {
-            Tunn::new(
-                secret,
-                PublicKey::from(key),
-                psk,
-                (keepalive != 0).then_some(keepalive),
-                index,
-                limiter,
-            )
-        });
-        PeerState::new(tunn, psk, keepalive)
-    })
 }

@@ -1,5 +1,5 @@
 //! Time as the device loop sees it: a swappable clock, the tick schedule of the timer thread and
-//! the wall-clock time of a peer's last handshake.
+//! the wall-clock time of a handshake (a peer's last one, a session slot's current one).
 //!
 //! `Tunn` keeps its own protocol timers (rekey, retransmit, keepalive, expiry); the loop only has
 //! to call `Tunn::update_timers` often enough. What the loop decides itself lives here, as pure
@@ -7,11 +7,12 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
-/// How often every peer's `Tunn::update_timers` runs. boringtun rounds its timers to this
-/// cadence, so it bounds the precision of retransmits and of the reported handshake time.
+/// How often `Tunn::update_timers` runs for every session slot of every peer. boringtun rounds
+/// its timers to this cadence, so it bounds the precision of retransmits and of the reported
+/// handshake time.
 pub const TIMER_TICK: Duration = Duration::from_millis(100);
 
-/// How often the shared handshake rate limiter's counter is reset (its window is one second).
+/// How often the handshake rate limiters' counters are reset (their window is one second).
 pub const RATE_LIMITER_RESET: Duration = Duration::from_secs(1);
 
 /// A reported last-handshake time that moves by less than this is kept as it was, so `wg show`
@@ -42,9 +43,9 @@ impl Clock for SystemClock {
 /// What the timer thread must do on one wake-up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TickWork {
-    /// Run `update_timers` on every peer.
+    /// Run `update_timers` on every peer's session slots.
     pub update_peers: bool,
-    /// Reset the shared rate limiter's counter.
+    /// Reset the rate limiters' counters (one per local key).
     pub reset_rate_limiter: bool,
 }
 
@@ -100,7 +101,7 @@ fn advance(from: Instant, period: Duration, now: Instant) -> Instant {
     from + period * steps
 }
 
-/// The wall-clock time of a peer's last handshake.
+/// The wall-clock time of a handshake: a peer's last one, or a session slot's current one.
 ///
 /// `Tunn` only says how long ago its current session was established, and forgets once the
 /// session expires. WireGuard reports the handshake as wall time (seconds and nanoseconds since

@@ -275,7 +275,7 @@ pub fn render_error(err: &UapiError) -> String {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::device::config::PeerSnapshot;
+    use crate::device::config::{PeerSnapshot, SessionSnapshot};
     use std::time::Duration;
 
     const K1: &str = "e84b5a6d2717c1003a13b431570353dbaca9146cf150c5f8575680feba52027a";
@@ -416,12 +416,23 @@ mod tests {
 
     #[test]
     fn get_answer_has_wireguard_go_fields_in_order() {
+        // Rotation state (extra keys, a peer's next key, its session slots) is never shown:
+        // `wg show` sees one private key and one key per peer.
         let snapshot = DeviceSnapshot {
             private_key: decode_hex_key(K1),
+            extra_public_keys: vec![decode_hex_key(PSK).unwrap()],
             listen_port: 51820,
             fwmark: 0,
             peers: vec![PeerSnapshot {
                 public_key: decode_hex_key(K2).unwrap(),
+                next_public_key: decode_hex_key(PSK),
+                sessions: vec![SessionSnapshot {
+                    local_public_key: decode_hex_key(PSK).unwrap(),
+                    remote_public_key: decode_hex_key(PSK).unwrap(),
+                    established: None,
+                    rx_data_packets: 3,
+                    active: true,
+                }],
                 preshared_key: None,
                 endpoint: Some("[::ffff:192.0.2.1]:4000".parse().unwrap()),
                 last_handshake: Some(
@@ -457,10 +468,13 @@ mod tests {
         // `wg showconf` turns a get answer into a config that `wg setconf` sends back.
         let snapshot = DeviceSnapshot {
             private_key: decode_hex_key(K1),
+            extra_public_keys: Vec::new(),
             listen_port: 4242,
             fwmark: 7,
             peers: vec![PeerSnapshot {
                 public_key: decode_hex_key(K2).unwrap(),
+                next_public_key: None,
+                sessions: Vec::new(),
                 preshared_key: decode_hex_key(PSK),
                 endpoint: Some("[fd00::1]:51820".parse().unwrap()),
                 last_handshake: None,
