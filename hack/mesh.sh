@@ -11,6 +11,8 @@
 #   hack/mesh.sh remove-node NODE      stop the node's agent, delete its Node and netns
 #   hack/mesh.sh stop-agent NODE [SIG] stop a node's agent (default TERM; KILL for a crash)
 #   hack/mesh.sh start-agent NODE      start a node's agent again
+#   hack/mesh.sh stop-operator [SIG]   stop the operator (default TERM; KILL for a crash)
+#   hack/mesh.sh start-operator        start the operator again
 #   hack/mesh.sh down [--dir DIR]      stop everything, delete every namespace
 #   hack/mesh.sh env [--dir DIR]       print the variables tests and people use
 #
@@ -80,8 +82,16 @@ start_agent() {
 	echo $! >"$dir/pids/agent-$node"
 }
 
-stop_agent() {
-	local node=$1 sig=${2:-TERM} pidf="$dir/pids/agent-$1"
+start_operator() {
+	mkdir -p "$dir/logs" "$dir/pids"
+	ip netns exec "$(ns_cp)" env KUBECONFIG="$dir/cp/kubeconfig" RUST_LOG=info,kube=warn \
+		"$MESH_BIN/wgmesh-operator" --metrics-addr "${MESH_NET}.2:9090" --lease-duration-seconds 5 \
+		>>"$dir/logs/operator.log" 2>&1 &
+	echo $! >"$dir/pids/operator"
+}
+
+stop_pid() {
+	local pidf=$1 sig=$2
 	[[ -f $pidf ]] || return 0
 	local pid
 	pid=$(cat "$pidf")
@@ -92,6 +102,10 @@ stop_agent() {
 	done
 	kill -KILL "$pid" 2>/dev/null || true
 	rm -f "$pidf"
+}
+
+stop_agent() {
+	stop_pid "$dir/pids/agent-$1" "${2:-TERM}"
 }
 
 add_node() {
@@ -232,10 +246,7 @@ spec:
   cidrs: ["10.244.0.0/16", "fd00:10:244::/56"]
   nodePrefixLength: {ipv4: 24, ipv6: 64}
 YAML
-	ip netns exec "$(ns_cp)" env KUBECONFIG="$dir/cp/kubeconfig" RUST_LOG=info,kube=warn \
-		"$MESH_BIN/wgmesh-operator" --metrics-addr "${MESH_NET}.2:9090" --lease-duration-seconds 5 \
-		>>"$dir/logs/operator.log" 2>&1 &
-	echo $! >"$dir/pids/operator"
+	start_operator
 
 	for i in $(seq "$nodes"); do
 		log "node-$i at $(node_ip "node-$i") in netns $(ns_node "node-$i")"
@@ -262,6 +273,8 @@ add-node)
 remove-node) remove_node "${args[0]:?NODE}" ;;
 stop-agent) stop_agent "${args[0]:?NODE}" "${args[1]:-TERM}" ;;
 start-agent) start_agent "${args[0]:?NODE}" ;;
+stop-operator) stop_pid "$dir/pids/operator" "${args[0]:-TERM}" ;;
+start-operator) start_operator ;;
 *)
 	usage
 	exit 1

@@ -186,7 +186,6 @@ pub struct RotationGrant {
     pub granted_at: Option<Time>,
     /// Why: `NodeRequest` (this peer's `spec.keyRotation`), `MeshRequest` (the `Mesh`'s),
     /// or `Interval` (the key reached the mesh's rotation interval).
-    #[serde(default)]
     pub reason: String,
 }
 
@@ -197,7 +196,6 @@ pub struct KeyRotationStatus {
     /// `Prepared` (the next key is published, peers are installing it), `Switched` (the
     /// node initiates with the next key and still answers under the old one), or
     /// `Completed` (the old key is retired).
-    #[serde(default)]
     pub phase: String,
     /// The generation being rotated away from; after `Completed`, the new generation.
     #[serde(default)]
@@ -230,8 +228,12 @@ pub struct KeyRotationStatus {
 pub struct InstalledKey {
     /// The peer's name.
     pub peer: String,
-    /// The newest generation of the peer's key this node accepts handshakes from.
+    /// The generation of the peer's next key this node installed.
     pub generation: i64,
+    /// That key: an acknowledgement is for one key, never for whatever key has the
+    /// generation.
+    #[schemars(schema_with = "crate::common::key_schema")]
+    pub public_key: String,
 }
 
 /// What the operator approved for a peer.

@@ -24,6 +24,10 @@
 //!
 //! A rotation that is due again while one is under way does not restart it: due-ness is
 //! judged against the key's creation time, and the next key is created after the request.
+//!
+//! Crashes: `PrepareNext` and `Switch` are re-issued by the persisted phase; the effects of
+//! `Retire`, `Abandon` and `Laggards` (the key swap, the discarded next key, the names) are
+//! stored in the same atomic write as the phase they lead to, so they are never lost.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime};
@@ -53,6 +57,9 @@ pub struct NodeKeyView {
     pub requested_at: Option<SystemTime>,
     /// Whether it is rotating now (it holds a grant, or announced a next key).
     pub rotating: bool,
+    /// When its last rotation of the current key was abandoned (its next key was never
+    /// approved): only a request made after that instant starts another.
+    pub abandoned_at: Option<SystemTime>,
 }
 
 /// A node's deterministic jitter: the same node always gets the same share of the interval,
@@ -83,19 +90,21 @@ pub enum Due {
     Interval,
 }
 
-/// Whether `node` is due at `now`, and why.
+/// Whether `node` is due at `now`, and why. A node whose rotation was abandoned is due
+/// again only by a request made after the abandonment: retrying at once would repeat what
+/// failed and hold a rotation slot for ever.
 pub fn due(node: &NodeKeyView, policy: &Policy, now: SystemTime) -> Option<Due> {
-    if node
-        .requested_at
-        .is_some_and(|r| node.key_created_at < r && r <= now)
-    {
+    let after = |r: SystemTime| {
+        node.key_created_at < r && r <= now && node.abandoned_at.is_none_or(|a| a < r)
+    };
+    if node.requested_at.is_some_and(after) {
         return Some(Due::NodeRequest);
     }
-    if policy
-        .mesh_requested_at
-        .is_some_and(|r| node.key_created_at < r && r <= now)
-    {
+    if policy.mesh_requested_at.is_some_and(after) {
         return Some(Due::MeshRequest);
+    }
+    if node.abandoned_at.is_some() {
+        return None;
     }
     let interval = policy.interval?;
     let at = node
@@ -169,8 +178,9 @@ pub enum Action {
     Switch,
     /// Zero and delete the old key; publish the next as current with `generation`.
     Retire { generation: i64 },
-    /// The next key was never approved: discard it and stay on the current key. Peers
-    /// never learned it, so nothing else changes.
+    /// The next key was never approved: stop publishing it and stay on the current key. An
+    /// approval may have crossed this decision, so the key stays answered (as a previous
+    /// key) for the acknowledge timeout before it is deleted.
     Abandon,
     /// Report peers that did not keep up; the rotation went on without them.
     Laggards {
@@ -320,20 +330,27 @@ pub enum KeyRole {
     Current,
     /// The next key, while rotating.
     Next,
-    /// The retired key, kept for external peers during their grace period.
+    /// Keys no longer the node's that are still answered until a deadline: a retired key
+    /// during external peers' grace period, an abandoned next key while an approval of it
+    /// may still be in flight.
     Previous,
 }
 
 /// The device's keys in `phase`: (initiating key, answered-only keys). The next key is
 /// answered from the moment it exists, before it is published, so a peer that learns it can
-/// never reach a node that does not hold it; the old key is answered until it is retired.
+/// never reach a node that does not hold it; the old key is answered until it is retired;
+/// previous keys (retired keys in their grace period, abandoned next keys an approval may
+/// still be on its way for) are answered in every phase until their deadline.
 pub fn device_keys(phase: Phase, has_previous: bool) -> (KeyRole, Vec<KeyRole>) {
-    match phase {
-        Phase::Steady { .. } if has_previous => (KeyRole::Current, vec![KeyRole::Previous]),
+    let (initiating, mut answered) = match phase {
         Phase::Steady { .. } => (KeyRole::Current, vec![]),
         Phase::Prepared { .. } => (KeyRole::Current, vec![KeyRole::Next]),
         Phase::Switched { .. } => (KeyRole::Next, vec![KeyRole::Current]),
+    };
+    if has_previous {
+        answered.push(KeyRole::Previous);
     }
+    (initiating, answered)
 }
 
 /// Until when a retired key is still answered: for the grace period if the mesh has
@@ -352,12 +369,19 @@ pub fn previous_key_until(
 /// When `node` becomes due on its own (a request in the future, or its interval with
 /// jitter), for the operator's requeue; `None` if nothing is pending.
 pub fn next_due_at(node: &NodeKeyView, policy: &Policy, now: SystemTime) -> Option<SystemTime> {
-    let future = |r: Option<SystemTime>| r.filter(|r| *r > now && node.key_created_at < *r);
-    let interval = policy.interval.and_then(|i| {
-        node.key_created_at
-            .checked_add(i)?
-            .checked_add(jitter(&node.name, i))
-    });
+    let future = |r: Option<SystemTime>| {
+        r.filter(|r| {
+            *r > now && node.key_created_at < *r && node.abandoned_at.is_none_or(|a| a < *r)
+        })
+    };
+    let interval = policy
+        .interval
+        .filter(|_| node.abandoned_at.is_none())
+        .and_then(|i| {
+            node.key_created_at
+                .checked_add(i)?
+                .checked_add(jitter(&node.name, i))
+        });
     [
         future(node.requested_at),
         future(policy.mesh_requested_at),
@@ -382,6 +406,7 @@ mod tests {
             key_created_at: at(created),
             requested_at: requested.map(at),
             rotating,
+            abandoned_at: None,
         }
     }
 

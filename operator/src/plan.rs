@@ -465,7 +465,7 @@ pub fn plan(snap: &Snapshot) -> Plan {
                     snap.now,
                 );
                 if let Some(g) = &g
-                    && rotations.active_grant.get(name).is_none()
+                    && !rotations.active_grant.contains_key(name)
                 {
                     out.rotations_granted.push((name.to_owned(), due_from(&g.reason)));
                     out.events.push(EventSpec {
@@ -777,10 +777,18 @@ fn rotation_views(
             continue;
         };
         let generation = status.key_generation.unwrap_or(0);
-        let grant = status
-            .rotation_grant
-            .clone()
-            .filter(|g| g.generation == generation);
+        // The agent gave up a rotation of this key (its next key was never approved).
+        let abandoned_at = status
+            .rotation
+            .as_ref()
+            .filter(|r| r.phase == "Abandoned" && r.generation == generation)
+            .and_then(|r| r.since.as_ref())
+            .map(system_time);
+        let grant = status.rotation_grant.clone().filter(|g| {
+            g.generation == generation
+                && abandoned_at
+                    .is_none_or(|a| g.granted_at.as_ref().is_some_and(|t| system_time(t) > a))
+        });
         let rotating = grant.is_some() || status.next_public_key.is_some();
         if let Some(g) = grant {
             active_grant.insert(name.to_owned(), g);
@@ -795,6 +803,7 @@ fn rotation_views(
                 .and_then(|r| r.requested_at.as_ref())
                 .map(system_time),
             rotating,
+            abandoned_at,
         });
     }
     RotationViews {
@@ -882,6 +891,20 @@ fn rotation_state(
             ),
         )
     } else {
+        if let Some(a) = agent.filter(|a| a.phase == "Abandoned" && a.generation == generation) {
+            return (
+                None,
+                Some(Desired::new(
+                    condition::ROTATING,
+                    false,
+                    "Abandoned",
+                    format!(
+                        "the rotation of key generation {} was abandoned: its next key was not approved in time (see the Ready condition's message and the operator's Events); set spec.keyRotation.requestedAt to retry",
+                        a.generation
+                    ),
+                )),
+            );
+        }
         match agent.filter(|a| a.phase == "Completed") {
             Some(a) if !a.laggards.is_empty() => Desired::new(
                 condition::ROTATING,

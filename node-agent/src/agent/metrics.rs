@@ -43,6 +43,22 @@ pub struct Metrics {
     pub peer_tx: Family<PeerLabels, Gauge>,
     /// Seconds since each peer's last handshake.
     pub peer_handshake_age: Family<PeerLabels, Gauge>,
+    /// The node's current key generation.
+    pub key_generation: Gauge,
+    /// The node's rotation phase: 0 steady, 1 prepared, 2 switched.
+    pub rotation_phase: Gauge,
+    /// Rotations ended, by result: `completed`, `laggards` (completed without some peers),
+    /// `abandoned` (the next key was never approved).
+    pub rotations: Family<ResultLabels, Counter>,
+    /// Seconds the last completed rotation took, from generating the next key to retiring
+    /// the old one.
+    pub rotation_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+}
+
+/// Labels of the rotation counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: String,
 }
 
 impl Metrics {
@@ -59,7 +75,31 @@ impl Metrics {
             peer_rx: Family::default(),
             peer_tx: Family::default(),
             peer_handshake_age: Family::default(),
+            key_generation: Gauge::default(),
+            rotation_phase: Gauge::default(),
+            rotations: Family::default(),
+            rotation_seconds: Gauge::default(),
         };
+        registry.register(
+            "key_generation",
+            "The node's current WireGuard key generation",
+            m.key_generation.clone(),
+        );
+        registry.register(
+            "key_rotation_phase",
+            "The node's key rotation phase: 0 steady, 1 prepared, 2 switched",
+            m.rotation_phase.clone(),
+        );
+        registry.register(
+            "key_rotations",
+            "Key rotations ended, by result (completed, laggards, abandoned)",
+            m.rotations.clone(),
+        );
+        registry.register(
+            "key_rotation_duration_seconds",
+            "Seconds the last completed key rotation took",
+            m.rotation_seconds.clone(),
+        );
         registry.register("applies", "Passes run", m.applies.clone());
         registry.register("errors", "Errors by stage", m.errors.clone());
         registry.register(
@@ -113,6 +153,15 @@ impl Metrics {
         self.errors
             .get_or_create(&StageLabels {
                 stage: stage.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts one ended rotation.
+    pub fn rotation_ended(&self, result: &str) {
+        self.rotations
+            .get_or_create(&ResultLabels {
+                result: result.to_owned(),
             })
             .inc();
     }

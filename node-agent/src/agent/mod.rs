@@ -11,10 +11,11 @@ pub mod masquerade;
 pub mod metrics;
 pub mod netlink;
 pub mod observe;
+pub mod rotation;
 
 use crate::device::config::{ConfigUpdate, Key, PeerUpdate};
 use crate::device::{Device, DeviceConfig, DeviceHandle};
-use crate::key::NodeKey;
+use crate::key::KeyState;
 use crate::uapi::server::UapiServer;
 use anyhow::Context;
 use base64::Engine;
@@ -33,7 +34,7 @@ use kube::{
     },
 };
 use metrics::Metrics;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -43,12 +44,14 @@ use tracing::{error, info, warn};
 use wgmesh_api::{
     Condition, ConditionStatus, Mesh, MeshPeer, MeshPeerStatus, PodCIDRPool,
     consts::{AGENT_MANAGER, DEFAULT_MESH, condition},
-    peer::Connectivity,
+    peer::{Connectivity, InstalledKey},
 };
 use wgmesh_core::topology::{self, LocalNode, NodePlan, Route};
 
 /// How often a pass runs without events: re-adds routes the kernel lost, refreshes stats.
 const RESYNC: Duration = Duration::from_secs(10);
+/// How often a pass runs while this node rotates its key: it watches its sessions move.
+const ROTATION_TICK: Duration = Duration::from_millis(500);
 /// Connectivity (handshake times) is written at most this often.
 const CONNECTIVITY_INTERVAL: Duration = Duration::from_secs(60);
 /// A peer counts as connected if its last handshake is this recent.
@@ -128,7 +131,14 @@ where
 /// The state the agent keeps between passes.
 struct Agent {
     args: AgentArgs,
-    key: NodeKey,
+    keys: KeyState,
+    rotator: rotation::Rotator,
+    /// The device's peers by name, as this agent configured them (their primary keys).
+    device_names: BTreeMap<String, Key>,
+    /// The device keys last applied: (initiating key, answered-only keys).
+    device_keys_applied: Option<(Key, Vec<Key>)>,
+    /// This node's acknowledgements of rotating peers' next keys, for status.
+    installed_keys: Vec<InstalledKey>,
     netlink: netlink::Netlink,
     device: Option<DeviceHandle>,
     device_error: Option<String>,
@@ -136,9 +146,9 @@ struct Agent {
     peers_api: Api<MeshPeer>,
     recorder: Recorder,
     metrics: Arc<Metrics>,
-    /// The endpoint last configured per peer key: the device may roam away from it, and
+    /// The endpoint last configured per peer name: the device may roam away from it, and
     /// the agent must not undo that unless the approved endpoint itself changes.
-    endpoints_set: BTreeMap<Key, Option<SocketAddr>>,
+    endpoints_set: BTreeMap<String, Option<SocketAddr>>,
     masquerade_loaded: Option<String>,
     last_status: Option<serde_json::Value>,
     last_connectivity_write: Option<Instant>,
@@ -186,9 +196,16 @@ fn time(t: SystemTime) -> Option<Time> {
 
 /// Runs the agent until interrupted.
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
-    let (key, fresh) = NodeKey::load_or_generate(&args.state_dir, SystemTime::now())
+    let (keys, fresh) = KeyState::load_or_generate(&args.state_dir, SystemTime::now())
         .context("loading the node's WireGuard key")?;
-    info!(public_key = %key.public_base64(), generated = fresh, node = %args.node_name, "node key ready");
+    info!(
+        public_key = %keys.current.public_base64(),
+        generation = keys.current.generation,
+        rotation = ?keys.phase,
+        generated = fresh,
+        node = %args.node_name,
+        "node key ready"
+    );
     enable_forwarding();
 
     let client = kube::Client::try_default()
@@ -238,7 +255,11 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         instance: Some(args.node_name.clone()),
     };
     let mut agent = Agent {
-        key,
+        keys,
+        rotator: rotation::Rotator::default(),
+        device_names: BTreeMap::new(),
+        device_keys_applied: None,
+        installed_keys: Vec::new(),
         netlink,
         device: None,
         device_error: None,
@@ -262,9 +283,22 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         if let Err(e) = agent.pass(&caches).await {
             error!(error = %format!("{e:#}"), "pass failed");
         }
+        let resync = if rotation::Rotator::active(&agent.keys) {
+            ROTATION_TICK
+        } else {
+            // Wake when a retired key's grace period ends, to delete it on time.
+            agent
+                .keys
+                .previous
+                .iter()
+                .map(|(_, until)| *until)
+                .min()
+                .and_then(|until| until.duration_since(SystemTime::now()).ok())
+                .map_or(RESYNC, |d| d.min(RESYNC) + Duration::from_millis(50))
+        };
         tokio::select! {
             _ = notify.notified() => tokio::time::sleep(Duration::from_millis(100)).await,
-            _ = tokio::time::sleep(RESYNC) => {}
+            _ = tokio::time::sleep(resync) => {}
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
         }
@@ -335,11 +369,12 @@ impl Agent {
             self.underlay_mtu(endpoint).await,
             endpoint.is_some_and(|e| e.is_ipv6()),
         );
+        let (primary, _) = self.keys.device_keys();
         let config = DeviceConfig {
             mtu: Some(mtu),
             up: true,
             listen_port: mesh.listen_port,
-            private_key: Some(self.key.secret_bytes()),
+            private_key: Some(primary),
             ..DeviceConfig::new(self.args.interface.clone())
         };
         match Device::start(config) {
@@ -353,6 +388,8 @@ impl Agent {
                 }
                 self.device = Some(handle);
                 self.device_error = None;
+                self.device_keys_applied = None;
+                self.apply_device_keys();
                 self.metrics.device_up.set(1);
             }
             Err(e) => {
@@ -432,9 +469,14 @@ impl Agent {
             &pools,
         );
 
+        // Key rotation: step it, then give the device the keys its phase calls for.
+        self.rotate(own.as_deref(), &peers, &approved, &mesh).await;
+        self.apply_device_keys();
+
         // Apply: device, addresses, routes, CNI, masquerade.
         if let (Some(device), Some(index)) = (&self.device, device_index) {
-            self.apply_device(device.clone(), &plan);
+            let next_generations = observe::next_generations(peers.iter().map(AsRef::as_ref));
+            self.installed_keys = self.apply_device(device.clone(), &plan, &next_generations);
             for subnet in &own_subnets {
                 // The subnet's first address, as a host address on the WireGuard
                 // interface: the source of the node's own traffic to remote pods, which
@@ -490,63 +532,349 @@ impl Agent {
         }
 
         self.report_fallback(&plan).await;
-        self.update_peer_metrics(&approved);
-        self.publish_status(own.as_deref(), endpoint, device_up, routes_ok, &plan)
-            .await;
+        self.update_peer_metrics();
+        self.publish_status(
+            own.as_deref(),
+            endpoint,
+            device_up,
+            routes_ok,
+            &plan,
+            &approved,
+        )
+        .await;
         Ok(())
     }
 
     /// Brings the device's peers to the plan: removes the ones not wanted, adds or updates
-    /// the ones that differ, and leaves every other peer (and its session) alone.
-    fn apply_device(&mut self, device: DeviceHandle, plan: &NodePlan) {
+    /// the ones that differ, and leaves every other peer (and its session) alone. Peers are
+    /// matched by name, so a peer whose key changes (a rotation's next key, its promotion,
+    /// an external peer's new key) is updated in place and keeps its sessions under the
+    /// keys it still has. Returns the rotating peers whose next key is now installed, with
+    /// that key's generation: this node's acknowledgements.
+    fn apply_device(
+        &mut self,
+        device: DeviceHandle,
+        plan: &NodePlan,
+        next_generations: &BTreeMap<String, i64>,
+    ) -> Vec<InstalledKey> {
         let current = device.snapshot();
-        let mut desired: BTreeMap<Key, &topology::DevicePeer> = BTreeMap::new();
-        for p in plan.device_peers.values() {
-            if let Some(k) = decode_key(&p.public_key) {
-                desired.insert(k, p);
+        let by_key = |k: &Key| current.peers.iter().find(|p| p.public_key == *k);
+        let mut update = ConfigUpdate::default();
+        // Peers the agent configured that are no longer wanted, and peers it never
+        // configured (someone used `wg set`), go.
+        let wanted: BTreeSet<&str> = plan.device_peers.keys().map(String::as_str).collect();
+        for (name, key) in &self.device_names {
+            if !wanted.contains(name.as_str()) {
+                let mut u = PeerUpdate::new(*key);
+                u.remove = true;
+                update.peers.push(u);
             }
         }
-        let mut update = ConfigUpdate::default();
+        let known: BTreeSet<Key> = self.device_names.values().copied().collect();
         for peer in &current.peers {
-            if !desired.contains_key(&peer.public_key) {
+            if !known.contains(&peer.public_key) {
                 let mut u = PeerUpdate::new(peer.public_key);
                 u.remove = true;
                 update.peers.push(u);
-                self.endpoints_set.remove(&peer.public_key);
             }
         }
-        for (key, want) in &desired {
-            let have = current.peers.iter().find(|p| p.public_key == *key);
+        self.device_names
+            .retain(|name, _| wanted.contains(name.as_str()));
+        self.endpoints_set
+            .retain(|name, _| wanted.contains(name.as_str()));
+        let mut acks = Vec::new();
+        let mut configured = BTreeMap::new();
+        for (name, want) in &plan.device_peers {
+            let Some(key) = decode_key(&want.public_key) else {
+                continue;
+            };
+            let next = want.next_public_key.as_deref().and_then(decode_key);
+            let have_key = self.device_names.get(name).copied();
+            let have = have_key.and_then(|k| by_key(&k));
             let mut allowed = want.allowed_ips.clone();
             allowed.sort();
-            let endpoint_changed = self.endpoints_set.get(key) != Some(&want.endpoint);
+            let endpoint_changed = self.endpoints_set.get(name) != Some(&want.endpoint);
             let same = have.is_some_and(|h| {
                 let mut a = h.allowed_ips.clone();
                 a.sort();
-                a == allowed
+                h.public_key == key
+                    && h.next_public_key == next
+                    && a == allowed
                     && h.persistent_keepalive == want.persistent_keepalive
                     && !endpoint_changed
             });
-            if same {
-                continue;
+            configured.insert(name.clone(), key);
+            if !same {
+                let mut u = PeerUpdate::new(have.map_or(key, |h| h.public_key));
+                if have.is_some_and(|h| h.public_key != key) {
+                    u.new_public_key = Some(key);
+                }
+                u.next_public_key = Some(next);
+                u.replace_allowed_ips = true;
+                u.allowed_ips = allowed;
+                u.persistent_keepalive = Some(want.persistent_keepalive);
+                if endpoint_changed {
+                    u.endpoint = want.endpoint;
+                    self.endpoints_set.insert(name.clone(), want.endpoint);
+                }
+                update.peers.push(u);
             }
-            let mut u = PeerUpdate::new(*key);
-            u.replace_allowed_ips = true;
-            u.allowed_ips = allowed;
-            u.persistent_keepalive = Some(want.persistent_keepalive);
-            if endpoint_changed {
-                u.endpoint = want.endpoint;
-                self.endpoints_set.insert(*key, want.endpoint);
+            if next.is_some()
+                && let Some(generation) = next_generations.get(name)
+            {
+                acks.push(InstalledKey {
+                    peer: name.clone(),
+                    generation: *generation,
+                    public_key: want.next_public_key.clone().unwrap_or_default(),
+                });
             }
-            update.peers.push(u);
         }
-        if update.peers.is_empty() {
+        if !update.peers.is_empty() {
+            info!(changes = update.peers.len(), "updating WireGuard peers");
+            if let Err(e) = device.apply(&update) {
+                self.metrics.error("device");
+                warn!(error = %e, "configuring the device failed");
+                // Acknowledge nothing that may not be installed.
+                return Vec::new();
+            }
+        }
+        self.device_names = configured;
+        acks
+    }
+
+    /// One step of this node's own key rotation (see `rotation`), with its Events, logs and
+    /// metrics.
+    async fn rotate(
+        &mut self,
+        own: Option<&MeshPeer>,
+        peers: &[Arc<MeshPeer>],
+        approved: &[topology::ApprovedPeer],
+        mesh: &observe::MeshSettings,
+    ) {
+        let status = own.and_then(|o| o.status.as_ref());
+        // A grant older than an abandonment of this key is spent: only a new request (a new
+        // grant) starts another rotation.
+        let granted = status
+            .and_then(|s| s.rotation_grant.as_ref())
+            .is_some_and(|g| {
+                g.generation == self.keys.current.generation
+                    && self.keys.abandoned_at.is_none_or(|a| {
+                        g.granted_at
+                            .as_ref()
+                            .is_some_and(|t| SystemTime::from(t.0) > a)
+                    })
+            });
+        let next_approved = match (&self.keys.next, status.and_then(|s| s.approved.as_ref())) {
+            (Some(next), Some(a)) => a.next_public_key.as_deref() == Some(&next.public_base64()),
+            _ => false,
+        };
+        let inputs = rotation::Inputs {
+            granted,
+            next_approved,
+            peers: approved
+                .iter()
+                .filter(|p| p.is_node)
+                .map(|p| p.name.clone())
+                .collect(),
+            acknowledged: match &self.keys.next {
+                Some(next) => observe::acknowledged(
+                    peers.iter().map(AsRef::as_ref),
+                    &self.args.node_name,
+                    &next.public_base64(),
+                ),
+                None => BTreeSet::new(),
+            },
+            has_external_peers: approved.iter().any(|p| !p.is_node),
+            external_grace: mesh.external_grace,
+        };
+        let snapshot = self
+            .device
+            .as_ref()
+            .map(DeviceHandle::snapshot)
+            .unwrap_or_default();
+        let device_peers = rotation::Rotator::by_name(&snapshot, &self.device_names);
+        let notices = match self.rotator.tick(
+            &mut self.keys,
+            &inputs,
+            &mesh.rotation_timeouts,
+            &device_peers,
+            &self.args.state_dir,
+            SystemTime::now(),
+        ) {
+            Ok(n) => n,
+            Err(e) => {
+                self.metrics.error("key");
+                error!(error = %e, "storing the key rotation state failed; retrying");
+                return;
+            }
+        };
+        self.metrics
+            .key_generation
+            .set(self.keys.current.generation);
+        self.metrics.rotation_phase.set(match self.keys.phase {
+            wgmesh_core::rotation::Phase::Steady { .. } => 0,
+            wgmesh_core::rotation::Phase::Prepared { .. } => 1,
+            wgmesh_core::rotation::Phase::Switched { .. } => 2,
+        });
+        for notice in notices {
+            let (warning, reason, note) = match &notice {
+                rotation::Notice::Prepared { generation } => {
+                    info!(generation, next = %self.keys.next.as_ref().map(|k| k.public_base64()).unwrap_or_default(), "key rotation: next key generated; publishing it");
+                    (
+                        false,
+                        "RotationPrepared",
+                        format!(
+                            "generated the next key (generation {}); peers are installing it",
+                            generation + 1
+                        ),
+                    )
+                }
+                rotation::Notice::Switched { generation } => {
+                    info!(
+                        generation,
+                        "key rotation: initiating with the next key; still answering under the old one"
+                    );
+                    (
+                        false,
+                        "RotationSwitched",
+                        format!(
+                            "initiating handshakes with the generation {} key; still answering under generation {generation}",
+                            generation + 1
+                        ),
+                    )
+                }
+                rotation::Notice::Completed {
+                    generation,
+                    took,
+                    laggards,
+                } => {
+                    let secs = took.map(|d| d.as_secs_f64()).unwrap_or_default();
+                    self.metrics.rotation_seconds.set(secs);
+                    self.metrics.rotation_ended(if laggards.is_empty() {
+                        "completed"
+                    } else {
+                        "laggards"
+                    });
+                    info!(
+                        generation,
+                        seconds = secs,
+                        ?laggards,
+                        "key rotation completed; the old key is retired"
+                    );
+                    let kept = self
+                        .keys
+                        .previous
+                        .iter()
+                        .map(|(_, until)| *until)
+                        .max()
+                        .map(|until| {
+                            format!(
+                                "; it is still answered for external peers until {}",
+                                time(until).map(|t| t.0.to_string()).unwrap_or_default()
+                            )
+                        })
+                        .unwrap_or_else(|| "; its secret is deleted".into());
+                    (
+                        !laggards.is_empty(),
+                        "RotationCompleted",
+                        format!(
+                            "key generation {generation} in use after {secs:.1}s; the old key is retired{kept}{}",
+                            if laggards.is_empty() {
+                                String::new()
+                            } else {
+                                format!("; peers that did not keep up: {}", laggards.join(", "))
+                            }
+                        ),
+                    )
+                }
+                rotation::Notice::Laggards { step, peers } => {
+                    warn!(?step, ?peers, "key rotation goes on without these peers");
+                    let what = match step {
+                        wgmesh_core::rotation::LaggardStep::Acknowledge => {
+                            "never installed the next key; switching anyway"
+                        }
+                        wgmesh_core::rotation::LaggardStep::MoveOver => {
+                            "never moved to the next key; retiring the old key anyway"
+                        }
+                    };
+                    (
+                        true,
+                        "RotationLaggards",
+                        format!("{} {what}", peers.join(", ")),
+                    )
+                }
+                rotation::Notice::Abandoned { generation } => {
+                    self.metrics.rotation_ended("abandoned");
+                    warn!(
+                        generation,
+                        "key rotation abandoned: the next key was never approved"
+                    );
+                    (
+                        true,
+                        "RotationAbandoned",
+                        format!(
+                            "the next key was not approved in time; staying on generation {generation}"
+                        ),
+                    )
+                }
+                rotation::Notice::PreviousKeyDeleted => {
+                    info!("the retired key's grace period ended; it is deleted");
+                    (false, "PreviousKeyDeleted", "the retired key's grace period for external peers ended; it is no longer answered and is deleted".to_owned())
+                }
+            };
+            self.publish_event(warning, reason, note).await;
+        }
+    }
+
+    async fn publish_event(&self, warning: bool, reason: &str, note: String) {
+        let ev = Event {
+            type_: if warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: reason.into(),
+            note: Some(note),
+            action: "RotateKey".into(),
+            secondary: None,
+        };
+        let reference = k8s_openapi::api::core::v1::ObjectReference {
+            api_version: Some("wgmesh.dev/v1alpha1".into()),
+            kind: Some("MeshPeer".into()),
+            name: Some(self.args.node_name.clone()),
+            namespace: Some("default".into()),
+            ..Default::default()
+        };
+        if let Err(e) = self.recorder.publish(&ev, &reference).await {
+            self.metrics.error("event");
+            warn!(error = %e, "publishing an event failed");
+        }
+    }
+
+    /// Gives the device the keys the rotation's phase calls for (initiating key, and the
+    /// keys it answers under), if they differ from what it has.
+    fn apply_device_keys(&mut self) {
+        let Some(device) = &self.device else {
+            return;
+        };
+        let keys = self.keys.device_keys();
+        if self.device_keys_applied.as_ref() == Some(&keys) {
             return;
         }
-        info!(changes = update.peers.len(), "updating WireGuard peers");
-        if let Err(e) = device.apply(&update) {
-            self.metrics.error("device");
-            warn!(error = %e, "configuring the device failed");
+        let update = ConfigUpdate {
+            private_key: Some(keys.0),
+            extra_private_keys: Some(keys.1.clone()),
+            ..Default::default()
+        };
+        match device.apply(&update) {
+            Ok(()) => {
+                info!(answered_keys = 1 + keys.1.len(), "device keys set");
+                self.device_keys_applied = Some(keys);
+            }
+            Err(e) => {
+                self.metrics.error("device");
+                warn!(error = %e, "setting the device's keys failed");
+            }
         }
     }
 
@@ -623,14 +951,15 @@ impl Agent {
         }
     }
 
-    fn update_peer_metrics(&self, approved: &[topology::ApprovedPeer]) {
+    fn update_peer_metrics(&self) {
         let Some(device) = &self.device else {
             return;
         };
         let snapshot = device.snapshot();
-        let names: BTreeMap<Key, &str> = approved
+        let names: BTreeMap<Key, &str> = self
+            .device_names
             .iter()
-            .filter_map(|p| decode_key(&p.public_key).map(|k| (k, p.name.as_str())))
+            .map(|(name, k)| (*k, name.as_str()))
             .collect();
         self.metrics
             .record_peers(&snapshot, &names, SystemTime::now());
@@ -643,6 +972,7 @@ impl Agent {
         device_up: bool,
         routes_ok: bool,
         plan: &NodePlan,
+        approved: &[topology::ApprovedPeer],
     ) {
         let Some(own) = own else {
             return; // the operator has not created this node's peer yet
@@ -740,12 +1070,33 @@ impl Agent {
                 oldest_handshake_at: handshakes.iter().min().and_then(|t| time(*t)),
             }
         });
+        let rotation_status = self.device.as_ref().and_then(|d| {
+            let snap = d.snapshot();
+            let externals: BTreeMap<String, Key> = approved
+                .iter()
+                .filter(|p| !p.is_node)
+                .filter_map(|p| self.device_names.get(&p.name).map(|k| (p.name.clone(), *k)))
+                .collect();
+            let externals = rotation::Rotator::by_name(&snap, &externals);
+            self.rotator.status(&self.keys, &externals)
+        });
+        let mut installed = self.installed_keys.clone();
+        installed.sort_by(|a, b| a.peer.cmp(&b.peer));
         let status = MeshPeerStatus {
             conditions,
-            public_key: Some(self.key.public_base64()),
-            key_generation: Some(self.key.generation),
-            key_created_at: time(self.key.created_at),
+            public_key: Some(self.keys.current.public_base64()),
+            // Published only once the device answers under it (see `rotate`).
+            next_public_key: self
+                .keys
+                .next
+                .as_ref()
+                .filter(|_| self.device_keys_applied.as_ref() == Some(&self.keys.device_keys()))
+                .map(|k| k.public_base64()),
+            key_generation: Some(self.keys.current.generation),
+            key_created_at: time(self.keys.current.created_at),
             endpoints: endpoint.map(|e| e.to_string()).into_iter().collect(),
+            rotation: rotation_status,
+            installed_keys: installed,
             ..Default::default()
         };
         // Write when what we publish changes; connectivity alone at most once a minute. Every

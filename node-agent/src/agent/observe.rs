@@ -7,12 +7,16 @@
 
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Node;
+use kube::ResourceExt;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
 use wgmesh_api::{
     ConditionStatus, Mesh, MeshPeer,
     consts::{ENDPOINT_ANNOTATION, condition},
     mesh::{EndpointAddressType, HostGateway, Mtu},
 };
+use wgmesh_core::rotation::Timeouts;
 use wgmesh_core::topology::{ApprovedPeer, HostGatewayPolicy, TransportPolicy};
 
 fn is_ready(p: &MeshPeer) -> bool {
@@ -57,6 +61,7 @@ pub fn approved_peers<'a>(
             name,
             is_node,
             public_key,
+            next_public_key: approved.next_public_key.clone(),
             allowed_ips: allowed,
             endpoint: approved.endpoint.as_deref().and_then(|e| e.parse().ok()),
             persistent_keepalive: approved.persistent_keepalive.unwrap_or(0),
@@ -64,6 +69,42 @@ pub fn approved_peers<'a>(
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
     out
+}
+
+/// The generation each rotating peer's approved next key will have, by peer name: what this
+/// node acknowledges once the key is on its device.
+pub fn next_generations<'a>(
+    peers: impl IntoIterator<Item = &'a MeshPeer>,
+) -> BTreeMap<String, i64> {
+    peers
+        .into_iter()
+        .filter_map(|p| {
+            let a = p.status.as_ref()?.approved.as_ref()?;
+            a.next_public_key.as_ref()?;
+            Some((p.name_any(), a.key_generation.unwrap_or(0) + 1))
+        })
+        .collect()
+}
+
+/// The node peers (other than `self_name`) that acknowledged `self_name`'s next key
+/// `public_key`: they report it installed in their status.
+pub fn acknowledged<'a>(
+    peers: impl IntoIterator<Item = &'a MeshPeer>,
+    self_name: &str,
+    public_key: &str,
+) -> BTreeSet<String> {
+    peers
+        .into_iter()
+        .filter(|p| p.spec.node.is_some() && p.name_any() != self_name)
+        .filter(|p| {
+            p.status.as_ref().is_some_and(|s| {
+                s.installed_keys
+                    .iter()
+                    .any(|k| k.peer == self_name && k.public_key == public_key)
+            })
+        })
+        .map(|p| p.name_any())
+        .collect()
 }
 
 /// The mesh settings the agent uses, with defaults applied.
@@ -75,12 +116,29 @@ pub struct MeshSettings {
     pub transport: TransportPolicy,
     pub masquerade: bool,
     pub endpoint_address_type: EndpointAddressType,
+    /// How long a rotating node waits for acknowledgements, then to move over.
+    pub rotation_timeouts: Timeouts,
+    /// How long a retired key is still answered for external peers.
+    pub external_grace: Duration,
+}
+
+/// Defaults of the rotation's waits.
+pub const DEFAULT_ACKNOWLEDGE_TIMEOUT: Duration = Duration::from_secs(120);
+/// See [`DEFAULT_ACKNOWLEDGE_TIMEOUT`].
+pub const DEFAULT_MOVE_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a retired key is answered for external peers when the `Mesh` does not say.
+pub const DEFAULT_EXTERNAL_GRACE: Duration = Duration::from_secs(24 * 3600);
+
+fn duration_or(text: Option<&str>, default: Duration) -> Duration {
+    text.and_then(|t| wgmesh_core::duration::parse(t).ok())
+        .unwrap_or(default)
 }
 
 /// Reads the `Mesh` (or its absence).
 pub fn mesh_settings(mesh: Option<&Mesh>) -> MeshSettings {
     let spec = mesh.map(|m| &m.spec);
     let transport = spec.and_then(|s| s.transport.as_ref());
+    let rotation = spec.and_then(|s| s.key_rotation.as_ref());
     MeshSettings {
         listen_port: spec
             .and_then(|s| s.listen_port)
@@ -103,6 +161,20 @@ pub fn mesh_settings(mesh: Option<&Mesh>) -> MeshSettings {
         endpoint_address_type: spec
             .and_then(|s| s.endpoint_address_type)
             .unwrap_or_default(),
+        rotation_timeouts: Timeouts {
+            acknowledge: duration_or(
+                rotation.and_then(|r| r.acknowledge_timeout.as_deref()),
+                DEFAULT_ACKNOWLEDGE_TIMEOUT,
+            ),
+            move_over: duration_or(
+                rotation.and_then(|r| r.move_timeout.as_deref()),
+                DEFAULT_MOVE_TIMEOUT,
+            ),
+        },
+        external_grace: duration_or(
+            rotation.and_then(|r| r.external_grace_period.as_deref()),
+            DEFAULT_EXTERNAL_GRACE,
+        ),
     }
 }
 
