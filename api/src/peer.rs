@@ -57,6 +57,12 @@ use serde::{Deserialize, Serialize};
         priority = "1"
     ),
     printcolumn(
+        name = "Rotation",
+        type_ = "string",
+        json_path = ".status.rotation.phase",
+        priority = "1"
+    ),
+    printcolumn(
         name = "Reason",
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Ready\")].reason",
