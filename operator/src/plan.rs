@@ -467,7 +467,9 @@ pub fn plan(snap: &Snapshot) -> Plan {
                 if let Some(g) = &g
                     && !rotations.active_grant.contains_key(name)
                 {
-                    out.rotations_granted.push((name.to_owned(), due_from(&g.reason)));
+                    if let Some(due) = granted.get(name) {
+                        out.rotations_granted.push((name.to_owned(), *due));
+                    }
                     out.events.push(EventSpec {
                         kind: EventTarget::Peer,
                         name: name.to_owned(),
@@ -818,14 +820,6 @@ pub fn due_reason(due: core::rotation::Due) -> &'static str {
         core::rotation::Due::NodeRequest => "NodeRequest",
         core::rotation::Due::MeshRequest => "MeshRequest",
         core::rotation::Due::Interval => "Interval",
-    }
-}
-
-fn due_from(reason: &str) -> core::rotation::Due {
-    match reason {
-        "MeshRequest" => core::rotation::Due::MeshRequest,
-        "Interval" => core::rotation::Due::Interval,
-        _ => core::rotation::Due::NodeRequest,
     }
 }
 

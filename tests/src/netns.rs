@@ -82,6 +82,26 @@ impl Mesh {
         Ok(mesh)
     }
 
+    /// A mesh of `nodes` nodes with one pod per node (`pod-i` on `node-i`), returned once
+    /// every pod reaches every other; the pods' addresses in node order.
+    pub fn up_with_pods(nodes: usize) -> Result<(Mesh, Vec<String>)> {
+        let mesh = Mesh::up(nodes)?;
+        let ips: Vec<String> = (1..=nodes)
+            .map(|i| mesh.pod(&format!("node-{i}"), &format!("pod-{i}")))
+            .collect::<Result<_>>()?;
+        let names: Vec<String> = (1..=nodes).map(|i| format!("pod-{i}")).collect();
+        let pods: Vec<(&str, &str)> = names
+            .iter()
+            .zip(&ips)
+            .map(|(n, ip)| (n.as_str(), ip.as_str()))
+            .collect();
+        wait_until("all-pairs ping", Duration::from_secs(60), || {
+            all_pairs(&mesh, &pods).is_empty()
+        })
+        .map_err(|e| anyhow::anyhow!("{e}: failing {:?}", all_pairs(&mesh, &pods)))?;
+        Ok((mesh, ips))
+    }
+
     pub fn logs(&self) -> String {
         let mut s = String::new();
         if let Ok(entries) = std::fs::read_dir(self.dir.join("logs")) {

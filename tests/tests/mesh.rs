@@ -19,17 +19,9 @@ fn a_three_node_mesh_end_to_end() -> Result<()> {
         "the end-to-end test needs root (network namespaces); run hack/test.sh as root"
     );
     let _ = std::fs::remove_file(repo_root().join("target/wgmesh-e2e-report.txt"));
-    let mesh = Mesh::up(3)?;
-    let ips: Vec<String> = (1..=3)
-        .map(|i| mesh.pod(&format!("node-{i}"), &format!("pod-{i}")))
-        .collect::<Result<_>>()?;
-    let pods: Vec<(&str, &str)> = vec![("pod-1", &ips[0]), ("pod-2", &ips[1]), ("pod-3", &ips[2])];
-
-    // 1. Every pod reaches every other pod, across nodes, and data moves.
-    wait_until("all-pairs ping", Duration::from_secs(60), || {
-        all_pairs(&mesh, &pods).is_empty()
-    })
-    .map_err(|e| anyhow::anyhow!("{e}: failing {:?}", all_pairs(&mesh, &pods)))?;
+    // 1. Every pod reaches every other pod, across nodes (awaited by `up_with_pods`), and
+    //    data moves.
+    let (mesh, ips) = Mesh::up_with_pods(3)?;
     let _server = mesh
         .exec("pod-2", &["iperf3", "-s"])
         .stdout(Stdio::null())

@@ -822,11 +822,12 @@ impl Agent {
                     (false, "PreviousKeyDeleted", "the retired key's grace period for external peers ended; it is no longer answered and is deleted".to_owned())
                 }
             };
-            self.publish_event(warning, reason, note).await;
+            self.publish_event(warning, reason, "RotateKey", note).await;
         }
     }
 
-    async fn publish_event(&self, warning: bool, reason: &str, note: String) {
+    /// Publishes an Event about this node's `MeshPeer`.
+    async fn publish_event(&self, warning: bool, reason: &str, action: &str, note: String) {
         let ev = Event {
             type_: if warning {
                 EventType::Warning
@@ -835,7 +836,7 @@ impl Agent {
             },
             reason: reason.into(),
             note: Some(note),
-            action: "RotateKey".into(),
+            action: action.into(),
             secondary: None,
         };
         let reference = k8s_openapi::api::core::v1::ObjectReference {
@@ -928,27 +929,12 @@ impl Agent {
         }
         self.fallback_reported = true;
         warn!(peers = ?fallback, "the WireGuard device is down: on-link peers are routed in the clear, as the mesh allows");
-        let ev = Event {
-            type_: EventType::Warning,
-            reason: "PlaintextFallback".into(),
-            note: Some(format!(
-                "the WireGuard device is down; traffic to on-link peers {} is routed unencrypted (Mesh transport.hostGateway: Fallback)",
-                fallback.join(", ")
-            )),
-            action: "Route".into(),
-            secondary: None,
-        };
-        let reference = k8s_openapi::api::core::v1::ObjectReference {
-            api_version: Some("wgmesh.dev/v1alpha1".into()),
-            kind: Some("MeshPeer".into()),
-            name: Some(self.args.node_name.clone()),
-            namespace: Some("default".into()),
-            ..Default::default()
-        };
-        if let Err(e) = self.recorder.publish(&ev, &reference).await {
-            self.metrics.error("event");
-            warn!(error = %e, "publishing an event failed");
-        }
+        let note = format!(
+            "the WireGuard device is down; traffic to on-link peers {} is routed unencrypted (Mesh transport.hostGateway: Fallback)",
+            fallback.join(", ")
+        );
+        self.publish_event(true, "PlaintextFallback", "Route", note)
+            .await;
     }
 
     fn update_peer_metrics(&self) {
