@@ -2,6 +2,7 @@
 //! commands the `wgmesh-agent` binary runs.
 
 pub mod agent;
+pub mod cni_install;
 pub mod device;
 pub mod device_cmd;
 pub mod key;

@@ -19,6 +19,10 @@ enum Command {
     /// Run the node agent: the node's key, WireGuard device, routes and CNI configuration,
     /// driven by the mesh's custom resources.
     Run(Box<wgmesh_agent::agent::AgentArgs>),
+    /// Copy the CNI plugins wgmesh's configuration uses (bridge, host-local, portmap,
+    /// loopback) onto the node, atomically, touching nothing else (the DaemonSet's init
+    /// container).
+    InstallCni(wgmesh_agent::cni_install::InstallCniArgs),
     /// Run only the userspace WireGuard device, configured with wg(8), like wireguard-go.
     Device {
         /// Interface name.
@@ -70,6 +74,7 @@ fn main() -> anyhow::Result<()> {
                 .build()?;
             runtime.block_on(wgmesh_agent::agent::run(*args))?;
         }
+        Command::InstallCni(args) => wgmesh_agent::cni_install::run(&args)?,
         Command::Device {
             interface,
             foreground,

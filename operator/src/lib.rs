@@ -85,6 +85,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let lease_api = Api::namespaced(client.clone(), &args.lease_namespace);
     let metrics_addr = args.metrics_addr;
     let http = wgmesh_telemetry::serve(metrics_addr, metrics.telemetry());
+    // SIGTERM is how the kubelet stops a pod (a rolling update, a drain); SIGINT a person.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing a SIGTERM handler")?;
     tokio::select! {
         r = http => r.with_context(|| format!("serving metrics on {metrics_addr}")),
         () = lease::run(lease_api, lease, leader_tx) => anyhow::bail!("leader election ended"),
@@ -92,6 +95,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         r = tokio::signal::ctrl_c() => {
             r.context("waiting for a signal")?;
             tracing::info!("interrupted; exiting");
+            Ok(())
+        }
+        _ = term.recv() => {
+            tracing::info!("terminated; exiting");
             Ok(())
         }
     }

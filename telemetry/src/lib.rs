@@ -28,7 +28,14 @@ impl Telemetry {
 
     /// Marks the process ready: `/readyz` answers 200 from now on.
     pub fn set_ready(&self) {
-        self.ready.store(true, Ordering::Relaxed);
+        self.set_readiness(true);
+    }
+
+    /// Sets what `/readyz` answers: 200 when `ready`, 503 otherwise. A process whose
+    /// readiness depends on what it has achieved (the agent: device up, routes installed)
+    /// calls this after every pass.
+    pub fn set_readiness(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
     }
 
     /// The metrics as OpenMetrics text.

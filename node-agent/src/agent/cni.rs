@@ -7,6 +7,10 @@ use serde_json::{Value, json};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+/// The CNI network's name: the conflist's `name`, and host-local's directory under its
+/// data dir.
+pub const NETWORK: &str = "wgmesh";
+
 /// What the conflist is made from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CniSettings {

@@ -54,6 +54,13 @@ pub enum MasqueradeError {
     Refused(String),
 }
 
+/// Removes the agent's table (an uninstall); a table that is not there is no error.
+pub fn remove() -> Result<(), MasqueradeError> {
+    load(&format!(
+        "add table inet {TABLE}\ndelete table inet {TABLE}\n"
+    ))
+}
+
 /// Loads `ruleset` with `nft -f -`.
 pub fn load(ruleset: &str) -> Result<(), MasqueradeError> {
     let mut child = Command::new("nft")

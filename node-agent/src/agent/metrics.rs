@@ -138,9 +138,10 @@ impl Metrics {
         }
     }
 
-    /// Marks the agent ready.
-    pub fn set_ready(&self) {
-        self.telemetry.set_ready();
+    /// Sets the agent's readiness: ready means the device is up, the routes are installed
+    /// and the CNI configuration is written.
+    pub fn set_readiness(&self, ready: bool) {
+        self.telemetry.set_readiness(ready);
     }
 
     /// The endpoint serving these metrics.

@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod netlink;
 pub mod observe;
 pub mod rotation;
+pub mod uninstall;
 
 use crate::device::config::{ConfigUpdate, Key, PeerUpdate};
 use crate::device::{Device, DeviceConfig, DeviceHandle};
@@ -21,6 +22,7 @@ use anyhow::Context;
 use base64::Engine;
 use futures::StreamExt;
 use ipnet::IpNet;
+use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::{
@@ -94,6 +96,14 @@ pub struct AgentArgs {
     /// Route protocol number marking the routes this agent owns.
     #[arg(long, env = "WGMESH_ROUTE_PROTOCOL", default_value_t = 87)]
     pub route_protocol: u8,
+    /// Namespace of this agent's pod and DaemonSet (from the downward API).
+    #[arg(long, env = "POD_NAMESPACE", requires = "daemonset")]
+    pub pod_namespace: Option<String>,
+    /// Name of the DaemonSet that runs this agent. When set, the agent watches it, and on
+    /// SIGTERM cleans the node (CNI configuration, routes, nftables table, bridge, key) only
+    /// if it is gone: an uninstall. A restart or rolling update leaves the node as it is.
+    #[arg(long, env = "WGMESH_DAEMONSET", requires = "pod_namespace")]
+    pub daemonset: Option<String>,
 }
 
 /// Everything the agent reads from the cluster.
@@ -153,6 +163,9 @@ struct Agent {
     last_status: Option<serde_json::Value>,
     last_connectivity_write: Option<Instant>,
     fallback_reported: bool,
+    /// The last pass found the device up, every route installed and the CNI configuration
+    /// written: what `/readyz` reports.
+    ready: bool,
 }
 
 fn decode_key(b64: &str) -> Option<Key> {
@@ -206,7 +219,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         node = %args.node_name,
         "node key ready"
     );
-    enable_forwarding();
+    let mut forwarding = enable_forwarding();
 
     let client = kube::Client::try_default()
         .await
@@ -249,6 +262,16 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         ready.map_err(|_| anyhow::anyhow!("a cache stopped before it was ready"))?;
     }
     info!("caches synced");
+    // The agent's own DaemonSet, to tell an uninstall from a restart at SIGTERM. Not waited
+    // for: without it (no DaemonSet configured, or no permission) the node is never cleaned.
+    let owner = match (&args.pod_namespace, &args.daemonset) {
+        (Some(ns), Some(name)) => Some(cache(
+            Api::<DaemonSet>::namespaced(client.clone(), ns),
+            watcher::Config::default().fields(&format!("metadata.name={name}")),
+            Arc::new(Notify::new()),
+        )),
+        _ => None,
+    };
 
     let reporter = Reporter {
         controller: AGENT_MANAGER.into(),
@@ -265,24 +288,29 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         device_error: None,
         _uapi: None,
         peers_api: Api::all(client.clone()),
-        recorder: Recorder::new(client, reporter),
+        recorder: Recorder::new(client.clone(), reporter),
         metrics: metrics.clone(),
         endpoints_set: BTreeMap::new(),
         masquerade_loaded: None,
         last_status: None,
         last_connectivity_write: None,
         fallback_reported: false,
+        ready: false,
         args,
     };
     agent.start_device(&caches).await;
-    metrics.set_ready();
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing a SIGTERM handler")?;
     loop {
         if let Err(e) = agent.pass(&caches).await {
+            agent.ready = false;
             error!(error = %format!("{e:#}"), "pass failed");
         }
+        if !forwarding {
+            forwarding = enable_forwarding();
+        }
+        metrics.set_readiness(agent.ready && forwarding);
         let resync = if rotation::Rotator::active(&agent.keys) {
             ROTATION_TICK
         } else {
@@ -306,22 +334,79 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             anyhow::bail!("the metrics endpoint stopped");
         }
     }
-    info!("shutting down; routes through the device go with it, the blackholes stay");
+    metrics.set_readiness(false);
+    let watched = owner.as_ref().map_or(uninstall::Owner::Unknown, owner_in);
+    let read = match (&agent.args.pod_namespace, &agent.args.daemonset) {
+        (Some(ns), Some(name)) => read_owner(Api::namespaced(client.clone(), ns), name).await,
+        _ => uninstall::Owner::Unknown,
+    };
+    if uninstall::should_clean(watched, || read) {
+        info!("this agent's DaemonSet is gone: removing wgmesh from the node");
+        agent.clean_node().await;
+    } else {
+        info!("shutting down; routes through the device go with it, the blackholes stay");
+    }
     if let Some(d) = &agent.device {
         d.shutdown();
     }
     Ok(())
 }
 
-fn enable_forwarding() {
-    for path in [
-        "/proc/sys/net/ipv4/ip_forward",
-        "/proc/sys/net/ipv6/conf/all/forwarding",
-    ] {
+/// The agent's DaemonSet as the watch last saw it.
+fn owner_in(store: &Store<DaemonSet>) -> uninstall::Owner {
+    use futures::FutureExt;
+    // A watch that never synced (no permission, no API) knows nothing.
+    if !matches!(store.wait_until_ready().now_or_never(), Some(Ok(()))) {
+        return uninstall::Owner::Unknown;
+    }
+    match store.state().first() {
+        Some(ds) if ds.metadata.deletion_timestamp.is_some() => uninstall::Owner::Deleting,
+        Some(_) => uninstall::Owner::Present,
+        None => uninstall::Owner::Gone,
+    }
+}
+
+/// The agent's DaemonSet as the API server says now (bounded: shutdown must not hang).
+async fn read_owner(api: Api<DaemonSet>, name: &str) -> uninstall::Owner {
+    match tokio::time::timeout(Duration::from_secs(3), api.get_opt(name)).await {
+        Ok(Ok(Some(ds))) if ds.metadata.deletion_timestamp.is_some() => uninstall::Owner::Deleting,
+        Ok(Ok(Some(_))) => uninstall::Owner::Present,
+        Ok(Ok(None)) => uninstall::Owner::Gone,
+        Ok(Err(e)) => {
+            warn!(error = %e, "could not read this agent's DaemonSet; leaving the node as it is");
+            uninstall::Owner::Unknown
+        }
+        Err(_) => {
+            warn!("reading this agent's DaemonSet timed out; leaving the node as it is");
+            uninstall::Owner::Unknown
+        }
+    }
+}
+
+/// Turns IPv4 and IPv6 forwarding on, as routing between pods and the device needs, and
+/// reports whether IPv4 forwarding is on. A container without a writable `/proc/sys` (every
+/// unprivileged one) cannot set it; nodes normally have it on already (kubeadm requires it),
+/// and when they do not, the agent says so and stays not ready.
+fn enable_forwarding() -> bool {
+    const V4: &str = "/proc/sys/net/ipv4/ip_forward";
+    for path in [V4, "/proc/sys/net/ipv6/conf/all/forwarding"] {
+        if std::fs::read_to_string(path).is_ok_and(|v| v.trim() == "1") {
+            continue;
+        }
         if let Err(e) = std::fs::write(path, "1") {
             warn!(%path, error = %e, "could not enable forwarding");
         }
     }
+    let on = std::fs::read_to_string(V4).is_ok_and(|v| v.trim() == "1");
+    if !on {
+        error!(
+            "IPv4 forwarding is off on this node and this container cannot turn it on: set \
+             net.ipv4.ip_forward=1 on the node (as kubeadm requires), or run the agent \
+             privileged (chart value agent.privileged=true); pods cannot reach other nodes \
+             until then"
+        );
+    }
+    on
 }
 
 impl Agent {
@@ -498,9 +583,10 @@ impl Agent {
                 endpoint.is_some_and(|e| e.is_ipv6()),
             ),
         };
+        let mut cni_ok = false;
         if !own_subnets.is_empty() {
             let body = cni::conflist(&cni::CniSettings {
-                network: "wgmesh".into(),
+                network: cni::NETWORK.into(),
                 bridge: self.args.cni_bridge.clone(),
                 subnets: own_subnets.clone(),
                 mtu,
@@ -509,15 +595,17 @@ impl Agent {
             let text = serde_json::to_string_pretty(&body)?;
             match cni::write_atomic(&self.args.cni_conf_dir, &self.args.cni_conf_name, &text) {
                 Ok(true) => {
+                    cni_ok = true;
                     info!(dir = %self.args.cni_conf_dir.display(), subnets = ?own_subnets, "wrote the CNI configuration")
                 }
-                Ok(false) => {}
+                Ok(false) => cni_ok = true,
                 Err(e) => {
                     self.metrics.error("cni");
                     warn!(error = %e, "writing the CNI configuration failed");
                 }
             }
         }
+        self.ready = device_up && routes_ok && cni_ok;
         let mut mesh_space = pools.clone();
         mesh_space.extend(approved.iter().flat_map(|p| p.allowed_ips.iter().copied()));
         let rules = masquerade::ruleset(mesh.masquerade, &own_subnets, &mesh_space);
@@ -876,6 +964,59 @@ impl Agent {
                 self.metrics.error("device");
                 warn!(error = %e, "setting the device's keys failed");
             }
+        }
+    }
+
+    /// Removes wgmesh from the node (an uninstall): the CNI configuration first so no new pod
+    /// is plumbed, then the pod bridge so running pods can send nothing more, then every
+    /// route of ours, the nftables table, host-local's allocations and the key. Each step
+    /// is logged and the next one runs even if one fails; the device goes when the agent
+    /// stops.
+    async fn clean_node(&mut self) {
+        let (files, dirs) = uninstall::files(
+            &self.args.cni_conf_dir,
+            &self.args.cni_conf_name,
+            self.args.cni_ipam_data_dir.as_deref(),
+            cni::NETWORK,
+            &self.args.state_dir,
+        );
+        let remove = |path: &std::path::Path, r: std::io::Result<()>| match r {
+            Ok(()) => info!(path = %path.display(), "removed"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => warn!(path = %path.display(), error = %e, "could not remove"),
+        };
+        if let Some(conf) = files.first() {
+            remove(conf, std::fs::remove_file(conf));
+        }
+        if let Err(e) = self.netlink.delete_link(&self.args.cni_bridge).await {
+            warn!(error = %e, "could not delete the pod bridge");
+        }
+        let device_index = self
+            .netlink
+            .link(&self.args.interface)
+            .await
+            .ok()
+            .map(|l| l.index);
+        match self.netlink.owned_routes(device_index).await {
+            Ok(routes) => {
+                for r in &routes {
+                    if let Err(e) = self.netlink.del_route(r, device_index).await {
+                        warn!(error = %e, "could not remove a route");
+                    }
+                }
+                info!(routes = routes.len(), "removed the routes");
+            }
+            Err(e) => warn!(error = %e, "could not list the routes"),
+        }
+        match masquerade::remove() {
+            Ok(()) => info!(table = masquerade::TABLE, "removed the nftables table"),
+            Err(e) => warn!(error = %e, "could not remove the nftables table"),
+        }
+        for dir in &dirs {
+            remove(dir, std::fs::remove_dir_all(dir));
+        }
+        for file in files.iter().skip(1) {
+            remove(file, std::fs::remove_file(file));
         }
     }
 

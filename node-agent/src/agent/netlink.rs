@@ -113,6 +113,19 @@ impl Netlink {
             .ok_or_else(|| NetlinkError::NoSuchLink(name.to_owned()))
     }
 
+    /// Deletes the link named `name`; a link that does not exist is not an error.
+    pub async fn delete_link(&self, name: &str) -> Result<(), NetlinkError> {
+        let Some(link) = self.links().await?.into_iter().find(|l| l.name == name) else {
+            return Ok(());
+        };
+        self.handle
+            .link()
+            .del(link.index)
+            .execute()
+            .await
+            .map_err(req(format!("deleting link {name}")))
+    }
+
     /// Every address, with its prefix length.
     pub async fn addresses(&self) -> Result<Vec<Address>, NetlinkError> {
         let msgs: Vec<_> = self

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 pub const WGMESH: &str = env!("CARGO_BIN_EXE_wgmesh-agent");
-pub const INSTALL_SCRIPT: &str = "hack/lib/datapath-deps.sh";
+pub const INSTALL_SCRIPT: &str = "hack/lib/deps.sh";
 pub const SOCKET_DIR: &str = "/var/run/wireguard";
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
