@@ -6,6 +6,8 @@
 //! a private control plane under `target/wgmesh-test-cluster` with `hack/cluster.sh up`.
 
 pub mod netns;
+pub mod nodes;
+pub mod ping;
 
 use anyhow::{Context, Result, bail};
 use kube::config::{KubeConfigOptions, Kubeconfig};

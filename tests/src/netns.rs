@@ -219,6 +219,11 @@ pub struct Capture {
 }
 
 impl Capture {
+    /// A capture already running as `child`, writing to `file`.
+    pub fn new(child: Child, file: PathBuf) -> Capture {
+        Capture { child, file }
+    }
+
     /// Stops capturing and counts the packets matching each filter.
     pub fn stop(mut self, filters: &[&str]) -> Result<Vec<usize>> {
         // Let the last packets reach the capture before it stops.

@@ -11,97 +11,17 @@
 //! printed and appended to `target/wgmesh-e2e-report.txt`.
 
 use anyhow::{Context, Result, bail};
-use std::collections::BTreeSet;
-use std::io::Read;
 use std::process::{Child, Stdio};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use wgmesh_tests::netns::*;
+use wgmesh_tests::ping::{PING_INTERVAL, PingResult, Pinger};
 
-/// Replies older than this when a pinger stops must have arrived; younger ones may still be
-/// in flight.
-const IN_FLIGHT: u64 = 100;
-
-/// The interval asked of ping. iputils sleeps in kernel ticks: on a 250 Hz kernel `-i 0.01`
-/// comes out at about 60 packets a second, `-i 0.008` at 110-125. The rate achieved is
-/// measured and reported, and must be at least 100 per second.
-const PING_INTERVAL: &str = "0.008";
-
-/// `ping -D -i 0.008` from a pod, read as it runs.
-struct Pinger {
-    label: String,
-    child: Child,
-    reader: JoinHandle<String>,
-    started: Instant,
-}
-
-/// What a pinger saw.
-#[derive(Debug)]
-struct PingResult {
-    label: String,
-    sent: u64,
-    lost: Vec<u64>,
-    longest_gap: f64,
-    /// Echo requests per second achieved.
-    rate: f64,
-}
-
-impl Pinger {
-    fn start(mesh: &Mesh, from: &str, to_label: &str, to: &str) -> Result<Pinger> {
-        Pinger::spawn(
-            mesh.exec(from, &["ping", "-D", "-i", PING_INTERVAL, "-W", "1", to]),
-            format!("{from} -> {to_label}"),
-        )
-    }
-
-    /// Runs `ping -D …` as `cmd` says, reading its output as it runs.
-    fn spawn(mut cmd: std::process::Command, label: String) -> Result<Pinger> {
-        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
-        let mut stdout = child.stdout.take().context("ping stdout")?;
-        let reader = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = stdout.read_to_string(&mut s);
-            s
-        });
-        Ok(Pinger {
-            label,
-            child,
-            reader,
-            started: Instant::now(),
-        })
-    }
-
-    /// Stops the pinger; every echo sent more than [`IN_FLIGHT`] packets before the end
-    /// must have been answered.
-    fn stop(mut self) -> Result<PingResult> {
-        let elapsed = self.started.elapsed().as_secs_f64();
-        signal(&self.child, "INT");
-        let _ = self.child.wait();
-        let out = self.reader.join().map_err(|_| anyhow::anyhow!("reader"))?;
-        let sent: u64 = out
-            .lines()
-            .find(|l| l.contains("packets transmitted"))
-            .and_then(|l| l.split_whitespace().next())
-            .and_then(|n| n.parse().ok())
-            .with_context(|| format!("no ping summary in {out:?}"))?;
-        let replied: BTreeSet<u64> = out
-            .lines()
-            .filter(|l| l.contains("bytes from"))
-            .filter_map(|l| l.split("icmp_seq=").nth(1))
-            .filter_map(|r| r.split_whitespace().next())
-            .filter_map(|n| n.parse().ok())
-            .collect();
-        let lost = (1..=sent.saturating_sub(IN_FLIGHT))
-            .filter(|s| !replied.contains(s))
-            .collect();
-        Ok(PingResult {
-            label: self.label,
-            sent,
-            lost,
-            longest_gap: longest_gap(&out),
-            rate: sent as f64 / elapsed.max(0.001),
-        })
-    }
+/// `ping -D -i PING_INTERVAL` from a pod of the mesh, read as it runs.
+fn start_pinger(mesh: &Mesh, from: &str, to_label: &str, to: &str) -> Result<Pinger> {
+    Pinger::spawn(
+        mesh.exec(from, &["ping", "-D", "-i", PING_INTERVAL, "-W", "1", to]),
+        format!("{from} -> {to_label}"),
+    )
 }
 
 /// An iperf3 stream at 100 Mbit/s reporting every half second.
@@ -288,7 +208,7 @@ fn under_traffic(
         for (to, ip) in pods {
             let involved = center.is_none_or(|c| *from == c || *to == c);
             if from != to && involved {
-                pingers.push(Pinger::start(mesh, from, to, ip)?);
+                pingers.push(start_pinger(mesh, from, to, ip)?);
             }
         }
     }
@@ -465,7 +385,7 @@ fn key_rotation_end_to_end() -> Result<()> {
     //    resumes, nothing goes in the clear.
     let cap = mesh.capture("rotation-crash")?;
     let before = generation(&mesh, "node-2")?;
-    let pinger = Pinger::start(&mesh, "pod-1", "pod-2", &ips[1])?;
+    let pinger = start_pinger(&mesh, "pod-1", "pod-2", &ips[1])?;
     std::thread::sleep(Duration::from_secs(1));
     request_node_rotation(&mesh, "node-2")?;
     for phase in ["prepared", "switched"] {
@@ -514,8 +434,8 @@ fn key_rotation_end_to_end() -> Result<()> {
         .map(|n| ok(mesh.exec(n, &["ip", "route", "show", "proto", "87"])))
         .collect::<Result<_>>()?;
     let start_gen = generation(&mesh, "node-3")?;
-    let pinger = Pinger::start(&mesh, "pod-1", "pod-3", &ips[2])?;
-    let back = Pinger::start(&mesh, "pod-3", "pod-1", &ips[0])?;
+    let pinger = start_pinger(&mesh, "pod-1", "pod-3", &ips[2])?;
+    let back = start_pinger(&mesh, "pod-3", "pod-1", &ips[0])?;
     let started = Instant::now();
     for i in 1..=20 {
         // requestedAt has one-second resolution: a key created in the same second as the
