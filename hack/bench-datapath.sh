@@ -6,7 +6,7 @@
 # All figures come from the same run. Figures, not assertions.
 #
 # usage: hack/bench-datapath.sh [--seconds N] [--pings N] [--only "plain wgmesh ..."]
-# needs root; installs its tools via hack/lib/datapath-deps.sh.
+# needs root; installs its tools via hack/lib/deps.sh.
 set -euo pipefail
 
 SECONDS_PER_RUN=10
@@ -28,9 +28,8 @@ if [[ $(id -u) -ne 0 ]]; then
 fi
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-# shellcheck source=lib/datapath-deps.sh
-source "$ROOT/hack/lib/datapath-deps.sh"
-command -v python3 >/dev/null || { apt-get install -y -qq python3 >/dev/null; }
+# shellcheck source=hack/lib/deps.sh
+source "$ROOT/hack/lib/deps.sh"
 
 echo "building wgmesh-agent (release)..." >&2
 cargo build --release -q -p wgmesh-agent --manifest-path "$ROOT/Cargo.toml"
@@ -83,8 +82,8 @@ cpu_ticks() {
 }
 
 wait_for_socket() {
-    local sock="/var/run/wireguard/$1.sock" i
-    for i in $(seq 1 200); do
+    local sock="/var/run/wireguard/$1.sock"
+    for _ in $(seq 1 200); do
         [[ -S "$sock" ]] && return 0
         sleep 0.05
     done

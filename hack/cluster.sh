@@ -42,8 +42,9 @@ service-account tokens, TLS only) and kube-controller-manager (all
 controllers, so garbage collection and service accounts work). No nodes.
 
 Commands:
-  install   Install the Debian packages it needs and build kube-apiserver and
-            kube-controller-manager from Debian's `kubernetes` source package
+  install   Install the Debian packages it needs and build kube-apiserver,
+            kube-controller-manager, kube-scheduler and kubelet (the last two
+            for hack/nodes.sh) from Debian's `kubernetes` source package
             (once, 10-20 minutes; cached in ~/.cache/wgmesh/kube-<version>/).
             Needs root.
   up        Start the control plane (runs `install` first if needed) and
@@ -87,9 +88,11 @@ Usage: hack/cluster.sh install
 Installs golang-go, etcd-server, dpkg-dev, openssl, curl, rsync and Debian's
 reflect2/json-iterator Go sources (and kubernetes-client when there is no
 kubectl), enables deb-src for the Debian entries already configured in apt
-(/etc/apt/sources.list.d/wgmesh-deb-src.*), then builds kube-apiserver and
-kube-controller-manager from the `kubernetes` source package, offline, into
-~/.cache/wgmesh/kube-<source version>/bin. A second run finds the cache and
+(/etc/apt/sources.list.d/wgmesh-deb-src.*), then builds kube-apiserver,
+kube-controller-manager, kube-scheduler and kubelet from the `kubernetes`
+source package, offline, into ~/.cache/wgmesh/kube-<source version>/bin, and
+keeps the tree's build/pause sources in .../pause (hack/lib/node-images.sh
+compiles the sandbox image from them). A second run finds the cache and
 returns in seconds. Needs root. Set WGMESH_KEEP_BUILD=1 to keep the source
 tree and build output next to the cache.
 EOF
@@ -457,6 +460,9 @@ cmd_up() {
 		--service-account-issuer https://kubernetes.default.svc.cluster.local \
 		--service-cluster-ip-range "${SERVICE_CIDR}" \
 		--endpoint-reconciler-type "${reconciler}" \
+		--kubelet-client-certificate "${pki}/apiserver-kubelet-client.crt" \
+		--kubelet-client-key "${pki}/apiserver-kubelet-client.key" \
+		--kubelet-preferred-address-types InternalIP \
 		--allow-privileged
 	await kube-apiserver "kube-apiserver /readyz" apiserver_ready
 

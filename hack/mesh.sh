@@ -139,9 +139,9 @@ remove_node() {
 	local node=$1
 	stop_agent "$node" TERM
 	kc delete node "$node" --wait=false >/dev/null 2>&1 || true
-	for pod in $(cat "$dir/pods/$node" 2>/dev/null); do
+	while read -r pod; do
 		ip netns del "$(ns_pod "$pod")" 2>/dev/null || true
-	done
+	done < <(cat "$dir/pods/$node" 2>/dev/null || true)
 	rm -f "$dir/pods/$node"
 	ip netns del "$(ns_node "$node")" 2>/dev/null || true
 }
@@ -188,7 +188,6 @@ up() {
 	need_root "hack/mesh.sh"
 	[[ -f $dir/mesh.env ]] && die "a mesh is already up in $dir; run hack/mesh.sh down --dir $dir first"
 	bash "$here/cluster.sh" install
-	bash "$here/lib/mesh-deps.sh"
 	[[ -n $id ]] || id=$(printf 'm%03d' $((RANDOM % 1000)))
 	[[ -n $net ]] || net="198.18.$((RANDOM % 250))"
 	log "building ($profile)"

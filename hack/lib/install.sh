@@ -1,20 +1,17 @@
 # shellcheck shell=bash
 # `cluster.sh install`: the Debian packages the control plane needs, and
-# kube-apiserver + kube-controller-manager built once from Debian's
-# `kubernetes` source package into a cache outside the repository.
+# kube-apiserver, kube-controller-manager, kube-scheduler and kubelet built
+# once from Debian's `kubernetes` source package into a cache outside the
+# repository.
 # Sourced by hack/cluster.sh after lib/common.sh; only defines functions.
 
-# Packages from the Debian archive (rsync: the kubernetes build places
-# binaries with it). kubernetes-client is added only when no
-# kubectl is on PATH, so an existing (newer) kubectl is left alone.
-readonly WGMESH_APT_PACKAGES=(
-	golang-go etcd-server dpkg-dev openssl curl rsync
-	golang-github-modern-go-reflect2-dev golang-github-json-iterator-go-dev
-)
 # Where the derived deb-src entries go; the name says who wrote them.
 readonly WGMESH_DEBSRC_BASE=/etc/apt/sources.list.d/wgmesh-deb-src
 # The Go packages whose vendored copies we swap for Debian's (see replace_vendored).
 readonly WGMESH_GOCODE=/usr/share/gocode/src
+# What one build of the tree produces: the control plane, and the scheduler
+# and kubelet for the real-node cluster (hack/nodes.sh).
+readonly WGMESH_KUBE_BINARIES=(kube-apiserver kube-controller-manager kube-scheduler kubelet)
 
 WGMESH_APT_UPDATED=0
 WGMESH_DEBSRC_CHANGED=0
@@ -28,30 +25,6 @@ apt_update() {
 	log "apt-get update"
 	apt-get update -qq >&2 || die "apt-get update failed"
 	WGMESH_APT_UPDATED=1
-}
-
-# missing_packages prints the wanted packages dpkg does not have installed.
-missing_packages() {
-	local pkg status
-	for pkg in "$@"; do
-		status=$(dpkg-query -W -f='${db:Status-Status}' "${pkg}" 2>/dev/null || true)
-		[[ ${status} == installed ]] || printf '%s\n' "${pkg}"
-	done
-}
-
-ensure_packages() {
-	local -a wanted=("${WGMESH_APT_PACKAGES[@]}") missing
-	have kubectl || wanted+=(kubernetes-client)
-	mapfile -t missing < <(missing_packages "${wanted[@]}")
-	((${#missing[@]} == 0)) && return 0
-	log "installing ${missing[*]}"
-	# Try with the index we have first; refresh only if that is not enough.
-	if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2; then
-		((WGMESH_APT_UPDATED)) && die "apt-get install ${missing[*]} failed"
-		apt_update
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2 ||
-			die "apt-get install ${missing[*]} failed"
-	fi
 }
 
 # index_targets FIELD FILTER...: one FIELD per index file apt has configured
@@ -154,11 +127,55 @@ kube_cache_dir() {
 	printf '%s/kube-%s\n' "$(cache_root)" "$1"
 }
 
-# kube_cache_ready succeeds when both binaries are cached for a version.
+# kube_binaries_in DIR succeeds when every binary of the build is in DIR.
+kube_binaries_in() {
+	local name
+	for name in "${WGMESH_KUBE_BINARIES[@]}"; do
+		[[ -x $1/${name} ]] || return 1
+	done
+}
+
+# kube_cache_ready succeeds when every binary is cached for a version.
 kube_cache_ready() {
-	local bin
-	bin="$(kube_cache_dir "$1")/bin"
-	[[ -x ${bin}/kube-apiserver && -x ${bin}/kube-controller-manager ]]
+	kube_binaries_in "$(kube_cache_dir "$1")/bin"
+}
+
+# The pause container's source, kept from the tree (which is deleted after the
+# build) so hack/lib/node-images.sh can compile the sandbox image from the very
+# release the kubelet comes from: DIR/pause/pause.c and DIR/pause/Makefile
+# (whose TAG is the pause version).
+readonly WGMESH_PAUSE_FILES=(linux/pause.c Makefile)
+
+# pause_source_in DIR succeeds when DIR/pause holds the pause sources.
+pause_source_in() {
+	local file
+	for file in "${WGMESH_PAUSE_FILES[@]}"; do
+		[[ -s $1/pause/${file##*/} ]] || return 1
+	done
+}
+
+# save_pause_source SRC DIR copies the pause sources of tree SRC into DIR/pause.
+save_pause_source() {
+	local src=$1 dir=$2 file
+	mkdir -p "${dir}/pause"
+	for file in "${WGMESH_PAUSE_FILES[@]}"; do
+		cp "${src}/build/pause/${file}" "${dir}/pause/" || die "the tree has no build/pause/${file}"
+	done
+}
+
+# fetch_pause_source VERSION CACHE fills CACHE/pause for a cache made before
+# the pause sources were kept: unpacks the source package once more (a minute,
+# no build) and keeps only those files.
+fetch_pause_source() {
+	local version=$1 cache=$2 work=$2.pause
+	log "the cache has no pause sources; fetching them from the source package"
+	rm -rf "${work}"
+	mkdir -p "${work}"
+	fetch_kube_source "${version}" "${work}/src"
+	save_pause_source "${work}/src" "${work}"
+	rm -rf "${cache}/pause"
+	mv "${work}/pause" "${cache}/pause"
+	rm -rf "${work}"
 }
 
 # replace_vendored swaps a vendored package for the copy a Debian -dev
@@ -210,16 +227,16 @@ fetch_kube_source() {
 # Nothing is fetched: the build reads vendor/ only and GOPROXY is off.
 build_kube() {
 	local src=$1 out=$2 bin
-	log "building kube-apiserver and kube-controller-manager (10-20 minutes on 2 cores)"
+	log "building ${WGMESH_KUBE_BINARIES[*]} (10-20 minutes on 2 cores)"
 	(
 		cd "${src}"
 		# HOME: the build must not write into the user's Go caches.
 		export HOME="${src}/_output/home" GOPROXY=off GOFLAGS="" GOTOOLCHAIN=local
 		mkdir -p "${HOME}"
-		make WHAT="cmd/kube-apiserver cmd/kube-controller-manager"
+		make WHAT="${WGMESH_KUBE_BINARIES[*]/#/cmd/}"
 	) >&2 || die "make failed in ${src}"
 	mkdir -p "${out}"
-	for bin in kube-apiserver kube-controller-manager; do
+	for bin in "${WGMESH_KUBE_BINARIES[@]}"; do
 		cp "${src}/_output/bin/${bin}" "${out}/${bin}" || die "the build did not produce ${bin}"
 	done
 }
@@ -235,7 +252,7 @@ kube_current() {
 kube_bin_dir() {
 	local bin
 	bin=${WGMESH_KUBE_BIN_DIR:-$(kube_current)/bin}
-	[[ -x ${bin}/kube-apiserver && -x ${bin}/kube-controller-manager ]] || return 1
+	kube_binaries_in "${bin}" || return 1
 	printf '%s\n' "${bin}"
 }
 
@@ -254,7 +271,8 @@ install_kube() {
 	ensure_debsrc
 	# One update serves both: new source indexes and missing packages.
 	((WGMESH_DEBSRC_CHANGED == 0)) || apt_update
-	ensure_packages
+	# Every package any script needs, from the one list.
+	bash "${HACK_DIR}/lib/deps.sh"
 	if ! version=$(kube_src_version); then
 		# deb-src is configured but its index was never fetched.
 		((WGMESH_APT_UPDATED)) || apt_update
@@ -263,8 +281,9 @@ install_kube() {
 
 	cache=$(kube_cache_dir "${version}")
 	if kube_cache_ready "${version}"; then
+		pause_source_in "${cache}" || fetch_pause_source "${version}" "${cache}"
 		ln -sfn "${cache##*/}" "$(kube_current)"
-		log "kube-apiserver and kube-controller-manager ${version} are cached in ${cache}/bin"
+		log "${WGMESH_KUBE_BINARIES[*]} ${version} are cached in ${cache}/bin"
 		return 0
 	fi
 
@@ -275,9 +294,11 @@ install_kube() {
 	replace_vendored "${work}/src" github.com/modern-go/reflect2 golang-github-modern-go-reflect2-dev
 	replace_vendored "${work}/src" github.com/json-iterator/go golang-github-json-iterator-go-dev
 	build_kube "${work}/src" "${work}/bin"
+	save_pause_source "${work}/src" "${work}"
 
 	# Publish only a complete result: the cache dir appears with both binaries.
 	mkdir -p "${cache}"
+	mv "${work}/pause" "${cache}/pause"
 	mv "${work}/bin" "${cache}/bin"
 	ln -sfn "${cache##*/}" "$(kube_current)"
 	if [[ ${WGMESH_KEEP_BUILD:-0} == 1 ]]; then

@@ -35,6 +35,8 @@ sign_cert() {
 #                         kubernetes.default.svc and the Service IP
 #   admin.{key,crt}       client cert for a user in system:masters
 #   controller-manager.{key,crt}  client cert for system:kube-controller-manager
+#   apiserver-kubelet-client.{key,crt}  the API server's client cert for
+#                         kubelets (system:masters)
 #   sa.{key,pub}          service-account token signing key pair
 make_pki() {
 	local dir=$1 address=$2 sans
@@ -62,6 +64,9 @@ extendedKeyUsage=clientAuth"
 		sign_cert admin "/O=system:masters/CN=wgmesh-admin" "${client}"
 		# The default RBAC bindings grant this user what the controllers need.
 		sign_cert controller-manager "/CN=system:kube-controller-manager" "${client}"
+		# The API server's identity towards kubelets (logs, exec, port-forward);
+		# unused while there are no nodes.
+		sign_cert apiserver-kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client" "${client}"
 
 		gen_key sa.key
 		openssl pkey -in sa.key -pubout -out sa.pub 2>/dev/null ||
