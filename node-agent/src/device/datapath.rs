@@ -405,6 +405,7 @@ pub(crate) fn tick_peer<W: Wire + ?Sized>(peer: &Peer, wire: &W, buf: &mut [u8],
     let mut st = peer.lock();
     let st = &mut *st;
     let endpoint = st.endpoint;
+    let greet = st.greet && endpoint.is_some();
     let slots = &mut st.slots;
     let count = slots.len();
     if count == 0 {
@@ -445,6 +446,17 @@ pub(crate) fn tick_peer<W: Wire + ?Sized>(peer: &Peer, wire: &W, buf: &mut [u8],
             sent += out.len() as u64;
         }
     }
+    // A new peer: handshake now rather than when traffic or the peer's own timers ask.
+    // `Tunn` sends nothing if a handshake is already under way.
+    if greet
+        && let (Some(a), Some(endpoint)) = (active, endpoint)
+        && !slots.has_session(a)
+        && let Some(slot) = slots.get_mut(a)
+        && let TunnResult::WriteToNetwork(out) = slot.tunn.format_handshake_initiation(buf, false)
+        && wire.send(out, endpoint)
+    {
+        sent += out.len() as u64;
+    }
     if count > 1 {
         slots.recompute_active();
         // Move to the peer's new key (or ours) without waiting for traffic; `Tunn` sends
@@ -463,6 +475,9 @@ pub(crate) fn tick_peer<W: Wire + ?Sized>(peer: &Peer, wire: &W, buf: &mut [u8],
     let newest = slots.newest_session();
     st.handshake.observe(newest, wall);
     st.tx_bytes += sent;
+    if greet {
+        st.greet = false;
+    }
 }
 
 /// Blocks until `fd` or the stop eventfd is readable (or errors, or hangs up).

@@ -71,6 +71,11 @@ pub struct PeerState {
     pub tx_bytes: u64,
     /// Wall-clock time of the last handshake over all slots.
     pub handshake: HandshakeTime,
+    /// Start a handshake at the next timer tick, without waiting for traffic: set for a new
+    /// peer. A device that restarts (an agent upgrade) has no sessions while its peers still
+    /// hold theirs; they only give up on them after 15 s without an answer, so the new
+    /// device greets every peer that has an endpoint at once instead.
+    pub greet: bool,
 }
 
 impl PeerState {
@@ -86,6 +91,7 @@ impl PeerState {
             rx_bytes: 0,
             tx_bytes: 0,
             handshake: HandshakeTime::default(),
+            greet: true,
         }
     }
 

@@ -568,6 +568,40 @@ mod tests {
     }
 
     #[test]
+    fn a_restarted_device_greets_its_peers_so_their_old_sessions_are_replaced_at_once() {
+        let (mut a, mut b) = (mk_node(1, A0), mk_node(2, B0));
+        mk_peer(&mut a, &b, public(&B0));
+        mk_peer(&mut b, &a, public(&A0));
+        {
+            let n = &mut [&mut a, &mut b];
+            assert_eq!(send(n, 0, 1, 1), 2, "first packet: one handshake");
+            assert_eq!(tick(n, 0), 0, "a peer with a session is not greeted");
+        }
+
+        // B restarts: same key, no sessions. A still sends on its old session, which B
+        // cannot open: without a greeting nothing would get through until A's 15 s retry.
+        let mut b2 = mk_node(2, B0);
+        mk_peer(&mut b2, &a, public(&A0));
+        let n = &mut [&mut a, &mut b2];
+        assert_eq!(send(n, 0, 1, 2), 0);
+        assert!(n[1].delivered.is_empty(), "the old session is dead to B");
+        assert_eq!(
+            tick(n, 1),
+            2,
+            "B greets A at its first tick, without traffic"
+        );
+        assert_eq!(tick(n, 1), 0, "once");
+        send(n, 0, 1, 3);
+        assert_eq!(
+            n[1].delivered.len(),
+            1,
+            "A's next packet uses the new session"
+        );
+        send(n, 1, 0, 4);
+        assert_eq!(n[0].delivered.len(), 1);
+    }
+
+    #[test]
     fn a_rotation_moves_both_directions_to_the_new_key_and_keeps_the_peer() {
         let (mut a, mut b) = (mk_node(1, A0), mk_node(2, B0));
         let b_on_a = mk_peer(&mut a, &b, public(&B0));
