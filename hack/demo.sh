@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# hack/demo.sh: the README's first command. Installs what it needs, builds wgmesh, and brings
-# up a local 3-node encrypted mesh with a real control plane in network namespaces
-# (hack/mesh.sh): one pod on each node, then shows the mesh's peers, a ping matrix between
-# every pair of pods across nodes, and `wg show` on each node.
+# hack/demo.sh: the README's first command. Installs everything it needs, brings up a local
+# 3-node Kubernetes cluster of real kubelet nodes (hack/nodes.sh: containerd and kubelet per
+# node, each node in its own network namespace), builds the wgmesh image (hack/image.sh),
+# installs wgmesh with `helm install` from charts/wgmesh, starts a test pod on every node,
+# and shows the ping matrix and an HTTP request across nodes, `kubectl get pods -o wide`,
+# `kubectl get meshpeers -o wide` and `wg show` on each node.
 #
-#   hack/demo.sh            set up and run the demo (the mesh keeps running)
+#   hack/demo.sh            set up and run the demo (the cluster keeps running)
 #   hack/demo.sh down       stop everything the demo started
 #
-# Environment: WGMESH_DEMO_DIR (default /tmp/wgmesh-demo) holds the mesh's state.
-# Needs root. The first run builds kube-apiserver from Debian's source package (5-15 min).
+# Environment: WGMESH_DEMO_DIR (default /tmp/wgmesh-demo) holds the cluster's state.
+# Needs root. The first run builds Kubernetes from Debian's source package (10-20 min).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -18,14 +20,16 @@ source "$here/lib/common.sh"
 WGMESH_LOG_PREFIX="[demo]"
 dir=${WGMESH_DEMO_DIR:-/tmp/wgmesh-demo}
 nodes=3
+namespace=wgmesh-system
+pool=10.244.0.0/16
 
 case "${1:-up}" in
 -h | --help)
-	sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+	sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
 	exit 0
 	;;
 down)
-	bash "$here/mesh.sh" down --dir "$dir"
+	bash "$here/nodes.sh" down --dir "$dir"
 	exit 0
 	;;
 up) ;;
@@ -34,39 +38,76 @@ esac
 
 need_root "hack/demo.sh"
 cd "$root"
-if [[ -f $dir/mesh.env ]]; then
-	log "a demo mesh is already up in $dir; replacing it"
-	bash "$here/mesh.sh" down --dir "$dir"
+# shellcheck source=hack/lib/deps.sh
+source "$here/lib/deps.sh"
+if [[ -e $dir ]]; then
+	log "a demo is already up in $dir; replacing it"
+	bash "$here/nodes.sh" down --dir "$dir"
 fi
-bash "$here/mesh.sh" up --id demo --nodes "$nodes" --dir "$dir"
-# shellcheck disable=SC1091
-source "$dir/mesh.env"
-export KUBECONFIG="$dir/cp/kubeconfig"
 
-declare -A pod_ip
-for i in $(seq "$nodes"); do
-	pod_ip[pod-$i]=$(bash "$here/mesh.sh" pod "node-$i" "pod-$i" --dir "$dir")
+log "building the image"
+archive=$(bash "$here/image.sh" --tag demo)
+bash "$here/nodes.sh" up --nodes "$nodes" --dir "$dir"
+eval "$(bash "$here/nodes.sh" env --dir "$dir")"
+export KUBECONFIG
+bash "$here/nodes.sh" load "$archive" --dir "$dir"
+
+log "helm install wgmesh charts/wgmesh"
+helm install wgmesh "$root/charts/wgmesh" --namespace "$namespace" --create-namespace \
+	--set image.repository=wgmesh.local/wgmesh --set image.tag=demo --set image.pullPolicy=Never \
+	--set k8sServiceHost="$APISERVER_HOST" --set k8sServicePort="$APISERVER_PORT" \
+	--set "podCIDRPool.cidrs={$pool}" --wait --timeout 5m >/dev/null
+kubectl wait --for=condition=Ready --timeout=120s nodes --all >/dev/null
+kubectl wait --for=condition=Ready --timeout=120s meshpeers --all >/dev/null
+
+log "a test pod on every node"
+mapfile -t node_names < <(kubectl get nodes -o jsonpath='{range .items[*]}{.metadata.name}{"\n"}{end}')
+for i in "${!node_names[@]}"; do
+	node=${node_names[i]}
+	kubectl apply -f - >/dev/null <<YAML
+apiVersion: v1
+kind: Pod
+metadata: {name: web-$((i + 1)), namespace: default, labels: {app: wgmesh-demo}}
+spec:
+  nodeName: $node
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: web
+    image: $BUSYBOX_IMAGE
+    imagePullPolicy: Never
+    command: [sh, -c, "mkdir -p /www && echo hello from $node > /www/index.html && exec httpd -f -p 8080 -h /www"]
+YAML
 done
+kubectl wait --for=condition=Ready --timeout=120s pods -l app=wgmesh-demo >/dev/null
 
 show() {
 	printf '\n$ %s\n' "$*"
 	"$@"
 }
+show kubectl get nodes -o wide
+show kubectl get pods -A -o wide
 show kubectl get meshes,podcidrpools
 show kubectl get meshpeers -o wide
 
-printf '\nping matrix (pod network namespaces %s-pod-N; rows ping columns):\n' "$MESH_ID"
+declare -A ip
+for i in "${!node_names[@]}"; do
+	pod=web-$((i + 1))
+	ip[$pod]=$(kubectl get pod "$pod" -o jsonpath='{.status.podIP}')
+done
+printf '\nping matrix (kubectl exec web-N -- ping; rows ping columns):\n'
 printf '%-8s' ""
-for j in $(seq "$nodes"); do printf '%-22s' "pod-$j ${pod_ip[pod-$j]}"; done
+for i in "${!node_names[@]}"; do printf '%-22s' "web-$((i + 1)) ${ip[web-$((i + 1))]}"; done
 echo
 failures=0
-for i in $(seq "$nodes"); do
-	printf '%-8s' "pod-$i"
-	for j in $(seq "$nodes"); do
+for i in "${!node_names[@]}"; do
+	from=web-$((i + 1))
+	printf '%-8s' "$from"
+	for j in "${!node_names[@]}"; do
+		to=web-$((j + 1))
 		if [[ $i == "$j" ]]; then
 			printf '%-22s' "-"
-		elif ip netns exec "$MESH_ID-pod-$i" ping -c 1 -W 2 "${pod_ip[pod-$j]}" >/dev/null 2>&1 ||
-			ip netns exec "$MESH_ID-pod-$i" ping -c 3 -W 2 "${pod_ip[pod-$j]}" >/dev/null 2>&1; then
+		elif kubectl exec "$from" -- ping -c 1 -W 2 "${ip[$to]}" >/dev/null 2>&1 ||
+			kubectl exec "$from" -- ping -c 3 -W 2 "${ip[$to]}" >/dev/null 2>&1; then
 			printf '%-22s' "ok"
 		else
 			printf '%-22s' "FAIL"
@@ -76,22 +117,31 @@ for i in $(seq "$nodes"); do
 	echo
 done
 
+printf '\n$ kubectl exec web-1 -- nc %s 8080   (HTTP from %s to a pod on %s)\n' "${ip[web-2]}" "${node_names[0]}" "${node_names[1]}"
+if ! answer=$(kubectl exec web-1 -- sh -c "printf 'GET / HTTP/1.0\r\n\r\n' | nc -w 3 ${ip[web-2]} 8080") ||
+	[[ $answer != *"hello from ${node_names[1]}"* ]]; then
+	printf 'FAIL: %s\n' "${answer:-no answer}"
+	failures=$((failures + 1))
+else
+	printf '%s\n' "$answer" | tail -n 1
+fi
+
 # After the pings, so the handshakes and transfer counters show.
-for i in $(seq "$nodes"); do
-	show wg show "wg-demo-n$i"
+for node in "${node_names[@]}"; do
+	show bash "$here/nodes.sh" exec "$node" --dir "$dir" -- wg show
 done
 
 cat <<MSG
 
-Every packet between the nodes above went through wgmesh's userspace WireGuard devices.
-Look around:
+Every packet between the nodes above went through wgmesh's userspace WireGuard devices,
+run by the agent DaemonSet that helm installed. Look around:
   export KUBECONFIG=$KUBECONFIG
-  kubectl describe meshpeer node-1
-  ip netns exec demo-node-1 ip route          # routes through wg-demo-n1, blackholes behind them
-  ip netns exec demo-ul tcpdump -i ul0 -n     # the underlay: between nodes only UDP 51820 (and the API)
-  ip netns exec demo-pod-1 ping ${pod_ip[pod-2]}
+  kubectl -n $namespace get pods -o wide
+  kubectl describe meshpeer ${node_names[0]}
+  hack/nodes.sh exec ${node_names[0]} --dir $dir -- ip route      # routes through wgmesh0, blackholes behind them
+  ip netns exec $UNDERLAY_NETNS tcpdump -i $UNDERLAY_BRIDGE -n    # the underlay: between nodes only UDP 51820 (and the API)
 Logs: $dir/logs/
 Tear it all down with:
   hack/demo.sh down
 MSG
-[[ $failures == 0 ]] || die "$failures pod pairs could not reach each other"
+[[ $failures == 0 ]] || die "$failures checks failed"

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# hack/test.sh: the README's second command. Installs what the tests need, starts a real
-# control plane, and runs every check CI runs: formatting, clippy, the CRD drift check, and
-# the unit, integration and end-to-end tests.
+# hack/test.sh: the README's second command. Installs what the tests need (hack/lib/deps.sh,
+# hack/cluster.sh install), starts a real control plane, and runs every check CI runs:
+# formatting, clippy, shellcheck, the CRD drift checks, the chart's lint and schema checks,
+# the unit, integration and end-to-end tests (including helm install, upgrade and uninstall
+# on real kubelet nodes), and the README's first command (hack/demo.sh, then down).
 #
 #   hack/test.sh            everything
-#   hack/test.sh -- ARGS    pass ARGS to `cargo test` (e.g. `-- -p wgmesh-core`)
+#   hack/test.sh -- ARGS    pass ARGS to `cargo test` (e.g. `-- -p wgmesh-core`); skips the demo
 #
 # Needs root (apt-get, network namespaces). Leaves nothing running.
 set -euo pipefail
@@ -19,7 +21,7 @@ cargo_args=()
 while [[ $# -gt 0 ]]; do
 	case "$1" in
 	-h | --help)
-		sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
+		sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
 		exit 0
 		;;
 	--)
@@ -38,9 +40,9 @@ start=$(date +%s)
 step() { log "── $* ($(($(date +%s) - start))s)"; }
 
 step "installing dependencies"
+# shellcheck source=hack/lib/deps.sh
+source hack/lib/deps.sh
 bash hack/cluster.sh install
-bash hack/lib/datapath-deps.sh
-bash hack/lib/mesh-deps.sh
 
 step "formatting"
 cargo fmt --all -- --check || die "cargo fmt --all -- --check failed: run cargo fmt --all"
@@ -55,6 +57,10 @@ cleanup() {
 trap cleanup EXIT
 cargo run -q -p wgmesh-api --bin crdgen -- --out-dir "$gen" >/dev/null
 diff -ru crds "$gen" || die "crds/ differs from what the Rust types generate: run cargo run -p wgmesh-api --bin crdgen -- --out-dir crds"
+diff -ru crds charts/wgmesh/crds || die "charts/wgmesh/crds differs from crds/: run cp crds/*.yaml charts/wgmesh/crds/"
+
+step "shellcheck"
+shellcheck -x hack/*.sh hack/lib/*.sh
 
 step "clippy"
 cargo clippy --workspace --all-targets -- -D warnings
@@ -69,6 +75,14 @@ cargo test --workspace "${cargo_args[@]}"
 if [[ -f target/wgmesh-e2e-report.txt ]]; then
 	step "end-to-end figures"
 	cat target/wgmesh-e2e-report.txt
+fi
+
+if ((${#cargo_args[@]} == 0)); then
+	step "the README's first command: hack/demo.sh"
+	demo_dir=/tmp/wgmesh-test-demo.$$
+	WGMESH_DEMO_DIR=$demo_dir bash hack/demo.sh ||
+		{ WGMESH_DEMO_DIR=$demo_dir bash hack/demo.sh down; die "hack/demo.sh failed"; }
+	WGMESH_DEMO_DIR=$demo_dir bash hack/demo.sh down
 fi
 
 step "all checks passed"
