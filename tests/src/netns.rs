@@ -164,51 +164,52 @@ impl Mesh {
     /// Starts tcpdump on the underlay bridge, writing every packet to a file, and returns
     /// once it is capturing.
     pub fn capture(&self, name: &str) -> Result<Capture> {
-        let file = self.dir.join(format!("{name}.pcap"));
-        let log = self.dir.join(format!("{name}.tcpdump.log"));
-        let child = self
-            .exec(
-                "ul",
-                &[
-                    "tcpdump",
-                    "-i",
-                    "ul0",
-                    "-n",
-                    "--immediate-mode",
-                    "-U",
-                    "-s",
-                    "128",
-                    "-w",
-                ],
-            )
-            .arg(&file)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()?;
-        wait_until("tcpdump to listen", Duration::from_secs(10), || {
-            std::fs::read_to_string(&log).is_ok_and(|l| l.contains("listening on"))
-        })?;
-        Ok(Capture { child, file })
+        capture_in(&self.ns("ul"), "ul0", &self.dir, name)
     }
+}
+
+/// Starts tcpdump on `iface` in network namespace `ns`, writing every packet to
+/// `dir/NAME.pcap`, and returns once it is capturing.
+pub fn capture_in(ns: &str, iface: &str, dir: &Path, name: &str) -> Result<Capture> {
+    let file = dir.join(format!("{name}.pcap"));
+    let log = dir.join(format!("{name}.tcpdump.log"));
+    let child = Command::new("ip")
+        .args(["netns", "exec", ns, "tcpdump", "-i", iface, "-n"])
+        .args(["--immediate-mode", "-U", "-s", "128", "-w"])
+        .arg(&file)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()?;
+    wait_until("tcpdump to listen", Duration::from_secs(10), || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("listening on"))
+    })?;
+    Ok(Capture { child, file })
+}
+
+/// Tears down what `hack/SCRIPT up --dir DIR` brought up, unless the test failed and
+/// `WGMESH_E2E_KEEP` is set (then says where it is, to look around and `down` by hand).
+pub fn down_unless_kept(script: &str, dir: &Path, failed: bool) {
+    if failed && std::env::var_os("WGMESH_E2E_KEEP").is_some() {
+        eprintln!(
+            "WGMESH_E2E_KEEP: leaving it running in {} (hack/{script} down --dir ...)",
+            dir.display()
+        );
+        return;
+    }
+    let _ = Command::new("bash")
+        .arg(repo_root().join("hack").join(script))
+        .args(["down", "--dir"])
+        .arg(dir)
+        .output();
 }
 
 impl Drop for Mesh {
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        let failed = std::thread::panicking();
+        if failed {
             eprintln!("{}", self.logs());
-            if std::env::var_os("WGMESH_E2E_KEEP").is_some() {
-                eprintln!(
-                    "WGMESH_E2E_KEEP: leaving the mesh in {} (hack/mesh.sh down --dir ...)",
-                    self.dir.display()
-                );
-                return;
-            }
         }
-        let _ = Command::new("bash")
-            .arg(repo_root().join("hack/mesh.sh"))
-            .args(["down", "--dir"])
-            .arg(&self.dir)
-            .output();
+        down_unless_kept("mesh.sh", &self.dir, failed);
     }
 }
 
@@ -219,11 +220,6 @@ pub struct Capture {
 }
 
 impl Capture {
-    /// A capture already running as `child`, writing to `file`.
-    pub fn new(child: Child, file: PathBuf) -> Capture {
-        Capture { child, file }
-    }
-
     /// Stops capturing and counts the packets matching each filter.
     pub fn stop(mut self, filters: &[&str]) -> Result<Vec<usize>> {
         // Let the last packets reach the capture before it stops.

@@ -3,13 +3,13 @@
 //! the tools a person uses on one: kubectl, helm, commands inside a node, commands inside a
 //! pod's network namespace, tcpdump on the underlay.
 
-use crate::netns::{Capture, ok, run, wait_until};
+use crate::netns::{Capture, capture_in, down_unless_kept, ok, run};
 use crate::{repo_root, unique_name};
 use anyhow::{Context, Result, bail};
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
-use std::time::Duration;
+use std::process::{Command, Output};
 
 /// A cluster brought up by `hack/nodes.sh up`, torn down when dropped.
 #[derive(Debug)]
@@ -17,6 +17,8 @@ pub struct Cluster {
     pub dir: PathBuf,
     /// What `hack/nodes.sh env` prints, as KEY → value.
     pub env: BTreeMap<String, String>,
+    /// A step failed (see [`Cluster::check`]).
+    failed: Cell<bool>,
 }
 
 /// Parses `KEY=value` lines (values optionally quoted), as `hack/nodes.sh env` prints them.
@@ -59,6 +61,7 @@ impl Cluster {
         let mut cluster = Cluster {
             dir,
             env: BTreeMap::new(),
+            failed: Cell::new(false),
         };
         let out = run(Command::new("bash")
             .arg(repo_root().join("hack/nodes.sh"))
@@ -177,21 +180,41 @@ impl Cluster {
 
     /// Starts tcpdump on the underlay bridge.
     pub fn capture(&self, name: &str) -> Result<Capture> {
-        let ns = self.var("UNDERLAY_NETNS")?;
-        let bridge = self.var("UNDERLAY_BRIDGE")?;
-        let file = self.dir.join(format!("{name}.pcap"));
-        let log = self.dir.join(format!("{name}.tcpdump.log"));
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns, "tcpdump", "-i", bridge, "-n"])
-            .args(["--immediate-mode", "-U", "-s", "128", "-w"])
-            .arg(&file)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()?;
-        wait_until("tcpdump to listen", Duration::from_secs(10), || {
-            std::fs::read_to_string(&log).is_ok_and(|l| l.contains("listening on"))
-        })?;
-        Ok(Capture::new(child, file))
+        capture_in(
+            self.var("UNDERLAY_NETNS")?,
+            self.var("UNDERLAY_BRIDGE")?,
+            &self.dir,
+            name,
+        )
+    }
+
+    /// Passes `result` through; an error first prints what a person would look at (the
+    /// logs, pods, nodes, peers, Events) and marks the cluster failed, so that
+    /// `WGMESH_E2E_KEEP` keeps it running.
+    pub fn check<T>(&self, result: Result<T>) -> Result<T> {
+        if result.is_err() && !self.failed.replace(true) {
+            self.diagnose();
+        }
+        result
+    }
+
+    fn diagnose(&self) {
+        eprintln!("{}", self.logs());
+        for args in [
+            &["get", "pods", "-A", "-o", "wide"][..],
+            &["get", "nodes", "-o", "wide"],
+            &["get", "meshpeers", "-o", "wide"],
+            &["get", "events", "-A"],
+        ] {
+            if let Ok(out) = self.kubectl_output(args) {
+                eprintln!(
+                    "$ kubectl {}\n{}{}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
     }
 
     /// The logs a person would read when something failed.
@@ -214,36 +237,10 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("{}", self.logs());
-            for args in [
-                &["get", "pods", "-A", "-o", "wide"][..],
-                &["get", "nodes", "-o", "wide"],
-                &["get", "meshpeers", "-o", "wide"],
-                &["get", "events", "-A"],
-            ] {
-                if let Ok(out) = self.kubectl_output(args) {
-                    eprintln!(
-                        "$ kubectl {}\n{}{}",
-                        args.join(" "),
-                        String::from_utf8_lossy(&out.stdout),
-                        String::from_utf8_lossy(&out.stderr)
-                    );
-                }
-            }
-            if std::env::var_os("WGMESH_E2E_KEEP").is_some() {
-                eprintln!(
-                    "WGMESH_E2E_KEEP: leaving the cluster in {} (hack/nodes.sh down --dir ...)",
-                    self.dir.display()
-                );
-                return;
-            }
+        if std::thread::panicking() && !self.failed.replace(true) {
+            self.diagnose();
         }
-        let _ = Command::new("bash")
-            .arg(repo_root().join("hack/nodes.sh"))
-            .args(["down", "--dir"])
-            .arg(&self.dir)
-            .output();
+        down_unless_kept("nodes.sh", &self.dir, self.failed.get());
     }
 }
 

@@ -256,12 +256,22 @@ fn helm_install_upgrade_and_uninstall_on_real_nodes() -> Result<()> {
         "helm e2e: 3 kubelet nodes up in {:.0} s",
         t.elapsed().as_secs_f64()
     ));
-    for archive in [&first, &second] {
+    c.check(on_cluster(&c, &first, &second))?;
+    report(&format!(
+        "helm e2e: total {:.0} s",
+        started.elapsed().as_secs_f64()
+    ));
+    Ok(())
+}
+
+/// Every step on the cluster, in order.
+fn on_cluster(c: &Cluster, first: &str, second: &str) -> Result<()> {
+    for archive in [first, second] {
         c.script(&["load", archive])?;
     }
 
     // A file, a route and a table that are not ours, on every node: uninstall must leave them.
-    let first_nodes = nodes(&c)?;
+    let first_nodes = nodes(c)?;
     for node in first_nodes.clone() {
         c.on_node(
             &node,
@@ -283,10 +293,10 @@ fn helm_install_upgrade_and_uninstall_on_real_nodes() -> Result<()> {
         repo_root().join("charts/wgmesh").display().to_string(),
         "--create-namespace".into(),
     ];
-    args.extend(install_args(&c, "e2e-1")?);
+    args.extend(install_args(c, "e2e-1")?);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     c.helm(&args)?;
-    agents_ready(&c, "e2e-1")?;
+    agents_ready(c, "e2e-1")?;
     c.kubectl(&[
         "wait",
         "--for=condition=Ready",
@@ -317,16 +327,16 @@ fn helm_install_upgrade_and_uninstall_on_real_nodes() -> Result<()> {
     ));
 
     // Pods on every node reach each other; only WireGuard crosses the underlay.
-    let node_names = nodes(&c)?;
+    let node_names = nodes(c)?;
     let mut pods = Vec::new();
     for (i, node) in node_names.iter().enumerate() {
         let name = format!("web-{}", i + 1);
-        let ip = test_pod(&c, &name, node)?;
+        let ip = test_pod(c, &name, node)?;
         pods.push((name, ip));
     }
     let capture = c.capture("pods")?;
-    let failed = all_pairs(&c, &pods);
-    let body = pod_http(&c, &pods[0].0, &pods[1].1)?;
+    let failed = all_pairs(c, &pods);
+    let body = pod_http(c, &pods[0].0, &pods[1].1)?;
     let [plain, wg] = capture.stop(&[&format!("net {POOL}"), "udp port 51820"])?[..] else {
         bail!("capture counts");
     };
@@ -409,14 +419,14 @@ fn helm_install_upgrade_and_uninstall_on_real_nodes() -> Result<()> {
     );
 
     // A pod deleted and made again on another node keeps working.
-    let mover_ip = test_pod(&c, "mover", &node_names[0])?;
-    if !pod_ping(&c, &pods[1].0, &mover_ip) {
+    let mover_ip = test_pod(c, "mover", &node_names[0])?;
+    if !pod_ping(c, &pods[1].0, &mover_ip) {
         bail!("web-2 cannot reach the mover on {}", node_names[0]);
     }
     c.kubectl(&["delete", "pod", "-n", TEST_NS, "mover", "--wait=true"])?;
-    let mover_ip = test_pod(&c, "mover", &node_names[2])?;
+    let mover_ip = test_pod(c, "mover", &node_names[2])?;
     for (from, _) in &pods {
-        if !pod_ping(&c, from, &mover_ip) {
+        if !pod_ping(c, from, &mover_ip) {
             bail!(
                 "{from} cannot reach the mover recreated on {} ({mover_ip})",
                 node_names[2]
@@ -428,10 +438,10 @@ fn helm_install_upgrade_and_uninstall_on_real_nodes() -> Result<()> {
     // A node joins: it gets an agent pod, joins the mesh, its pods are reachable.
     let t = Instant::now();
     c.script(&["add-node", "node-4"])?;
-    for archive in [&first, &second] {
+    for archive in [first, second] {
         c.script(&["load", archive, "node-4"])?;
     }
-    agents_ready(&c, "e2e-1")?;
+    agents_ready(c, "e2e-1")?;
     c.kubectl(&[
         "wait",
         "--for=condition=Ready",
@@ -439,9 +449,9 @@ fn helm_install_upgrade_and_uninstall_on_real_nodes() -> Result<()> {
         "node/node-4",
         "meshpeer/node-4",
     ])?;
-    let ip4 = test_pod(&c, "web-4", "node-4")?;
+    let ip4 = test_pod(c, "web-4", "node-4")?;
     for (from, _) in &pods {
-        if !pod_ping(&c, from, &ip4) {
+        if !pod_ping(c, from, &ip4) {
             bail!("{from} cannot reach web-4 on the new node");
         }
     }
@@ -457,7 +467,7 @@ fn helm_install_upgrade_and_uninstall_on_real_nodes() -> Result<()> {
     for i in 0..pods.len() {
         let (from, _) = &pods[i];
         let (to, ip) = &pods[(i + 1) % pods.len()];
-        pingers.push(pinger(&c, from, to, ip)?);
+        pingers.push(pinger(c, from, to, ip)?);
     }
     std::thread::sleep(Duration::from_secs(2));
     let t = Instant::now();
@@ -466,10 +476,10 @@ fn helm_install_upgrade_and_uninstall_on_real_nodes() -> Result<()> {
         RELEASE.into(),
         repo_root().join("charts/wgmesh").display().to_string(),
     ];
-    args.extend(install_args(&c, "e2e-2")?);
+    args.extend(install_args(c, "e2e-2")?);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     c.helm(&args)?;
-    agents_ready(&c, "e2e-2")?;
+    agents_ready(c, "e2e-2")?;
     let rolled = t.elapsed().as_secs_f64();
     // Traffic after the last agent's restart, so the gap it caused is measured to its end.
     std::thread::sleep(Duration::from_secs(5));
@@ -499,7 +509,7 @@ fn helm_install_upgrade_and_uninstall_on_real_nodes() -> Result<()> {
     if sent == 0
         || !pods.iter().all(|(from, _)| {
             pods.iter()
-                .all(|(to, ip)| from == to || pod_ping(&c, from, ip))
+                .all(|(to, ip)| from == to || pod_ping(c, from, ip))
         })
     {
         bail!("pods cannot reach each other after the upgrade");
@@ -532,8 +542,8 @@ fn helm_install_upgrade_and_uninstall_on_real_nodes() -> Result<()> {
         },
     )?;
     let mut dirty = Vec::new();
-    for node in nodes(&c)? {
-        for thing in leftovers(&c, &node)? {
+    for node in nodes(c)? {
+        for thing in leftovers(c, &node)? {
             dirty.push(format!("{node}: {thing}"));
         }
         if !first_nodes.contains(&node) {
@@ -556,12 +566,8 @@ fn helm_install_upgrade_and_uninstall_on_real_nodes() -> Result<()> {
     }
     report(&format!(
         "helm e2e: helm uninstall → {} nodes clean (no interface, route, nftables table or CNI configuration of ours; others' kept) in {:.1} s",
-        nodes(&c)?.len(),
+        nodes(c)?.len(),
         t.elapsed().as_secs_f64()
-    ));
-    report(&format!(
-        "helm e2e: total {:.0} s",
-        started.elapsed().as_secs_f64()
     ));
     Ok(())
 }
