@@ -10,7 +10,6 @@ use anyhow::{Result, bail};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use wgmesh_tests::netns::*;
-use wgmesh_tests::repo_root;
 
 #[test]
 fn a_three_node_mesh_end_to_end() -> Result<()> {
@@ -18,7 +17,6 @@ fn a_three_node_mesh_end_to_end() -> Result<()> {
         is_root(),
         "the end-to-end test needs root (network namespaces); run hack/test.sh as root"
     );
-    let _ = std::fs::remove_file(repo_root().join("target/wgmesh-e2e-report.txt"));
     // 1. Every pod reaches every other pod, across nodes (awaited by `up_with_pods`), and
     //    data moves.
     let (mesh, ips) = Mesh::up_with_pods(3)?;
