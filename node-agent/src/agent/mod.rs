@@ -336,11 +336,15 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     }
     metrics.set_readiness(false);
     let watched = owner.as_ref().map_or(uninstall::Owner::Unknown, owner_in);
-    let read = match (&agent.args.pod_namespace, &agent.args.daemonset) {
-        (Some(ns), Some(name)) => read_owner(Api::namespaced(client.clone(), ns), name).await,
-        _ => uninstall::Owner::Unknown,
-    };
-    if uninstall::should_clean(watched, || read) {
+    // The API is read only when the watch does not already show the DaemonSet gone.
+    let clean = uninstall::gone(watched)
+        || match (&agent.args.pod_namespace, &agent.args.daemonset) {
+            (Some(ns), Some(name)) => {
+                uninstall::gone(read_owner(Api::namespaced(client.clone(), ns), name).await)
+            }
+            _ => false,
+        };
+    if clean {
         info!("this agent's DaemonSet is gone: removing wgmesh from the node");
         agent.clean_node().await;
     } else {
@@ -973,7 +977,7 @@ impl Agent {
     /// is logged and the next one runs even if one fails; the device goes when the agent
     /// stops.
     async fn clean_node(&mut self) {
-        let (files, dirs) = uninstall::files(
+        let files = uninstall::NodeFiles::new(
             &self.args.cni_conf_dir,
             &self.args.cni_conf_name,
             self.args.cni_ipam_data_dir.as_deref(),
@@ -985,9 +989,7 @@ impl Agent {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => warn!(path = %path.display(), error = %e, "could not remove"),
         };
-        if let Some(conf) = files.first() {
-            remove(conf, std::fs::remove_file(conf));
-        }
+        remove(&files.conflist, std::fs::remove_file(&files.conflist));
         if let Err(e) = self.netlink.delete_link(&self.args.cni_bridge).await {
             warn!(error = %e, "could not delete the pod bridge");
         }
@@ -1012,12 +1014,8 @@ impl Agent {
             Ok(()) => info!(table = masquerade::TABLE, "removed the nftables table"),
             Err(e) => warn!(error = %e, "could not remove the nftables table"),
         }
-        for dir in &dirs {
-            remove(dir, std::fs::remove_dir_all(dir));
-        }
-        for file in files.iter().skip(1) {
-            remove(file, std::fs::remove_file(file));
-        }
+        remove(&files.ipam_dir, std::fs::remove_dir_all(&files.ipam_dir));
+        remove(&files.key, std::fs::remove_file(&files.key));
     }
 
     async fn apply_routes(&self, plan: &NodePlan, device_index: Option<u32>) -> bool {

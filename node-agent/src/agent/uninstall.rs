@@ -23,35 +23,42 @@ pub enum Owner {
     Unknown,
 }
 
-/// Whether to clean the node: only on positive evidence that the DaemonSet is gone. The
-/// watch is asked first (it saw the deletion even if the chart's RBAC went with it); when it
-/// still shows the DaemonSet, a direct read decides. Anything uncertain keeps the node as it
-/// is, which is the safe side: a kept configuration fails closed, a removed one would not.
-pub fn should_clean(watched: Owner, read: impl FnOnce() -> Owner) -> bool {
-    match watched {
-        Owner::Gone | Owner::Deleting => true,
-        Owner::Present | Owner::Unknown => matches!(read(), Owner::Gone | Owner::Deleting),
-    }
+/// Whether `owner` is positive evidence that the DaemonSet is gone: only that cleans the
+/// node. The agent asks its watch first (it saw the deletion even if the chart's RBAC went
+/// with it) and reads the API only when the watch does not show the DaemonSet gone.
+/// Anything uncertain keeps the node as it is, which is the safe side: a kept
+/// configuration fails closed, a removed one would not.
+pub fn gone(owner: Owner) -> bool {
+    matches!(owner, Owner::Gone | Owner::Deleting)
 }
 
-/// The files an uninstall removes: the CNI configuration, host-local's allocations for the
-/// wgmesh network, and the node's key file. Nothing else in those directories is touched.
-pub fn files(
-    cni_conf_dir: &Path,
-    cni_conf_name: &str,
-    ipam_data_dir: Option<&Path>,
-    network: &str,
-    state_dir: &Path,
-) -> (Vec<PathBuf>, Vec<PathBuf>) {
-    // host-local keeps one directory per network under its data dir.
-    let ipam = ipam_data_dir
-        .unwrap_or(Path::new("/var/lib/cni/networks"))
-        .join(network);
-    let files = vec![
-        cni_conf_dir.join(cni_conf_name),
-        state_dir.join(crate::key::KEY_FILE),
-    ];
-    (files, vec![ipam])
+/// What an uninstall removes besides routes, links and the nftables table: the CNI
+/// configuration, host-local's allocations for the wgmesh network, and the node's key.
+/// Nothing else in those directories is touched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeFiles {
+    pub conflist: PathBuf,
+    pub ipam_dir: PathBuf,
+    pub key: PathBuf,
+}
+
+impl NodeFiles {
+    pub fn new(
+        cni_conf_dir: &Path,
+        cni_conf_name: &str,
+        ipam_data_dir: Option<&Path>,
+        network: &str,
+        state_dir: &Path,
+    ) -> NodeFiles {
+        NodeFiles {
+            conflist: cni_conf_dir.join(cni_conf_name),
+            // host-local keeps one directory per network under its data dir.
+            ipam_dir: ipam_data_dir
+                .unwrap_or(Path::new("/var/lib/cni/networks"))
+                .join(network),
+            key: state_dir.join(crate::key::KEY_FILE),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -60,37 +67,19 @@ mod tests {
 
     #[test]
     fn only_a_deleted_daemonset_cleans_the_node() {
-        for (watched, read, clean) in [
-            (Owner::Gone, Owner::Unknown, true),
-            (Owner::Deleting, Owner::Present, true),
-            (Owner::Present, Owner::Gone, true),
-            (Owner::Present, Owner::Deleting, true),
-            (Owner::Present, Owner::Present, false),
-            (Owner::Present, Owner::Unknown, false),
-            (Owner::Unknown, Owner::Unknown, false),
-            (Owner::Unknown, Owner::Gone, true),
+        for (owner, clean) in [
+            (Owner::Gone, true),
+            (Owner::Deleting, true),
+            (Owner::Present, false),
+            (Owner::Unknown, false),
         ] {
-            assert_eq!(
-                should_clean(watched, || read),
-                clean,
-                "watched {watched:?}, read {read:?}"
-            );
+            assert_eq!(gone(owner), clean, "{owner:?}");
         }
     }
 
     #[test]
-    fn a_gone_daemonset_seen_by_the_watch_needs_no_api_call() {
-        let mut asked = false;
-        assert!(should_clean(Owner::Gone, || {
-            asked = true;
-            Owner::Unknown
-        }));
-        assert!(!asked);
-    }
-
-    #[test]
     fn the_files_removed_are_ours_only() {
-        let (files, dirs) = super::files(
+        let files = NodeFiles::new(
             Path::new("/etc/cni/net.d"),
             "10-wgmesh.conflist",
             Some(Path::new("/var/lib/cni/wgmesh")),
@@ -99,16 +88,16 @@ mod tests {
         );
         assert_eq!(
             files,
-            [
-                PathBuf::from("/etc/cni/net.d/10-wgmesh.conflist"),
-                PathBuf::from("/var/lib/wgmesh/wireguard-key.json")
-            ]
+            NodeFiles {
+                conflist: PathBuf::from("/etc/cni/net.d/10-wgmesh.conflist"),
+                ipam_dir: PathBuf::from("/var/lib/cni/wgmesh/wgmesh"),
+                key: PathBuf::from("/var/lib/wgmesh/wireguard-key.json"),
+            }
         );
-        assert_eq!(dirs, [PathBuf::from("/var/lib/cni/wgmesh/wgmesh")]);
-        let (_, default_dirs) = super::files(Path::new("/c"), "x", None, "wgmesh", Path::new("/s"));
+        let default = NodeFiles::new(Path::new("/c"), "x", None, "wgmesh", Path::new("/s"));
         assert_eq!(
-            default_dirs,
-            [PathBuf::from("/var/lib/cni/networks/wgmesh")]
+            default.ipam_dir,
+            PathBuf::from("/var/lib/cni/networks/wgmesh")
         );
     }
 }
