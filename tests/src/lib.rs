@@ -59,6 +59,38 @@ fn ensure_cluster() -> Result<PathBuf> {
     Ok(dir.join("kubeconfig"))
 }
 
+/// Where `hack/lib/deps.sh` installs its tools: `$WGMESH_TOOLS_DIR/bin`, default
+/// `~/.cache/wgmesh/tools/bin`.
+pub fn tools_bin() -> PathBuf {
+    let dir = std::env::var_os("WGMESH_TOOLS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+            Path::new(&home).join(".cache/wgmesh/tools")
+        });
+    dir.join("bin")
+}
+
+/// The tool from the tools directory, else from `PATH`; an error saying how to install it.
+pub fn tool(name: &str) -> Result<PathBuf> {
+    let own = tools_bin().join(name);
+    if own.is_file() {
+        return Ok(own);
+    }
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join(name))
+        .find(|p| p.is_file());
+    on_path.with_context(|| {
+        format!(
+            "`{name}` is not installed (looked in {} and PATH): run `bash hack/lib/deps.sh` \
+             (or set WGMESH_TOOLS_DIR); no test passes without it",
+            tools_bin().display()
+        )
+    })
+}
+
 /// A client for the test control plane.
 pub async fn client() -> Result<kube::Client> {
     let path = kubeconfig()?;

@@ -103,19 +103,7 @@ impl Mesh {
     }
 
     pub fn logs(&self) -> String {
-        let mut s = String::new();
-        if let Ok(entries) = std::fs::read_dir(self.dir.join("logs")) {
-            for e in entries.flatten() {
-                let text = std::fs::read_to_string(e.path()).unwrap_or_default();
-                let tail: Vec<&str> = text.lines().rev().take(15).collect();
-                s.push_str(&format!("--- {} (last lines)\n", e.path().display()));
-                for l in tail.into_iter().rev() {
-                    s.push_str(l);
-                    s.push('\n');
-                }
-            }
-        }
-        s
+        log_tails(&self.dir.join("logs"), 15)
     }
 
     pub fn script(&self, args: &[&str]) -> Result<String> {
@@ -166,6 +154,23 @@ impl Mesh {
     pub fn capture(&self, name: &str) -> Result<Capture> {
         capture_in(&self.ns("ul"), "ul0", &self.dir, name)
     }
+}
+
+/// The last `lines` lines of every file in `dir`, each under its name.
+pub fn log_tails(dir: &Path, lines: usize) -> String {
+    let mut s = String::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(lines).collect();
+            s.push_str(&format!("--- {} (last lines)\n", e.path().display()));
+            for l in tail.into_iter().rev() {
+                s.push_str(l);
+                s.push('\n');
+            }
+        }
+    }
+    s
 }
 
 /// Starts tcpdump on `iface` in network namespace `ns`, writing every packet to

@@ -3,8 +3,8 @@
 //! the tools a person uses on one: kubectl, helm, commands inside a node, commands inside a
 //! pod's network namespace, tcpdump on the underlay.
 
-use crate::netns::{Capture, capture_in, down_unless_kept, ok, run};
-use crate::{repo_root, unique_name};
+use crate::netns::{Capture, capture_in, down_unless_kept, log_tails, ok, run};
+use crate::{repo_root, tool, unique_name};
 use anyhow::{Context, Result, bail};
 use std::cell::Cell;
 use std::collections::BTreeMap;
@@ -37,21 +37,6 @@ pub fn parse_env(text: &str) -> BTreeMap<String, String> {
             (k.to_owned(), v.to_owned())
         })
         .collect()
-}
-
-/// The helm binary: `$WGMESH_TOOLS_DIR/bin/helm` as `hack/lib/deps.sh` installs it, else
-/// whatever `helm` is on PATH.
-pub fn helm_bin() -> PathBuf {
-    let tools = std::env::var_os("WGMESH_TOOLS_DIR").map_or_else(
-        || PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/wgmesh/tools"),
-        PathBuf::from,
-    );
-    let bin = tools.join("bin/helm");
-    if bin.exists() {
-        bin
-    } else {
-        PathBuf::from("helm")
-    }
 }
 
 impl Cluster {
@@ -115,7 +100,7 @@ impl Cluster {
 
     /// helm against this cluster; fails unless it succeeds.
     pub fn helm(&self, args: &[&str]) -> Result<String> {
-        ok(Command::new(helm_bin())
+        ok(Command::new(tool("helm")?)
             .env("KUBECONFIG", self.kubeconfig()?)
             .args(args))
     }
@@ -139,28 +124,20 @@ impl Cluster {
     /// The network namespace of a running pod, as a path the host can enter: its first
     /// container's process, found through the node's containerd.
     pub fn pod_netns(&self, namespace: &str, pod: &str) -> Result<PathBuf> {
-        let node = self.kubectl(&[
+        let found = self.kubectl(&[
             "get",
             "pod",
             "-n",
             namespace,
             pod,
             "-o",
-            "jsonpath={.spec.nodeName}",
+            "jsonpath={.spec.nodeName} {.status.containerStatuses[0].containerID}",
         ])?;
-        let id = self.kubectl(&[
-            "get",
-            "pod",
-            "-n",
-            namespace,
-            pod,
-            "-o",
-            "jsonpath={.status.containerStatuses[0].containerID}",
-        ])?;
+        let (node, id) = found.split_once(' ').unwrap_or((found.as_str(), ""));
         let id = id
             .strip_prefix("containerd://")
             .with_context(|| format!("pod {pod} has no containerd container yet ({id:?})"))?;
-        let tasks = self.on_node(&node, &["ctr", "-n", "k8s.io", "tasks", "ls"])?;
+        let tasks = self.on_node(node, &["ctr", "-n", "k8s.io", "tasks", "ls"])?;
         let pid = tasks
             .lines()
             .find(|l| l.starts_with(id))
@@ -219,19 +196,7 @@ impl Cluster {
 
     /// The logs a person would read when something failed.
     pub fn logs(&self) -> String {
-        let mut out = String::new();
-        if let Ok(entries) = std::fs::read_dir(self.dir.join("logs")) {
-            for e in entries.flatten() {
-                let text = std::fs::read_to_string(e.path()).unwrap_or_default();
-                let tail: Vec<&str> = text.lines().rev().take(30).collect();
-                out.push_str(&format!("--- {} (last lines)\n", e.path().display()));
-                for l in tail.iter().rev() {
-                    out.push_str(l);
-                    out.push('\n');
-                }
-            }
-        }
-        out
+        log_tails(&self.dir.join("logs"), 30)
     }
 }
 

@@ -18,7 +18,7 @@ use std::{
     path::{Path, PathBuf},
     process::{Command, Output},
 };
-use wgmesh_tests::repo_root;
+use wgmesh_tests::{repo_root, tool};
 
 const NS: &str = "wgmesh-system";
 const CIDRS: &str = "podCIDRPool.cidrs={10.244.0.0/16}";
@@ -30,36 +30,6 @@ const API_ENV: [&str; 2] = ["KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT"
 
 // ---------------------------------------------------------------------------------------
 // Tools and rendering
-
-fn tools_bin() -> PathBuf {
-    let dir = std::env::var_os("WGMESH_TOOLS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
-            Path::new(&home).join(".cache/wgmesh/tools")
-        });
-    dir.join("bin")
-}
-
-/// The tool from the tools directory, else from `PATH`; an error saying how to install it.
-fn tool(name: &str) -> Result<PathBuf> {
-    let own = tools_bin().join(name);
-    if own.is_file() {
-        return Ok(own);
-    }
-    let on_path = std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .map(|d| d.join(name))
-        .find(|p| p.is_file());
-    on_path.with_context(|| {
-        format!(
-            "`{name}` is not installed (looked in {} and PATH): run `bash hack/lib/deps.sh` \
-             (or set WGMESH_TOOLS_DIR); the chart tests never pass without it",
-            tools_bin().display()
-        )
-    })
-}
 
 fn chart_dir() -> PathBuf {
     repo_root().join("charts/wgmesh")
