@@ -55,3 +55,27 @@ pub mod condition {
     /// the pool shrank under live allocations (which are kept, not moved).
     pub const CONSISTENT: &str = "Consistent";
 }
+
+/// The most items each list of the API holds (the CRDs' `maxItems`). They bound what one
+/// object can make every node do: an external peer's `allowedIPs` become routes on every node.
+pub mod limits {
+    /// `MeshPeer.spec.allowedIPs` and `status.approved.allowedIPs`.
+    pub const ALLOWED_IPS: u64 = 64;
+    /// `Mesh.spec.externalPeers.allowedRanges` and `spec.transport.hostGatewaySubnets`.
+    pub const MESH_RANGES: u64 = 64;
+    /// `MeshPeer.spec.podCIDRs`: one subnet per family.
+    pub const POD_CIDRS: u64 = 2;
+    /// `MeshPeer.status.endpoints`.
+    pub const ENDPOINTS: u64 = 8;
+    /// `conditions` of every kind.
+    pub const CONDITIONS: u64 = 16;
+    /// Lists that name peers (`installedKeys`, a rotation's `waitingFor`, `laggards`,
+    /// `externalPeersOnOldKey`): the largest mesh wgmesh supports.
+    pub const PEERS: u64 = 10_000;
+    /// `PodCIDRPool.spec.cidrs`.
+    pub const POOL_CIDRS: u64 = 16;
+    /// A label selector's `matchExpressions`.
+    pub const SELECTOR_EXPRESSIONS: u64 = 32;
+    /// The `values` of one selector expression.
+    pub const SELECTOR_VALUES: u64 = 256;
+}

@@ -80,6 +80,25 @@ pub struct MeshSpec {
     /// Key rotation policy for every node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_rotation: Option<MeshKeyRotation>,
+
+    /// What external peers (`MeshPeer`s that are not nodes) may claim. Default: nothing, so
+    /// no external peer is routed until a cluster admin names the ranges it may use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_peers: Option<ExternalPeers>,
+}
+
+/// The address space open to external peers.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ExternalPeers {
+    /// Ranges an external peer's `allowedIPs` must lie inside, e.g. `192.168.50.0/24` for a
+    /// site's LAN or `100.64.7.0/24` for laptops. Every allowed IP outside all of them is
+    /// refused (condition `Ready=False`, reason `AllowedIPsOutsideMeshRanges`) and nothing of
+    /// that peer is routed. Empty (default): external peers may claim nothing. Pod pools, node
+    /// pod subnets, default routes and node endpoints stay refused even inside these ranges.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "crate::common::cidr_list_schema")]
+    pub allowed_ranges: Vec<String>,
 }
 
 /// The MTU setting: `auto` or a number of bytes.

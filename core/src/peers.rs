@@ -17,6 +17,11 @@
 //!   for younger peers, once they pass the address checks — even if the peer is not ready for an
 //!   unrelated reason such as a mistyped key. Fixing the key then does not take the addresses
 //!   away from someone else.
+//! - **Only what the mesh opens.** An external peer's allowed IPs must each lie inside one of
+//!   the ranges the `Mesh` opens to external peers (`spec.externalPeers.allowedRanges`; none by
+//!   default). Whoever may create `MeshPeer`s therefore cannot route the cloud's metadata
+//!   service, the API server or half the Internet through a machine of theirs: only a cluster
+//!   admin, who edits the `Mesh`, decides what address space external machines may own.
 //! - **No default route.** `0.0.0.0/0` and `::/0` are refused for external peers: every node
 //!   would send all of its traffic, including to the API server, to a laptop.
 //! - **No loops.** Allowed IPs may not contain a peer's own endpoint or an endpoint of a node or
@@ -105,6 +110,8 @@ pub enum Reason {
     InvalidAllowedIPs,
     /// An allowed IP is `0.0.0.0/0` or `::/0`.
     AllowedIPsDefaultRoute,
+    /// An allowed IP lies outside every range the mesh opens to external peers.
+    AllowedIPsOutsideMeshRanges,
     /// An allowed IP overlaps the pods' address space.
     AllowedIPsOverlapPodSubnet,
     /// An allowed IP overlaps an older peer's.
@@ -127,6 +134,7 @@ impl Reason {
             Reason::NoAllowedIPs => "NoAllowedIPs",
             Reason::InvalidAllowedIPs => "InvalidAllowedIPs",
             Reason::AllowedIPsDefaultRoute => "AllowedIPsDefaultRoute",
+            Reason::AllowedIPsOutsideMeshRanges => "AllowedIPsOutsideMeshRanges",
             Reason::AllowedIPsOverlapPodSubnet => "AllowedIPsOverlapPodSubnet",
             Reason::AllowedIPsOverlapPeer => "AllowedIPsOverlapPeer",
             Reason::AllowedIPsCaptureEndpoint => "AllowedIPsCaptureEndpoint",
@@ -298,6 +306,18 @@ pub enum PeerProblem {
         /// The default route.
         net: IpNet,
     },
+    /// An allowed IP outside every range the mesh opens to external peers.
+    #[error(
+        "allowed IP {allowed} lies outside the ranges the Mesh opens to external peers ({}); \
+         a cluster admin adds a range to the Mesh's spec.externalPeers.allowedRanges",
+        ranges_text(.ranges)
+    )]
+    OutsideMeshRanges {
+        /// This peer's network.
+        allowed: IpNet,
+        /// The mesh's ranges.
+        ranges: Vec<IpNet>,
+    },
     /// An allowed IP overlaps a node's pod subnet.
     #[error("allowed IP {allowed} overlaps {pod_subnet}, the pod subnet of node {node}")]
     OverlapsPodSubnet {
@@ -366,6 +386,14 @@ pub enum PeerProblem {
     },
 }
 
+fn ranges_text(ranges: &[IpNet]) -> String {
+    if ranges.is_empty() {
+        "none".to_owned()
+    } else {
+        join(ranges).replace("; ", ", ")
+    }
+}
+
 fn join<T: fmt::Display>(items: &[T]) -> String {
     items
         .iter()
@@ -385,6 +413,7 @@ impl PeerProblem {
             PeerProblem::NoAllowedIPs => Reason::NoAllowedIPs,
             PeerProblem::InvalidAllowedIPs(_) => Reason::InvalidAllowedIPs,
             PeerProblem::DefaultRoute { .. } => Reason::AllowedIPsDefaultRoute,
+            PeerProblem::OutsideMeshRanges { .. } => Reason::AllowedIPsOutsideMeshRanges,
             PeerProblem::OverlapsPodSubnet { .. } | PeerProblem::OverlapsPool { .. } => {
                 Reason::AllowedIPsOverlapPodSubnet
             }
@@ -468,12 +497,14 @@ impl Subject<'_> {
 
 /// Decides admission for every peer (see the module docs for the rules).
 ///
-/// `pools` are the valid pools. The result does not depend on the order of the input lists.
-/// Peer names are expected to be unique across both lists (they are `MeshPeer` names).
+/// `pools` are the valid pools; `external_ranges` the ranges the mesh opens to external peers.
+/// The result does not depend on the order of the input lists. Peer names are expected to be
+/// unique across both lists (they are `MeshPeer` names).
 pub fn admit(
     pools: &[Pool],
     nodes: &[NodePeer],
     externals: &[ExternalPeer],
+    external_ranges: &[IpNet],
 ) -> BTreeMap<String, Verdict> {
     let mut nodes: Vec<&NodePeer> = nodes.iter().collect();
     nodes.sort_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)));
@@ -561,6 +592,7 @@ pub fn admit(
 
         let (allowed, address_problems) = check_allowed_ips(
             ext,
+            external_ranges,
             &pools,
             &nodes,
             &claimed,
@@ -601,6 +633,7 @@ pub fn admit(
 /// and the problems; the networks count as claimed only if there are no problems.
 fn check_allowed_ips<'a>(
     ext: &ExternalPeer,
+    ranges: &[IpNet],
     pools: &[&Pool],
     nodes: &[&NodePeer],
     claimed: &[(&str, IpNet)],
@@ -627,6 +660,13 @@ fn check_allowed_ips<'a>(
     for net in &nets {
         if net.prefix_len() == 0 {
             problems.push(PeerProblem::DefaultRoute { net: *net });
+            continue;
+        }
+        if !ranges.iter().any(|r| r.contains(net)) {
+            problems.push(PeerProblem::OutsideMeshRanges {
+                allowed: *net,
+                ranges: ranges.to_vec(),
+            });
             continue;
         }
         let before = problems.len();
@@ -844,6 +884,52 @@ mod tests {
             .to_string()
     }
 
+    /// A mesh that opens every address to external peers, for tests about other rules.
+    fn open_ranges() -> Vec<IpNet> {
+        vec![net("0.0.0.0/0"), net("::/0")]
+    }
+
+    #[test]
+    fn an_external_peer_may_claim_only_inside_the_ranges_the_mesh_opens() {
+        let site = mk_peer("site", 1, 2, &["192.168.50.0/24"]);
+        let metadata = mk_peer("metadata", 2, 3, &["169.254.169.254/32"]);
+        let half = mk_peer("half", 3, 4, &["128.0.0.0/1"]);
+        let straddling = mk_peer("straddling", 4, 5, &["192.168.50.0/24", "192.168.0.0/16"]);
+        let externals = [site, metadata, half, straddling];
+
+        // Nothing opened (the default): every external peer is refused, nothing approved.
+        let closed = admit(&pools(), &[], &externals, &[]);
+        for (name, v) in &closed {
+            assert_eq!(v.reason(), Reason::AllowedIPsOutsideMeshRanges, "{name}");
+            assert!(v.approved.is_none(), "{name}");
+            assert!(v.message().contains("(none)"), "{}", v.message());
+        }
+
+        // One range opened: only the peer entirely inside it is admitted.
+        let verdicts = admit(&pools(), &[], &externals, &[net("192.168.50.0/24")]);
+        assert_eq!(
+            reasons(&verdicts),
+            BTreeMap::from([
+                ("half", Reason::AllowedIPsOutsideMeshRanges),
+                ("metadata", Reason::AllowedIPsOutsideMeshRanges),
+                ("site", Reason::Valid),
+                ("straddling", Reason::AllowedIPsOutsideMeshRanges),
+            ])
+        );
+        let message = verdicts["metadata"].message();
+        assert!(
+            message.contains("169.254.169.254/32") && message.contains("spec.externalPeers"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn an_open_range_does_not_open_the_pods_address_space() {
+        let inside_pods = mk_peer("inside-pods", 1, 2, &["10.244.9.0/24"]);
+        let v = &admit(&pools(), &[], &[inside_pods], &[net("10.0.0.0/8")])["inside-pods"];
+        assert_eq!(v.reason(), Reason::AllowedIPsOverlapPodSubnet);
+    }
+
     fn pools() -> Vec<Pool> {
         let v = validate_pools(&[PoolSpec {
             name: "pods".into(),
@@ -890,7 +976,7 @@ mod tests {
     #[test]
     fn a_node_peer_is_approved_with_exactly_its_pod_subnets() {
         let node = mk_node("n1", 1, &["fd00:244::/64", "10.244.1.0/24"], Some(2));
-        let v = &admit(&pools(), &[node], &[])["n1"];
+        let v = &admit(&pools(), &[node], &[], &open_ranges())["n1"];
         assert!(v.ready(), "{}", v.message());
         assert_eq!(v.reason(), Reason::Valid);
         assert_eq!(v.kind, PeerKind::Node);
@@ -919,6 +1005,7 @@ mod tests {
             &pools(),
             &[mk_node("n1", 1, &["10.244.1.0/24"], None), node_bad],
             &[ext_missing, ext_weak],
+            &open_ranges(),
         );
         assert_eq!(
             reasons(&verdicts),
@@ -945,7 +1032,12 @@ mod tests {
             vec![old.clone(), copy_of_node.clone(), copy_of_laptop.clone()],
             vec![copy_of_laptop.clone(), copy_of_node.clone(), old.clone()],
         ] {
-            let verdicts = admit(&pools(), std::slice::from_ref(&node), &externals);
+            let verdicts = admit(
+                &pools(),
+                std::slice::from_ref(&node),
+                &externals,
+                &open_ranges(),
+            );
             assert_eq!(
                 reasons(&verdicts),
                 BTreeMap::from([
@@ -962,7 +1054,12 @@ mod tests {
 
     #[test]
     fn a_node_without_a_pod_subnet_is_not_ready() {
-        let v = &admit(&pools(), &[mk_node("n1", 1, &[], Some(2))], &[])["n1"];
+        let v = &admit(
+            &pools(),
+            &[mk_node("n1", 1, &[], Some(2))],
+            &[],
+            &open_ranges(),
+        )["n1"];
         assert_eq!(v.reason(), Reason::NoPodSubnet);
         assert!(v.message().contains("PodCIDRPool"));
     }
@@ -980,6 +1077,7 @@ mod tests {
                 mk_peer("free-pool-space", 5, 6, &["10.244.99.0/24"]),
                 mk_peer("v6", 6, 9, &["fd00:244:0:5::/64"]),
             ],
+            &open_ranges(),
         );
         for name in ["exact", "inside", "around", "free-pool-space", "v6"] {
             assert_eq!(
@@ -1019,7 +1117,7 @@ mod tests {
             vec![older.clone(), newer.clone()],
             vec![newer.clone(), older.clone()],
         ] {
-            let verdicts = admit(&pools(), &[], &externals);
+            let verdicts = admit(&pools(), &[], &externals, &open_ranges());
             assert!(verdicts["older"].ready());
             assert_eq!(
                 verdicts["newer"].problems,
@@ -1038,7 +1136,7 @@ mod tests {
         let mut older = mk_peer("older", 1, 2, &["192.168.10.0/24"]);
         older.public_key = Some("typo".into());
         let newer = mk_peer("newer", 2, 3, &["192.168.10.0/24"]);
-        let verdicts = admit(&pools(), &[], &[older, newer]);
+        let verdicts = admit(&pools(), &[], &[older, newer], &open_ranges());
         assert_eq!(verdicts["older"].reason(), Reason::InvalidPublicKey);
         assert_eq!(verdicts["newer"].reason(), Reason::AllowedIPsOverlapPeer);
     }
@@ -1047,7 +1145,7 @@ mod tests {
     fn a_peer_refused_for_its_addresses_claims_nothing() {
         let first = mk_peer("first", 1, 2, &["0.0.0.0/0"]);
         let second = mk_peer("second", 2, 3, &["192.168.10.0/24"]);
-        let verdicts = admit(&pools(), &[], &[first, second]);
+        let verdicts = admit(&pools(), &[], &[first, second], &open_ranges());
         assert_eq!(verdicts["first"].reason(), Reason::AllowedIPsDefaultRoute);
         assert!(
             verdicts["second"].ready(),
@@ -1068,6 +1166,7 @@ mod tests {
                 mk_peer("bare", 4, 5, &["192.168.1.1"]),
                 mk_peer("none", 5, 6, &[]),
             ],
+            &open_ranges(),
         );
         assert_eq!(
             reasons(&verdicts),
@@ -1165,12 +1264,12 @@ mod tests {
     fn a_dns_endpoint_makes_the_peer_not_ready_with_a_clear_reason() {
         let mut laptop = mk_peer("laptop", 1, 2, &["192.168.50.1/32"]);
         laptop.endpoint = Some("laptop.example.com:51820".into());
-        let v = &admit(&pools(), &[], &[laptop])["laptop"];
+        let v = &admit(&pools(), &[], &[laptop], &open_ranges())["laptop"];
         assert_eq!(v.reason(), Reason::InvalidEndpoint);
         assert!(v.message().contains("DNS name"), "{}", v.message());
         let mut node = mk_node("n1", 1, &["10.244.1.0/24"], Some(3));
         node.endpoints = vec!["192.0.2.9:51820".into(), "192.0.2.10:0".into()];
-        let v = &admit(&pools(), &[node], &[])["n1"];
+        let v = &admit(&pools(), &[node], &[], &open_ranges())["n1"];
         assert_eq!(v.reason(), Reason::InvalidEndpoint);
     }
 
@@ -1184,6 +1283,7 @@ mod tests {
             &pools(),
             &[node],
             &[mk_peer("office", 2, 3, &["192.0.2.0/24"]), self_loop],
+            &open_ranges(),
         );
         assert_eq!(
             verdicts["office"].reason(),
@@ -1209,7 +1309,12 @@ mod tests {
         let mut inside_older = mk_peer("inside-older", 2, 5, &["192.168.50.2/32"]);
         inside_older.endpoint = Some("198.51.100.20:51820".into());
         let node = mk_node("n1", 5, &["10.244.1.0/24"], Some(2));
-        let verdicts = admit(&pools(), &[node], &[inside_pods, older, inside_older]);
+        let verdicts = admit(
+            &pools(),
+            &[node],
+            &[inside_pods, older, inside_older],
+            &open_ranges(),
+        );
         assert_eq!(
             reasons(&verdicts),
             BTreeMap::from([
@@ -1232,7 +1337,12 @@ mod tests {
         let mut rotating = mk_node("rotating", 3, &["10.244.3.0/24"], Some(4));
         rotating.next_public_key = Some(key(5));
         let laptop = mk_peer("laptop", 50, 9, &["192.168.50.1/32"]);
-        let verdicts = admit(&pools(), &[weak, thief, rotating], &[laptop]);
+        let verdicts = admit(
+            &pools(),
+            &[weak, thief, rotating],
+            &[laptop],
+            &open_ranges(),
+        );
         assert!(verdicts.values().all(Verdict::ready), "{verdicts:#?}");
         assert_eq!(
             verdicts["weak"].next_key_problem,
@@ -1263,6 +1373,7 @@ mod tests {
                 mk_node("old", 1, &["10.244.1.0/24"], Some(2)),
             ],
             &[],
+            &open_ranges(),
         );
         assert!(verdicts["old"].ready());
         assert_eq!(verdicts["young"].reason(), Reason::AllowedIPsOverlapPeer);

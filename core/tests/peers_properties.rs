@@ -16,6 +16,14 @@ fn t(secs: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(secs)
 }
 
+/// Every address open to external peers: these properties are about the other rules.
+fn open_ranges() -> Vec<IpNet> {
+    ["0.0.0.0/0", "::/0"]
+        .iter()
+        .map(|r| r.parse().expect("a range"))
+        .collect()
+}
+
 fn pools() -> Vec<Pool> {
     validate_pools(&[PoolSpec {
         name: "pods".into(),
@@ -149,7 +157,7 @@ proptest! {
     #[test]
     fn approved_external_addresses_never_collide(nodes in arb_nodes(), externals in arb_externals()) {
         let pools = pools();
-        let verdicts = admit(&pools, &nodes, &externals);
+        let verdicts = admit(&pools, &nodes, &externals, &open_ranges());
         let node_endpoints: Vec<_> = nodes
             .iter()
             .flat_map(|n| n.endpoints.iter().filter_map(|e| parse_endpoint(e).ok()))
@@ -191,7 +199,7 @@ proptest! {
         nodes in arb_nodes(),
         externals in arb_externals(),
     ) {
-        let verdicts = admit(&pools(), &nodes, &externals);
+        let verdicts = admit(&pools(), &nodes, &externals, &open_ranges());
         for node in &nodes {
             let v = &verdicts[&node.name];
             prop_assert_eq!(v.ready(), v.problems.is_empty());
@@ -226,12 +234,12 @@ proptest! {
     #[test]
     fn admission_does_not_depend_on_input_order(nodes in arb_nodes(), externals in arb_externals()) {
         let pools = pools();
-        let verdicts = admit(&pools, &nodes, &externals);
+        let verdicts = admit(&pools, &nodes, &externals, &open_ranges());
         let mut nodes_rev = nodes.clone();
         nodes_rev.reverse();
         let mut ext_rev = externals.clone();
         ext_rev.reverse();
-        prop_assert_eq!(verdicts, admit(&pools, &nodes_rev, &ext_rev));
+        prop_assert_eq!(verdicts, admit(&pools, &nodes_rev, &ext_rev, &open_ranges()));
     }
 
     #[test]

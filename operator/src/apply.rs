@@ -11,7 +11,7 @@ use futures::{StreamExt, stream};
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::{
     Api, Client,
-    api::{DeleteParams, Patch, PatchParams, PostParams},
+    api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions},
     runtime::events::{Event, EventType, Recorder, Reporter},
 };
 use serde_json::json;
@@ -99,12 +99,20 @@ impl Writer {
             }
         }
 
-        for name in &plan.deletes {
+        for delete in &plan.deletes {
             if !self.leading() {
                 return written;
             }
-            match self.peers.delete(name, &DeleteParams::background()).await {
-                Ok(_) => info!(peer = %name, "deleted peer of a node that is gone"),
+            let name = &delete.name;
+            let params = DeleteParams {
+                preconditions: delete.uid.clone().map(|uid| Preconditions {
+                    uid: Some(uid),
+                    resource_version: None,
+                }),
+                ..DeleteParams::background()
+            };
+            match self.peers.delete(name, &params).await {
+                Ok(_) => info!(peer = %name, why = delete.why.as_str(), "deleted peer"),
                 Err(kube::Error::Api(s)) if s.is_not_found() => {}
                 Err(e) => {
                     written.errors += 1;

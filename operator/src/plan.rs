@@ -79,6 +79,36 @@ pub struct AllocationWrite {
     pub pod_cidrs: Vec<String>,
 }
 
+/// A `MeshPeer` the operator deletes, only if it is still the object it planned from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerDelete {
+    pub name: String,
+    /// The uid the plan saw: the delete is conditional on it.
+    pub uid: Option<String>,
+    pub why: DeleteReason,
+}
+
+/// Why a `MeshPeer` is deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeleteReason {
+    /// A node peer whose Node is gone or was replaced.
+    NodeGone,
+    /// A peer the operator did not make for the Node of that name: a Node's name belongs
+    /// to that Node's own peer.
+    NameOfNode,
+}
+
+impl DeleteReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeleteReason::NodeGone => "its node is gone",
+            DeleteReason::NameOfNode => {
+                "it takes the name of a Node but was not made by the operator for that Node"
+            }
+        }
+    }
+}
+
 /// Which kind an Event is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EventTarget {
@@ -94,7 +124,7 @@ pub struct Plan {
     /// Existing node peers whose `spec.podCIDRs` grow.
     pub allocations: Vec<AllocationWrite>,
     /// Peers to delete: their node is gone or was replaced.
-    pub deletes: Vec<String>,
+    pub deletes: Vec<PeerDelete>,
     /// Terminating peers whose finalizer to remove: grace over, or their node is back.
     pub releases: Vec<String>,
     /// Peer statuses that change.
@@ -128,6 +158,8 @@ struct Settings {
     honour_node_pod_cidrs: bool,
     keepalive: u16,
     rotation: core::rotation::Policy,
+    /// The ranges external peers may claim; empty: none.
+    external_ranges: Vec<ipnet::IpNet>,
 }
 
 impl Settings {
@@ -184,7 +216,21 @@ impl Settings {
                 ));
             }
         }
+        let mut external_ranges = Vec::new();
+        for text in spec
+            .and_then(|s| s.external_peers.as_ref())
+            .map(|e| e.allowed_ranges.as_slice())
+            .unwrap_or_default()
+        {
+            match core::parse_network(text) {
+                Ok(net) => external_ranges.push(net),
+                Err(e) => problems.push(format!(
+                    "spec.externalPeers.allowedRanges: {e}; the range is not opened to external peers"
+                )),
+            }
+        }
         let settings = Settings {
+            external_ranges,
             grace,
             honour_node_pod_cidrs: ipam.and_then(|i| i.source) == Some(IpamSource::NodeSpec),
             keepalive: spec.and_then(|s| s.persistent_keepalive).unwrap_or(0),
@@ -311,7 +357,11 @@ pub fn plan(snap: &Snapshot) -> Plan {
             PeerRole::Impostor | PeerRole::External => {}
         }
         if matches!(r, PeerRole::Orphan) {
-            out.deletes.push(name.to_owned());
+            out.deletes.push(PeerDelete {
+                name: name.to_owned(),
+                uid: peer.metadata.uid.clone(),
+                why: DeleteReason::NodeGone,
+            });
         }
         roles.insert(name, r);
     }
@@ -376,6 +426,22 @@ pub fn plan(snap: &Snapshot) -> Plan {
                         .push(allocated_event(name, peer.metadata.uid.clone(), &a.added));
                 }
             }
+            Some(peer)
+                if matches!(
+                    roles.get(name),
+                    Some(PeerRole::External | PeerRole::Impostor)
+                ) =>
+            {
+                // Someone took the node's name before the node joined (or gave a peer of
+                // theirs the node's name). The agent trusts only the peer the operator made
+                // for its Node, so the node cannot join until the name is free.
+                out.deletes.push(PeerDelete {
+                    name: (*name).to_owned(),
+                    uid: peer.metadata.uid.clone(),
+                    why: DeleteReason::NameOfNode,
+                });
+                out.events.push(squatter_event(name, peer));
+            }
             Some(_) => {}
         }
     }
@@ -410,7 +476,12 @@ pub fn plan(snap: &Snapshot) -> Plan {
             _ => {}
         }
     }
-    let verdicts = core::admit(&validation.valid, &node_peers, &externals);
+    let verdicts = core::admit(
+        &validation.valid,
+        &node_peers,
+        &externals,
+        &settings.external_ranges,
+    );
 
     // Key rotation: which nodes rotate, and which may start now.
     let rotations = rotation_views(&peers, &roles, &verdicts);
@@ -1067,6 +1138,27 @@ fn allocated_condition(
             false,
             "NoMatchingPool",
             "no valid PodCIDRPool selects this node",
+        ),
+    }
+}
+
+/// The Warning Event for a peer deleted because it holds a Node's name: what it held, so
+/// whoever made it can make it again under another name.
+fn squatter_event(node: &str, peer: &MeshPeer) -> EventSpec {
+    let spec = &peer.spec;
+    EventSpec {
+        uid: peer.metadata.uid.clone(),
+        kind: EventTarget::Peer,
+        name: node.to_owned(),
+        warning: true,
+        reason: "NameOfNodeTaken".into(),
+        note: format!(
+            "deleted: MeshPeer {node} was not made by the operator for Node {node}, which has \
+             joined; a Node's name is reserved for its own peer. It held publicKey {}, \
+             allowedIPs [{}], endpoint {}: create it again under another name",
+            spec.public_key.as_deref().unwrap_or("(none)"),
+            spec.allowed_ips.join(", "),
+            spec.endpoint.as_deref().unwrap_or("(none)"),
         ),
     }
 }

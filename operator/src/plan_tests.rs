@@ -63,6 +63,17 @@ fn mk_external(name: &str, key: &str, allowed: &[&str], created: u64) -> Arc<Mes
     Arc::new(p)
 }
 
+/// The `default` Mesh, opening every address to external peers: most tests are about other
+/// rules.
+fn open_mesh() -> Mesh {
+    let mut mesh = Mesh::new(consts::DEFAULT_MESH, Default::default());
+    mesh.spec.external_peers = Some(wgmesh_api::mesh::ExternalPeers {
+        allowed_ranges: vec!["0.0.0.0/0".into(), "::/0".into()],
+    });
+    mesh.metadata.generation = Some(1);
+    mesh
+}
+
 fn mk_snapshot(
     nodes: Vec<Arc<Node>>,
     peers: Vec<Arc<MeshPeer>>,
@@ -72,7 +83,7 @@ fn mk_snapshot(
         nodes,
         peers,
         pools,
-        mesh: None,
+        mesh: Some(Arc::new(open_mesh())),
         carry_over: BTreeMap::new(),
         now: at(1000),
     }
@@ -89,9 +100,17 @@ fn apply_in_memory(snap: &mut Snapshot, plan: &Plan) {
         snap.peers
             .retain(|p| p.metadata.name.as_deref() != Some(name.as_str()));
     }
-    for name in &plan.deletes {
+    for delete in &plan.deletes {
+        // Without finalizers, a delete removes the object at once.
+        snap.peers.retain(|p| {
+            p.metadata.name.as_deref() != Some(delete.name.as_str())
+                || p.metadata
+                    .finalizers
+                    .as_ref()
+                    .is_some_and(|f| !f.is_empty())
+        });
         for p in &mut snap.peers {
-            if p.metadata.name.as_deref() == Some(name.as_str()) {
+            if p.metadata.name.as_deref() == Some(delete.name.as_str()) {
                 Arc::make_mut(p).metadata.deletion_timestamp = Some(Time(
                     k8s_openapi::jiff::Timestamp::try_from(snap.now).expect("time"),
                 ));
@@ -379,20 +398,77 @@ fn a_peer_naming_a_node_without_being_made_for_it_is_never_trusted() {
     impostor.spec.public_key = None;
     impostor.spec.node = Some("n1".into());
     impostor.spec.pod_cidrs = vec!["10.244.0.0/24".into()];
+    impostor.metadata.uid = Some("impostor-uid".into());
     let mut snap = mk_snapshot(
         vec![mk_node("n1", "u1")],
         vec![Arc::new(impostor)],
         vec![mk_pool("p", &["10.244.0.0/16"], 24, 0)],
     );
-    converge(&mut snap);
-    assert_eq!(ready(peer(&snap, "n1")), (false, "NotOwnedByNode".into()));
+    let first = plan(&snap);
     assert!(
-        peer(&snap, "n1")
-            .status
-            .as_ref()
-            .and_then(|s| s.approved.clone())
-            .is_none()
+        first
+            .peer_status
+            .iter()
+            .all(|w| w.name != "n1" || w.status.approved.is_none()),
+        "the impostor is never approved: {first:#?}"
     );
+    assert_node_name_taken(&first, "n1", "impostor-uid");
+    converge(&mut snap);
+    assert_owned_by_its_node(&snap, "n1", "u1");
+}
+
+#[test]
+fn an_external_peer_that_took_a_nodes_name_before_it_joined_gives_way_to_the_node() {
+    let mut squatter = (*mk_external("n7", KEY_2, &["10.250.0.7/32"], 0)).clone();
+    squatter.metadata.uid = Some("squatter-uid".into());
+    let mut snap = mk_snapshot(
+        vec![mk_node("n1", "u1")],
+        vec![Arc::new(squatter)],
+        vec![mk_pool("p", &["10.244.0.0/16"], 24, 0)],
+    );
+    converge(&mut snap);
+    // Before node n7 exists, an external peer of that name is an external peer like any.
+    assert_eq!(ready(peer(&snap, "n7")), (true, "Valid".into()));
+
+    snap.nodes.push(mk_node("n7", "u7"));
+    let joined = plan(&snap);
+    assert_node_name_taken(&joined, "n7", "squatter-uid");
+    let event = joined
+        .events
+        .iter()
+        .find(|e| e.reason == "NameOfNodeTaken")
+        .expect("an event");
+    assert!(event.warning);
+    assert!(
+        event.note.contains(KEY_2) && event.note.contains("10.250.0.7/32"),
+        "the event keeps what the deleted peer held: {}",
+        event.note
+    );
+    converge(&mut snap);
+    assert_owned_by_its_node(&snap, "n7", "u7");
+}
+
+fn assert_node_name_taken(plan: &Plan, name: &str, uid: &str) {
+    assert_eq!(
+        plan.deletes,
+        vec![PeerDelete {
+            name: name.into(),
+            uid: Some(uid.into()),
+            why: DeleteReason::NameOfNode,
+        }]
+    );
+}
+
+fn assert_owned_by_its_node(snap: &Snapshot, name: &str, node_uid: &str) {
+    let p = peer(snap, name);
+    assert_eq!(p.spec.node.as_deref(), Some(name));
+    assert!(
+        p.owner_references()
+            .iter()
+            .any(|o| o.kind == "Node" && o.name == name && o.uid == node_uid),
+        "{p:#?}"
+    );
+    assert_eq!(p.spec.pod_cidrs.len(), 1);
 }
 
 #[test]
@@ -525,7 +601,7 @@ fn a_mesh_request_rotates_nodes_one_slot_at_a_time_and_a_grant_lasts_until_the_g
     converge(&mut snap);
     assert_eq!(rotating(peer(&snap, "a")), (false, "Idle".into()));
 
-    let mut mesh = Mesh::new(consts::DEFAULT_MESH, Default::default());
+    let mut mesh = open_mesh();
     mesh.spec.key_rotation = Some(wgmesh_api::mesh::MeshKeyRotation {
         requested_at: Some(time(500)),
         ..Default::default()
@@ -585,7 +661,7 @@ fn a_node_request_rotates_only_that_node_and_a_bad_interval_is_reported() {
             });
         }
     }
-    let mut mesh = Mesh::new(consts::DEFAULT_MESH, Default::default());
+    let mut mesh = open_mesh();
     mesh.spec.key_rotation = Some(wgmesh_api::mesh::MeshKeyRotation {
         interval: Some("soon".into()),
         max_concurrent: Some(5),

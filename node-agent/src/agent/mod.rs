@@ -166,6 +166,8 @@ struct Agent {
     /// The last pass found the device up, every route installed and the CNI configuration
     /// written: what `/readyz` reports.
     ready: bool,
+    /// Whether the missing own peer was reported (reset when it appears).
+    own_peer_missing_reported: bool,
 }
 
 fn decode_key(b64: &str) -> Option<Key> {
@@ -296,6 +298,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         last_connectivity_write: None,
         fallback_reported: false,
         ready: false,
+        own_peer_missing_reported: false,
         args,
     };
     agent.start_device(&caches).await;
@@ -490,6 +493,25 @@ impl Agent {
         }
     }
 
+    /// Says once when this node has no peer of its own yet, and whether a peer with its
+    /// name that it does not trust is in the way.
+    fn report_own_peer(&mut self, found: bool, peers: &[Arc<MeshPeer>]) {
+        if found || self.own_peer_missing_reported {
+            self.own_peer_missing_reported = !found;
+            return;
+        }
+        self.own_peer_missing_reported = true;
+        if peers.iter().any(|p| p.name_any() == self.args.node_name) {
+            warn!(
+                peer = %self.args.node_name,
+                "a MeshPeer has this node's name but was not made by the operator for this Node; \
+                 it is ignored (no CNI configuration, no status) until the operator replaces it"
+            );
+        } else {
+            info!("waiting for the operator to make this node's MeshPeer");
+        }
+    }
+
     /// One observe → plan → apply pass.
     async fn pass(&mut self, caches: &Caches) -> anyhow::Result<()> {
         self.metrics.applies.inc();
@@ -499,10 +521,11 @@ impl Agent {
             .as_deref()
             .and_then(|n| observe::endpoint(n, mesh.endpoint_address_type, mesh.listen_port));
         let peers = caches.peers.state();
-        let own = peers
-            .iter()
-            .find(|p| p.name_any() == self.args.node_name)
+        let own = node
+            .as_deref()
+            .and_then(|n| observe::own_peer(&peers, n))
             .cloned();
+        self.report_own_peer(own.is_some(), &peers);
         let own_subnets: Vec<IpNet> = own
             .as_ref()
             .map(|p| {

@@ -8,6 +8,7 @@
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Node;
 use kube::ResourceExt;
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -29,6 +30,24 @@ fn is_ready(p: &MeshPeer) -> bool {
 
 fn nets(values: &[String]) -> Vec<IpNet> {
     values.iter().filter_map(|v| v.parse().ok()).collect()
+}
+
+/// This node's own `MeshPeer`: the one the operator made for this very `Node` — named after
+/// it, naming it in `spec.node`, and owned by it (owner reference to the Node's uid). A peer
+/// that only has the name (made by someone else before the node joined, or left from an
+/// earlier Node of that name) is not this node's: its `spec.podCIDRs` would become this
+/// node's CNI configuration.
+pub fn own_peer<'a, P: Borrow<MeshPeer>>(peers: &'a [P], node: &Node) -> Option<&'a P> {
+    let name = node.metadata.name.as_deref()?;
+    let uid = node.metadata.uid.as_deref()?;
+    peers.iter().find(|p| {
+        let p: &MeshPeer = (*p).borrow();
+        p.metadata.name.as_deref() == Some(name)
+            && p.spec.node.as_deref() == Some(name)
+            && p.owner_references()
+                .iter()
+                .any(|o| o.kind == "Node" && o.name == name && o.uid == uid)
+    })
 }
 
 /// The peers to configure, from every `MeshPeer` (this node's own is left out).
@@ -211,7 +230,7 @@ pub fn endpoint(node: &Node, kind: EndpointAddressType, port: u16) -> Option<Soc
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
     use wgmesh_api::{Condition, MeshPeerSpec, MeshPeerStatus, peer::ApprovedPeer as Approval};
 
     const KEY: &str = "mGpQp9SmU3aD4Jq0Ykwj1CzO3P0k9+4w6VvVvHXxrmI=";
@@ -277,6 +296,36 @@ mod tests {
             got[0].endpoint,
             Some("192.0.2.2:51820".parse().expect("sa"))
         );
+    }
+
+    #[test]
+    fn a_node_uses_only_the_peer_its_node_owns() {
+        let node = Node {
+            metadata: ObjectMeta {
+                name: Some("n7".into()),
+                uid: Some("u7".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let owner = |uid: &str| OwnerReference {
+            api_version: "v1".into(),
+            kind: "Node".into(),
+            name: "n7".into(),
+            uid: uid.into(),
+            ..Default::default()
+        };
+        let squatter = mk_peer("n7", false, true, &[], &["10.250.0.7/32"]);
+        let mut named = mk_peer("n7", true, true, &["10.244.66.0/24"], &[]);
+        let mut stale = named.clone();
+        stale.metadata.owner_references = Some(vec![owner("u6")]);
+        let mut own = named.clone();
+        own.metadata.owner_references = Some(vec![owner("u7")]);
+        named.metadata.owner_references = None;
+        for peers in [&[squatter.clone()][..], &[named], &[stale], &[squatter]] {
+            assert_eq!(own_peer(peers, &node), None);
+        }
+        assert_eq!(own_peer(std::slice::from_ref(&own), &node), Some(&own));
     }
 
     #[test]
