@@ -463,7 +463,8 @@ cmd_up() {
 		--kubelet-client-certificate "${pki}/apiserver-kubelet-client.crt" \
 		--kubelet-client-key "${pki}/apiserver-kubelet-client.key" \
 		--kubelet-preferred-address-types InternalIP \
-		--allow-privileged
+		--allow-privileged \
+		--enable-aggregator-routing=true
 	await kube-apiserver "kube-apiserver /readyz" apiserver_ready
 
 	# --port 0 --secure-port 0: no health/metrics endpoints, so nothing to

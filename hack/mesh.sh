@@ -237,6 +237,7 @@ metadata: {name: default}
 spec:
   listenPort: 51820
   transport: $transport
+  externalPeers: {allowedRanges: ["10.250.0.0/24"]}
 ---
 apiVersion: wgmesh.dev/v1alpha1
 kind: PodCIDRPool

@@ -662,13 +662,6 @@ fn check_allowed_ips<'a>(
             problems.push(PeerProblem::DefaultRoute { net: *net });
             continue;
         }
-        if !ranges.iter().any(|r| r.contains(net)) {
-            problems.push(PeerProblem::OutsideMeshRanges {
-                allowed: *net,
-                ranges: ranges.to_vec(),
-            });
-            continue;
-        }
         let before = problems.len();
         for node in nodes {
             for pod_subnet in node.pod_cidrs.iter().filter(|p| overlaps(p, net)) {
@@ -700,6 +693,14 @@ fn check_allowed_ips<'a>(
             });
         }
         problems.extend(captures(net, endpoints.clone()));
+        // After the overlaps: "it is the pods' address space" says more than "the mesh did
+        // not open it".
+        if !ranges.iter().any(|r| r.contains(net)) {
+            problems.push(PeerProblem::OutsideMeshRanges {
+                allowed: *net,
+                ranges: ranges.to_vec(),
+            });
+        }
     }
     (nets, problems)
 }
@@ -891,7 +892,7 @@ mod tests {
 
     #[test]
     fn an_external_peer_may_claim_only_inside_the_ranges_the_mesh_opens() {
-        let site = mk_peer("site", 1, 2, &["192.168.50.0/24"]);
+        let site = mk_peer("site", 5, 2, &["192.168.50.0/24"]);
         let metadata = mk_peer("metadata", 2, 3, &["169.254.169.254/32"]);
         let half = mk_peer("half", 3, 4, &["128.0.0.0/1"]);
         let straddling = mk_peer("straddling", 4, 5, &["192.168.50.0/24", "192.168.0.0/16"]);

@@ -5,12 +5,14 @@
 //! Wiring only lives here; the decisions are in `plan` (over `wgmesh-core`), the writes in
 //! `apply`, the loop in `controller`, leadership in `lease`.
 
+pub mod admission;
 pub mod apply;
 pub mod conditions;
 pub mod controller;
 pub mod lease;
 pub mod metrics;
 pub mod plan;
+pub mod webhook;
 
 use anyhow::Context;
 use clap::Parser;
@@ -43,6 +45,30 @@ pub struct Args {
     #[arg(long, env = "WGMESH_LEASE_DURATION_SECONDS", default_value_t = 15)]
     pub lease_duration_seconds: u64,
 
+    /// Address of the MeshPeer admission webhook (HTTPS). Unset: no webhook is served, and
+    /// nothing stops one node's agent from writing another node's status: only for
+    /// development clusters without the chart.
+    #[arg(long, env = "WGMESH_WEBHOOK_ADDR", requires_all = ["webhook_cert", "webhook_key"])]
+    pub webhook_addr: Option<SocketAddr>,
+
+    /// The webhook's serving certificate (PEM), for the Service's DNS name.
+    #[arg(long, env = "WGMESH_WEBHOOK_CERT")]
+    pub webhook_cert: Option<std::path::PathBuf>,
+
+    /// The webhook's private key (PEM).
+    #[arg(long, env = "WGMESH_WEBHOOK_KEY")]
+    pub webhook_key: Option<std::path::PathBuf>,
+
+    /// The operator's own ServiceAccount, `namespace/name`: the identity whose writes the
+    /// webhook lets through.
+    #[arg(long, env = "WGMESH_OPERATOR_SERVICE_ACCOUNT", default_value = "kube-system/wgmesh-operator", value_parser = admission::ServiceAccount::parse)]
+    pub operator_service_account: admission::ServiceAccount,
+
+    /// The agents' ServiceAccount, `namespace/name`: its writes are limited to the status of
+    /// the node its bound pod runs on.
+    #[arg(long, env = "WGMESH_AGENT_SERVICE_ACCOUNT", default_value = "kube-system/wgmesh-agent", value_parser = admission::ServiceAccount::parse)]
+    pub agent_service_account: admission::ServiceAccount,
+
     /// Log as JSON lines instead of text.
     #[arg(long, env = "WGMESH_LOG_JSON")]
     pub log_json: bool,
@@ -58,6 +84,18 @@ pub fn init_logging(json: bool) {
     } else {
         builder.init();
     }
+}
+
+fn webhook_config(args: &Args) -> Option<webhook::Config> {
+    Some(webhook::Config {
+        addr: args.webhook_addr?,
+        cert_file: args.webhook_cert.clone()?,
+        key_file: args.webhook_key.clone()?,
+        ids: admission::Identities {
+            operator: args.operator_service_account.clone(),
+            agent: args.agent_service_account.clone(),
+        },
+    })
 }
 
 /// Runs the operator until it fails or is interrupted.
@@ -85,11 +123,25 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let lease_api = Api::namespaced(client.clone(), &args.lease_namespace);
     let metrics_addr = args.metrics_addr;
     let http = wgmesh_telemetry::serve(metrics_addr, metrics.telemetry());
+    let webhook = webhook_config(&args);
+    let webhook_client = client.clone();
+    let webhook = async move {
+        match webhook {
+            Some(config) => webhook::serve(config, webhook_client).await,
+            None => {
+                tracing::warn!(
+                    "no admission webhook (--webhook-addr unset): agents' writes are not limited to their own node"
+                );
+                std::future::pending().await
+            }
+        }
+    };
     // SIGTERM is how the kubelet stops a pod (a rolling update, a drain); SIGINT a person.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing a SIGTERM handler")?;
     tokio::select! {
         r = http => r.with_context(|| format!("serving metrics on {metrics_addr}")),
+        r = webhook => r.context("serving the admission webhook"),
         () = lease::run(lease_api, lease, leader_tx) => anyhow::bail!("leader election ended"),
         () = controller::run(client, identity, leader_rx, metrics) => anyhow::bail!("the control loop ended"),
         r = tokio::signal::ctrl_c() => {

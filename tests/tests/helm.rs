@@ -19,6 +19,8 @@ use wgmesh_tests::nodes::Cluster;
 use wgmesh_tests::ping::{PING_INTERVAL, PingResult, Pinger};
 use wgmesh_tests::repo_root;
 
+mod security;
+
 const NS: &str = "wgmesh-system";
 const RELEASE: &str = "wgmesh";
 const POOL: &str = "10.244.0.0/16";
@@ -417,6 +419,8 @@ fn on_cluster(c: &Cluster, first: &str, second: &str) -> Result<()> {
     report(
         "helm e2e: components run as the chart's ServiceAccounts; writes outside their roles are refused",
     );
+    security::forgery(c, NS, &node_names)?;
+    security::route_injection(c, &node_names)?;
 
     // A pod deleted and made again on another node keeps working.
     let mover_ip = test_pod(c, "mover", &node_names[0])?;
@@ -436,12 +440,14 @@ fn on_cluster(c: &Cluster, first: &str, second: &str) -> Result<()> {
     report("helm e2e: a pod deleted and recreated on another node is reached from every node");
 
     // A node joins: it gets an agent pod, joins the mesh, its pods are reachable.
+    security::squat(c, "node-4", &node_names[0])?;
     let t = Instant::now();
     c.script(&["add-node", "node-4"])?;
     for archive in [first, second] {
         c.script(&["load", archive, "node-4"])?;
     }
     agents_ready(c, "e2e-1")?;
+    security::squat_resolved(c, "node-4")?;
     c.kubectl(&[
         "wait",
         "--for=condition=Ready",

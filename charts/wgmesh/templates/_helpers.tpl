@@ -35,6 +35,10 @@ chart name when the release name does not contain it). */}}
 {{- include "wgmesh.operator.fullname" . -}}
 {{- end -}}
 
+{{- define "wgmesh.webhook.name" -}}
+{{- include "wgmesh.fullname" . | trunc 55 | trimSuffix "-" }}-webhook
+{{- end }}
+
 {{- define "wgmesh.chart" -}}
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
 {{- end -}}

@@ -1,0 +1,448 @@
+//! The trust boundaries of `docs/security.md`, tried on the Helm-installed cluster with the
+//! credentials each party really holds: a node agent's own projected token, read from its
+//! node, and a cluster admin creating external peers.
+
+use anyhow::{Context, Result, bail};
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client};
+use serde_json::{Value, json};
+use std::time::Duration;
+use wgmesh_api::MeshPeer;
+use wgmesh_tests::netns::{report, wait_until};
+use wgmesh_tests::nodes::Cluster;
+
+/// The token the kubelet projected into `node`'s agent pod (`api-token` volume).
+fn agent_token(c: &Cluster, node: &str) -> Result<String> {
+    let path = c.on_node(
+        node,
+        &[
+            "sh",
+            "-c",
+            "find /var/lib/kubelet/pods -path '*volumes/kubernetes.io~projected/api-token/token' | head -n 1",
+        ],
+    )?;
+    let path = path.trim();
+    if path.is_empty() {
+        bail!("no projected agent token on {node}");
+    }
+    Ok(c.on_node(node, &["cat", path])?.trim().to_owned())
+}
+
+/// A client that authenticates with `token` only (no client certificate).
+async fn client_with_token(c: &Cluster, token: &str) -> Result<Client> {
+    let admin = Kubeconfig::read_from(c.kubeconfig()?)?;
+    let cluster = admin
+        .clusters
+        .first()
+        .and_then(|n| n.cluster.clone())
+        .context("kubeconfig has no cluster")?;
+    let yaml = json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "c", "cluster": {
+            "server": cluster.server,
+            "certificate-authority-data": cluster.certificate_authority_data,
+        }}],
+        "users": [{"name": "u", "user": {"token": token}}],
+        "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+        "current-context": "x",
+    });
+    let kubeconfig: Kubeconfig = serde_json::from_value(yaml)?;
+    let config =
+        kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
+    Ok(Client::try_from(config)?)
+}
+
+async fn admin_client(c: &Cluster) -> Result<Client> {
+    let kubeconfig = Kubeconfig::read_from(c.kubeconfig()?)?;
+    let config =
+        kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
+    Ok(Client::try_from(config)?)
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// What of a peer another node could be fooled by: spec, key, endpoints, approval and
+/// conditions without their timestamps.
+fn fingerprint(p: &MeshPeer) -> Value {
+    let mut status = serde_json::to_value(&p.status).unwrap_or(Value::Null);
+    if let Some(conditions) = status.get_mut("conditions").and_then(|c| c.as_array_mut()) {
+        for c in conditions {
+            if let Some(c) = c.as_object_mut() {
+                c.remove("lastTransitionTime");
+            }
+        }
+    }
+    if let Some(s) = status.as_object_mut() {
+        // The agent refreshes its connectivity summary as handshakes happen.
+        s.remove("connectivity");
+    }
+    json!({"spec": p.spec, "status": status})
+}
+
+/// node-1's agent credentials try to write node-2's data, and their own node's approval:
+/// each write is refused and node-2's peer does not change. With `stopped`, the same
+/// while no operator replica serves the webhook.
+fn forgery_refused(c: &Cluster, attacker: &str, victim: &str, label: &str) -> Result<()> {
+    let token = agent_token(c, attacker)?;
+    let rt = runtime()?;
+    rt.block_on(async {
+        let agent = client_with_token(c, &token).await?;
+        let as_agent: Api<MeshPeer> = Api::all(agent);
+        let admin: Api<MeshPeer> = Api::all(admin_client(c).await?);
+        let before = admin.get(victim).await?;
+        let forged_key = "hX3kLw0pQyYZ3Sx8PZ2iVt8ldl2D5cO6lGJp0m0Qk2A=";
+        let attempts: Vec<(&str, &str, Value)> = vec![
+            ("key", victim, json!({"status": {"publicKey": forged_key}})),
+            (
+                "endpoint",
+                victim,
+                json!({"status": {"endpoints": ["198.18.9.9:51820"]}}),
+            ),
+            (
+                "approval",
+                victim,
+                json!({"status": {"approved": {"publicKey": forged_key, "endpoint": "198.18.9.9:51820"}}}),
+            ),
+            (
+                "conditions",
+                victim,
+                json!({"status": {"conditions": [{"type": "DeviceUp", "status": "False", "reason": "Forged", "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}}),
+            ),
+            (
+                "own approval",
+                attacker,
+                json!({"status": {"approved": {"allowedIPs": ["0.0.0.0/1"]}}}),
+            ),
+        ];
+        for (what, target, patch) in attempts {
+            let r = as_agent
+                .patch_status(target, &PatchParams::default(), &Patch::Merge(&patch))
+                .await;
+            match r {
+                Ok(_) => bail!("{label}: {attacker}'s agent wrote {target}'s {what}"),
+                Err(kube::Error::Api(e)) => {
+                    if !(e.message.contains("denied") || e.message.contains("webhook")) {
+                        bail!("{label}: {what} refused, but not by the webhook: {}", e.message)
+                    }
+                }
+                Err(e) => bail!("{label}: writing {what}: {e}"),
+            }
+        }
+        // The subnets are in spec: RBAC (no verb) refuses before the webhook.
+        let r = as_agent
+            .patch(
+                victim,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"podCIDRs": ["10.9.0.0/24"]}})),
+            )
+            .await;
+        if r.is_ok() {
+            bail!("{label}: {attacker}'s agent rewrote {victim}'s subnets");
+        }
+        let after = admin.get(victim).await?;
+        if fingerprint(&before) != fingerprint(&after) {
+            bail!(
+                "{label}: {victim}'s peer changed:\n{:#}\n→\n{:#}",
+                fingerprint(&before),
+                fingerprint(&after)
+            );
+        }
+        Ok(())
+    })
+}
+
+/// A write the agent may make (its own node's endpoints, as they are), so the refusals
+/// above are refusals of the write, not of the token.
+fn own_write_allowed(c: &Cluster, node: &str) -> Result<()> {
+    let token = agent_token(c, node)?;
+    let rt = runtime()?;
+    rt.block_on(async {
+        let as_agent: Api<MeshPeer> = Api::all(client_with_token(c, &token).await?);
+        let own = as_agent.get(node).await?;
+        let endpoints = own.status.map(|s| s.endpoints).unwrap_or_default();
+        as_agent
+            .patch_status(
+                node,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": {"endpoints": endpoints}})),
+            )
+            .await
+            .with_context(|| format!("{node}'s agent writing its own endpoints"))?;
+        Ok(())
+    })
+}
+
+/// Forgery with the webhook up, and again with every operator replica stopped.
+pub fn forgery(c: &Cluster, ns: &str, nodes: &[String]) -> Result<()> {
+    let (attacker, victim) = (&nodes[0], &nodes[1]);
+    own_write_allowed(c, attacker)?;
+    forgery_refused(c, attacker, victim, "webhook up")?;
+    report(&format!(
+        "security: {attacker}'s agent token cannot write {victim}'s key, endpoint, approval, subnets or conditions, nor approve itself (webhook up)"
+    ));
+
+    let deployment = "deployment/wgmesh-operator";
+    let replicas = c.kubectl(&[
+        "get",
+        "-n",
+        ns,
+        deployment,
+        "-o",
+        "jsonpath={.spec.replicas}",
+    ])?;
+    c.kubectl(&["scale", "-n", ns, deployment, "--replicas=0"])?;
+    wait_until(
+        "every operator replica gone",
+        Duration::from_secs(120),
+        || {
+            c.kubectl(&[
+                "get",
+                "pods",
+                "-n",
+                ns,
+                "-l",
+                "app.kubernetes.io/component=operator",
+                "-o",
+                "name",
+            ])
+            .is_ok_and(|o| o.trim().is_empty())
+        },
+    )?;
+    let stopped = forgery_refused(c, attacker, victim, "webhook stopped");
+    c.kubectl(&[
+        "scale",
+        "-n",
+        ns,
+        deployment,
+        &format!("--replicas={}", replicas.trim()),
+    ])?;
+    stopped?;
+    c.kubectl(&["rollout", "status", "-n", ns, deployment, "--timeout=180s"])?;
+    report(
+        "security: with every operator replica stopped, the same writes are refused (the webhook fails closed)",
+    );
+    Ok(())
+}
+
+/// The routes of every node's main table, sorted.
+fn routes(c: &Cluster, nodes: &[String]) -> Result<Vec<String>> {
+    let mut all = Vec::new();
+    for node in nodes {
+        for line in c
+            .on_node(node, &["ip", "-4", "route", "show", "table", "all"])?
+            .lines()
+        {
+            all.push(format!("{node}: {line}"));
+        }
+    }
+    all.sort();
+    Ok(all)
+}
+
+/// An external peer with a key of its own (so no refusal is about a shared key).
+fn external_peer(name: &str, allowed: &[String]) -> Result<MeshPeer> {
+    use base64::Engine;
+    let secret = x25519_dalek::StaticSecret::random_from_rng(rand_core::OsRng);
+    let public = x25519_dalek::PublicKey::from(&secret);
+    Ok(serde_json::from_value(json!({
+        "apiVersion": "wgmesh.dev/v1alpha1",
+        "kind": "MeshPeer",
+        "metadata": {"name": name},
+        "spec": {
+            "publicKey": base64::engine::general_purpose::STANDARD.encode(public.as_bytes()),
+            "allowedIPs": allowed,
+        },
+    }))?)
+}
+
+/// Polls `check` until it holds or `timeout` passes.
+async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if check().await {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn ready_reason(p: &MeshPeer) -> (String, String) {
+    p.status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+        .map(|c| (format!("{:?}", c.status), c.reason.clone()))
+        .unwrap_or_default()
+}
+
+/// External peers claiming what the mesh did not open are refused with a condition and
+/// change no node's routes; one inside an opened range is routed (so the check can see
+/// routes change at all).
+pub fn route_injection(c: &Cluster, nodes: &[String]) -> Result<()> {
+    let apiserver = c.var("APISERVER_HOST")?.to_owned();
+    let rt = runtime()?;
+    rt.block_on(async {
+        let client = admin_client(c).await?;
+        let peers: Api<MeshPeer> = Api::all(client.clone());
+        let before = routes(c, nodes)?;
+        let claims = [
+            ("metadata", vec!["169.254.169.254/32".to_owned()]),
+            ("half-the-internet", vec!["128.0.0.0/1".to_owned()]),
+            ("apiserver", vec![format!("{apiserver}/32")]),
+        ];
+        for (name, allowed) in &claims {
+            peers
+                .create(&PostParams::default(), &external_peer(name, allowed)?)
+                .await
+                .with_context(|| format!("creating external peer {name}"))?;
+        }
+        for (name, _) in &claims {
+            eventually(
+                &format!("{name} refused with a condition"),
+                Duration::from_secs(30),
+                || async {
+                    peers.get(name).await.is_ok_and(|p| {
+                        ready_reason(&p) == ("False".into(), "AllowedIPsOutsideMeshRanges".into())
+                    })
+                },
+            )
+            .await?;
+        }
+        // Ten thousand addresses in one object: refused by the API itself.
+        let many: Vec<String> = (0..10_000)
+            .map(|i| format!("10.{}.{}.0/24", 100 + i / 256, i % 256))
+            .collect();
+        match peers
+            .create(&PostParams::default(), &external_peer("many", &many)?)
+            .await
+        {
+            Ok(_) => bail!("an external peer with 10,000 allowed IPs was stored"),
+            Err(kube::Error::Api(e)) if e.message.contains("must have at most") => {}
+            Err(e) => bail!("10,000 allowed IPs refused, but not by maxItems: {e}"),
+        }
+        // Give agents time to act on anything wrongly approved, then compare.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let after = routes(c, nodes)?;
+        if before != after {
+            bail!(
+                "refused external peers changed node routes:\nbefore {before:#?}\nafter {after:#?}"
+            );
+        }
+
+        // Control: open a range; a peer inside it is approved and routed on every node.
+        let meshes: Api<wgmesh_api::Mesh> = Api::all(client.clone());
+        let open = json!({"spec": {"externalPeers": {"allowedRanges": ["192.168.77.0/24"]}}});
+        meshes
+            .patch("default", &PatchParams::default(), &Patch::Merge(&open))
+            .await?;
+        peers
+            .create(
+                &PostParams::default(),
+                &external_peer("site", &["192.168.77.0/24".to_owned()])?,
+            )
+            .await?;
+        wait_until(
+            "the site's range routed on every node",
+            Duration::from_secs(60),
+            || {
+                nodes.iter().all(|n| {
+                    c.on_node(n, &["ip", "-4", "route", "show", "192.168.77.0/24"])
+                        .is_ok_and(|r| !r.trim().is_empty())
+                })
+            },
+        )?;
+        for (name, _) in &claims {
+            peers.delete(name, &Default::default()).await?;
+        }
+        peers.delete("site", &Default::default()).await?;
+        let close = json!({"spec": {"externalPeers": null}});
+        meshes
+            .patch("default", &PatchParams::default(), &Patch::Merge(&close))
+            .await?;
+        Ok::<_, anyhow::Error>(())
+    })?;
+    report(&format!(
+        "security: external peers claiming 169.254.169.254/32, 128.0.0.0/1 and the API server's address are refused (AllowedIPsOutsideMeshRanges), 10,000 addresses refused by maxItems; no node's routes changed; a peer in an opened range was routed on all {} nodes",
+        nodes.len()
+    ));
+    Ok(())
+}
+
+/// Before `node` joins: an external peer takes its name, and one named like an existing
+/// node is refused outright.
+pub fn squat(c: &Cluster, node: &str, existing: &str) -> Result<()> {
+    let rt = runtime()?;
+    rt.block_on(async {
+        let peers: Api<MeshPeer> = Api::all(admin_client(c).await?);
+        match peers
+            .create(
+                &PostParams::default(),
+                &external_peer(existing, &["192.168.78.1/32".to_owned()])?,
+            )
+            .await
+        {
+            Ok(_) => bail!("an external peer named like node {existing} was created"),
+            Err(kube::Error::Api(e)) if e.message.contains("name of a Node") => {}
+            Err(e) => bail!("the peer named {existing} was refused, but not for its name: {e}"),
+        }
+        let squatter = external_peer(node, &["192.168.78.1/32".to_owned()])?;
+        peers.create(&PostParams::default(), &squatter).await?;
+        Ok(())
+    })
+}
+
+/// After `node` joined: its peer is the operator's, owned by its Node, and the squatter's
+/// deletion is on record.
+pub fn squat_resolved(c: &Cluster, node: &str) -> Result<()> {
+    let rt = runtime()?;
+    rt.block_on(async {
+        let client = admin_client(c).await?;
+        let peers: Api<MeshPeer> = Api::all(client.clone());
+        let nodes: Api<Node> = Api::all(client);
+        let uid = nodes.get(node).await?.metadata.uid.context("node uid")?;
+        let owned = |p: &MeshPeer| {
+            p.spec.node.as_deref() == Some(node)
+                && p.metadata
+                    .owner_references
+                    .iter()
+                    .flatten()
+                    .any(|o| o.kind == "Node" && o.uid == uid)
+        };
+        eventually(
+            &format!("{node}'s own peer in place of the squatter"),
+            Duration::from_secs(60),
+            || async { peers.get(node).await.is_ok_and(|p| owned(&p)) },
+        )
+        .await?;
+        Ok::<_, anyhow::Error>(())
+    })?;
+    let events = c.kubectl(&[
+        "get",
+        "events",
+        "-A",
+        "--field-selector",
+        "reason=NameOfNodeTaken",
+        "-o",
+        "name",
+    ])?;
+    if events.trim().is_empty() {
+        bail!("no NameOfNodeTaken event for the peer that took {node}'s name");
+    }
+    report(&format!(
+        "security: an external peer named {node} before the node joined was replaced by the operator's own peer (owner: the Node's uid), with a Warning Event; one named like an existing node was refused"
+    ));
+    Ok(())
+}
