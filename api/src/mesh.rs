@@ -201,6 +201,15 @@ pub struct MeshKeyRotation {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requested_at: Option<Time>,
 
+    /// Make the rotations `requestedAt` asks for emergency revocations (as
+    /// `MeshPeer.spec.keyRotation.revoke`, for every node): when a node's rotation
+    /// completes, it stops answering its old key at once, with no `externalGracePeriod`, and
+    /// every key it retired before. External peers still on an old key lose the node until
+    /// they are given its new one. Revocations still wait for a slot (`maxConcurrent`), but
+    /// go before ordinary rotations. Default false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoke: Option<bool>,
+
     /// Rotate each key when it gets this old (with jitter), e.g. `720h`. Unset: never.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "duration_schema")]
@@ -212,7 +221,8 @@ pub struct MeshKeyRotation {
     pub max_concurrent: Option<u32>,
 
     /// How long a node keeps answering external peers under its old key after a rotation.
-    /// Default `24h`. Node peers learn the new key through the API and need no grace.
+    /// Default `24h`. Node peers learn the new key through the API and need no grace. A
+    /// revocation (`revoke`) gives none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "duration_schema")]
     pub external_grace_period: Option<String>,

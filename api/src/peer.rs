@@ -116,6 +116,15 @@ pub struct PeerKeyRotation {
     /// Rotate the node's key if it was created before this instant (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requested_at: Option<Time>,
+
+    /// Make the rotation `requestedAt` asks for an emergency revocation, for a key that may
+    /// be compromised: when the rotation completes, the node stops answering its old key at
+    /// once, with no `externalGracePeriod`, and stops answering every key it retired before
+    /// it too. Node peers move to the new key without losing traffic, as in any rotation;
+    /// external peers still configured with an old key lose the node until they are given
+    /// the new one. The grant's reason is then `Revoke`. Default false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoke: Option<bool>,
 }
 
 /// Observed state of a peer. The node's agent writes what it publishes (keys, endpoints,
@@ -190,8 +199,10 @@ pub struct RotationGrant {
     /// When the grant was given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub granted_at: Option<Time>,
-    /// Why: `NodeRequest` (this peer's `spec.keyRotation`), `MeshRequest` (the `Mesh`'s),
-    /// or `Interval` (the key reached the mesh's rotation interval).
+    /// Why: `Revoke` (a request of this peer's or the `Mesh`'s `spec.keyRotation` with
+    /// `revoke: true`: the old key stops being answered when the rotation completes),
+    /// `NodeRequest` (this peer's `spec.keyRotation`), `MeshRequest` (the `Mesh`'s), or
+    /// `Interval` (the key reached the mesh's rotation interval).
     pub reason: String,
 }
 
@@ -226,6 +237,10 @@ pub struct KeyRotationStatus {
     /// External peers whose latest session with this node is still under the previous key.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub external_peers_on_old_key: Vec<String>,
+    /// The rotation (after `Completed`, the last one) is a revocation: at completion the
+    /// old key, and every key retired before it, stopped being answered.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub revoke: bool,
 }
 
 /// One peer's key generation as installed on this node.

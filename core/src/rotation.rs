@@ -22,6 +22,12 @@
 //!    the new key — or the move timeout passed, naming the laggards — the old key is zeroed
 //!    and deleted and the generation bumped.
 //!
+//! A **revocation** ([`Due::Revoke`]) walks the same four steps, so node peers lose nothing,
+//! but retires differently: no key the node held before stays answered after step 4 (see
+//! [`previous_after_retire`]). Whether a rotation is one is decided when it is granted and
+//! carried in the persisted [`Phase`] to its retirement, so neither a crash nor a grant that
+//! disappears mid-rotation turns a revocation into a graceful rotation.
+//!
 //! A rotation that is due again while one is under way does not restart it: due-ness is
 //! judged against the key's creation time, and the next key is created after the request.
 //!
@@ -40,6 +46,8 @@ const JITTER_FRACTION: u64 = 10;
 pub struct Policy {
     /// Rotate every key created before this instant (`Mesh.spec.keyRotation.requestedAt`).
     pub mesh_requested_at: Option<SystemTime>,
+    /// The Mesh's request is a revocation (`Mesh.spec.keyRotation.revoke`).
+    pub mesh_revoke: bool,
     /// Rotate each key when it gets this old.
     pub interval: Option<Duration>,
     /// How many nodes may rotate at once (at least 1).
@@ -55,6 +63,8 @@ pub struct NodeKeyView {
     pub key_created_at: SystemTime,
     /// The node's own request (`MeshPeer.spec.keyRotation.requestedAt`).
     pub requested_at: Option<SystemTime>,
+    /// The node's own request is a revocation (`MeshPeer.spec.keyRotation.revoke`).
+    pub revoke: bool,
     /// Whether it is rotating now (it holds a grant, or announced a next key).
     pub rotating: bool,
     /// When its last rotation of the current key was abandoned (its next key was never
@@ -82,6 +92,9 @@ pub fn jitter(name: &str, interval: Duration) -> Duration {
 /// Why a node is due for rotation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Due {
+    /// Its key predates a request (its `MeshPeer`'s or the `Mesh`'s) that asks for a
+    /// revocation: once the rotation completes, no earlier key of the node is answered.
+    Revoke,
     /// Its key predates a request on its `MeshPeer`.
     NodeRequest,
     /// Its key predates the `Mesh`'s request.
@@ -90,17 +103,31 @@ pub enum Due {
     Interval,
 }
 
+impl Due {
+    /// Whether a rotation for this reason is a revocation.
+    pub fn revokes(self) -> bool {
+        self == Due::Revoke
+    }
+}
+
 /// Whether `node` is due at `now`, and why. A node whose rotation was abandoned is due
 /// again only by a request made after the abandonment: retrying at once would repeat what
-/// failed and hold a rotation slot for ever.
+/// failed and hold a rotation slot for ever. A pending request that asks for a revocation
+/// makes the rotation one, whichever other reasons also apply: a key that may be stolen
+/// must not stay answered because someone also asked for an ordinary rotation.
 pub fn due(node: &NodeKeyView, policy: &Policy, now: SystemTime) -> Option<Due> {
     let after = |r: SystemTime| {
         node.key_created_at < r && r <= now && node.abandoned_at.is_none_or(|a| a < r)
     };
-    if node.requested_at.is_some_and(after) {
+    let node_request = node.requested_at.is_some_and(after);
+    let mesh_request = policy.mesh_requested_at.is_some_and(after);
+    if (node_request && node.revoke) || (mesh_request && policy.mesh_revoke) {
+        return Some(Due::Revoke);
+    }
+    if node_request {
         return Some(Due::NodeRequest);
     }
-    if policy.mesh_requested_at.is_some_and(after) {
+    if mesh_request {
         return Some(Due::MeshRequest);
     }
     if node.abandoned_at.is_some() {
@@ -115,7 +142,13 @@ pub fn due(node: &NodeKeyView, policy: &Policy, now: SystemTime) -> Option<Due> 
 }
 
 /// The operator's schedule: the nodes that may start rotating now, so that at most
-/// `max_concurrent` rotate at once. Due nodes go oldest key first, then by name.
+/// `max_concurrent` rotate at once. Revocations go first, then the other due nodes; within
+/// each, oldest key first, then by name.
+///
+/// A revocation waits for a free slot like any rotation: `max_concurrent` bounds how many
+/// nodes' keys are in flight at once, which a mesh-wide revocation must respect as much as a
+/// mesh-wide rotation, and a slot frees within the acknowledge and move timeouts. It does
+/// jump the queue, so it never waits behind a backlog of ordinary rotations.
 pub fn schedule(nodes: &[NodeKeyView], policy: &Policy, now: SystemTime) -> Vec<(String, Due)> {
     let busy = nodes.iter().filter(|n| n.rotating).count();
     let free = policy.max_concurrent.max(1).saturating_sub(busy);
@@ -124,8 +157,9 @@ pub fn schedule(nodes: &[NodeKeyView], policy: &Policy, now: SystemTime) -> Vec<
         .filter(|n| !n.rotating)
         .filter_map(|n| due(n, policy, now).map(|d| (n, d)))
         .collect();
-    candidates
-        .sort_by(|(a, _), (b, _)| (a.key_created_at, &a.name).cmp(&(b.key_created_at, &b.name)));
+    candidates.sort_by(|(a, da), (b, db)| {
+        (!da.revokes(), a.key_created_at, &a.name).cmp(&(!db.revokes(), b.key_created_at, &b.name))
+    });
     candidates
         .into_iter()
         .take(free)
@@ -133,16 +167,25 @@ pub fn schedule(nodes: &[NodeKeyView], policy: &Policy, now: SystemTime) -> Vec<
         .collect()
 }
 
-/// Where a node is in its own rotation; persisted with its keys.
+/// Where a node is in its own rotation; persisted with its keys. `revoke`: the rotation is
+/// a revocation (its grant said so when it started), and retires accordingly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
     /// One key, generation `generation`.
     Steady { generation: i64 },
     /// The next key exists and is published; waiting for approval and acknowledgements
     /// since `since`.
-    Prepared { generation: i64, since: SystemTime },
+    Prepared {
+        generation: i64,
+        since: SystemTime,
+        revoke: bool,
+    },
     /// Initiating with the next key since `since`; still answering under the old one.
-    Switched { generation: i64, since: SystemTime },
+    Switched {
+        generation: i64,
+        since: SystemTime,
+        revoke: bool,
+    },
 }
 
 /// What the agent observes about its own rotation.
@@ -150,6 +193,9 @@ pub enum Phase {
 pub struct Observation {
     /// The operator granted this node a rotation slot.
     pub granted: bool,
+    /// The grant is for a revocation ([`Due::Revoke`]). Read only when the rotation starts:
+    /// what it started as is persisted in its phase.
+    pub revoke: bool,
     /// The operator approved this node's published next key.
     pub next_approved: bool,
     /// The peers that must move (every ready node peer but this one).
@@ -176,8 +222,9 @@ pub enum Action {
     PrepareNext,
     /// Initiate handshakes with the next key; keep answering handshakes to the old one.
     Switch,
-    /// Zero and delete the old key; publish the next as current with `generation`.
-    Retire { generation: i64 },
+    /// Make the next key current with `generation`, and keep answering only the previous
+    /// keys [`previous_after_retire`] returns for `revoke`; zero and delete the others.
+    Retire { generation: i64, revoke: bool },
     /// The next key was never approved: stop publishing it and stay on the current key. An
     /// approval may have crossed this decision, so the key stays answered (as a previous
     /// key) for the acknowledge timeout before it is deleted.
@@ -214,11 +261,16 @@ pub fn step(
             Phase::Prepared {
                 generation,
                 since: now,
+                revoke: obs.revoke,
             },
             vec![Action::PrepareNext],
         ),
         Phase::Steady { .. } => (phase, vec![]),
-        Phase::Prepared { generation, since } => {
+        Phase::Prepared {
+            generation,
+            since,
+            revoke,
+        } => {
             let waiting = missing(&obs.peers, &obs.acknowledged);
             let timed_out = now
                 .duration_since(since)
@@ -237,6 +289,7 @@ pub fn step(
                     Phase::Switched {
                         generation,
                         since: now,
+                        revoke,
                     },
                     vec![Action::Switch],
                 )
@@ -245,6 +298,7 @@ pub fn step(
                     Phase::Switched {
                         generation,
                         since: now,
+                        revoke,
                     },
                     vec![
                         Action::Laggards {
@@ -258,7 +312,11 @@ pub fn step(
                 (phase, vec![])
             }
         }
-        Phase::Switched { generation, since } => {
+        Phase::Switched {
+            generation,
+            since,
+            revoke,
+        } => {
             let waiting = missing(&obs.peers, &obs.moved);
             let timed_out = now
                 .duration_since(since)
@@ -271,6 +329,7 @@ pub fn step(
                     next,
                     vec![Action::Retire {
                         generation: generation + 1,
+                        revoke,
                     }],
                 )
             } else if timed_out {
@@ -283,6 +342,7 @@ pub fn step(
                         },
                         Action::Retire {
                             generation: generation + 1,
+                            revoke,
                         },
                     ],
                 )
@@ -353,8 +413,9 @@ pub fn device_keys(phase: Phase, has_previous: bool) -> (KeyRole, Vec<KeyRole>) 
     (initiating, answered)
 }
 
-/// Until when a retired key is still answered: for the grace period if the mesh has
-/// external peers (which cannot learn the new key by themselves), else not at all.
+/// Until when a key retired by an ordinary rotation is still answered: for the grace period
+/// if the mesh has external peers (which cannot learn the new key by themselves), else not
+/// at all. A revocation keeps no retired key: see [`previous_after_retire`].
 pub fn previous_key_until(
     retired_at: SystemTime,
     grace: Duration,
@@ -364,6 +425,34 @@ pub fn previous_key_until(
         return None;
     }
     retired_at.checked_add(grace)
+}
+
+/// The previous keys a node answers once it retires `retired` at `now` ([`Action::Retire`]),
+/// each with its deadline; the keys left out are deleted.
+///
+/// An ordinary rotation keeps the earlier previous keys with their deadlines and adds
+/// `retired` until [`previous_key_until`]. A revocation keeps none: the retired key's
+/// deadline is the moment of completion, and every key retired or abandoned before it (in
+/// its grace period, or awaiting a crossed approval) stops being answered at that moment
+/// too, since whoever could read the retired key could read them. Node peers lose nothing:
+/// each has moved to the new key or was named a laggard. External peers that still use an
+/// old key lose the node until they are given the new one.
+pub fn previous_after_retire<K>(
+    previous: Vec<(K, SystemTime)>,
+    retired: K,
+    revoke: bool,
+    grace: Duration,
+    has_external_peers: bool,
+    now: SystemTime,
+) -> Vec<(K, SystemTime)> {
+    if revoke {
+        return Vec::new();
+    }
+    let mut kept = previous;
+    if let Some(until) = previous_key_until(now, grace, has_external_peers) {
+        kept.push((retired, until));
+    }
+    kept
 }
 
 /// When `node` becomes due on its own (a request in the future, or its interval with
@@ -405,6 +494,7 @@ mod tests {
             name: name.into(),
             key_created_at: at(created),
             requested_at: requested.map(at),
+            revoke: false,
             rotating,
             abandoned_at: None,
         }
@@ -413,6 +503,7 @@ mod tests {
     fn policy(mesh: Option<u64>, interval: Option<u64>, max: usize) -> Policy {
         Policy {
             mesh_requested_at: mesh.map(at),
+            mesh_revoke: false,
             interval: interval.map(Duration::from_secs),
             max_concurrent: max,
         }
@@ -516,7 +607,13 @@ mod tests {
         assert_eq!(acts, vec![Action::Switch]);
         obs.moved = peers;
         let (phase, acts) = step(phase, &obs, &T, at(4));
-        assert_eq!(acts, vec![Action::Retire { generation: 4 }]);
+        assert_eq!(
+            acts,
+            vec![Action::Retire {
+                generation: 4,
+                revoke: false
+            }]
+        );
         assert_eq!(phase, Phase::Steady { generation: 4 });
     }
 
@@ -524,6 +621,7 @@ mod tests {
     fn laggards_do_not_block_forever_and_are_named() {
         let obs = Observation {
             granted: true,
+            revoke: false,
             next_approved: true,
             peers: set(&["fast", "slow"]),
             acknowledged: set(&["fast"]),
@@ -532,6 +630,7 @@ mod tests {
         let prepared = Phase::Prepared {
             generation: 0,
             since: at(0),
+            revoke: false,
         };
         assert_eq!(step(prepared, &obs, &T, at(59)).1, vec![]);
         let (phase, acts) = step(prepared, &obs, &T, at(60));
@@ -562,7 +661,10 @@ mod tests {
                     step: LaggardStep::MoveOver,
                     peers: vec!["slow".into()]
                 },
-                Action::Retire { generation: 1 }
+                Action::Retire {
+                    generation: 1,
+                    revoke: false
+                }
             ]
         );
         assert_eq!(phase, Phase::Steady { generation: 1 });
@@ -580,6 +682,7 @@ mod tests {
         let prepared = Phase::Prepared {
             generation: 0,
             since: at(0),
+            revoke: false,
         };
         assert_eq!(
             step(prepared, &waiting, &T, at(1)),
@@ -589,6 +692,7 @@ mod tests {
         let switched = Phase::Switched {
             generation: 0,
             since: at(0),
+            revoke: false,
         };
         let approved = Observation {
             next_approved: true,
@@ -628,10 +732,12 @@ mod tests {
             Phase::Prepared {
                 generation: 5,
                 since: at(0),
+                revoke: false,
             },
             Phase::Switched {
                 generation: 5,
                 since: at(0),
+                revoke: false,
             },
         ] {
             for granted in [false, true] {
@@ -641,6 +747,7 @@ mod tests {
                             for now in [at(0), at(59), at(60), at(119), at(120), at(10_000)] {
                                 let obs = Observation {
                                     granted,
+                                    revoke: false,
                                     next_approved: approved,
                                     peers: set(&all),
                                     acknowledged: acked.clone(),
@@ -661,7 +768,10 @@ mod tests {
                                     assert_eq!(generation(&next), generation(&phase));
                                 } else if wrapped {
                                     assert_eq!(generation(&next), generation(&phase) + 1);
-                                    assert!(acts.contains(&Action::Retire { generation: 6 }));
+                                    assert!(acts.contains(&Action::Retire {
+                                        generation: 6,
+                                        revoke: false
+                                    }));
                                 } else {
                                     assert_eq!(generation(&next), generation(&phase));
                                 }
@@ -679,6 +789,102 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_revoking_request_makes_the_rotation_a_revocation_whichever_else_applies() {
+        let revoking = |requested: Option<u64>| NodeKeyView {
+            revoke: true,
+            ..mk_node("a", 10, requested, false)
+        };
+        let p = policy(None, Some(5), 1);
+        // A node's revoking request, even with the interval also due.
+        assert_eq!(due(&revoking(Some(20)), &p, at(30)), Some(Due::Revoke));
+        // The flag alone, with no pending request, revokes nothing.
+        assert_eq!(
+            due(&revoking(Some(5)), &policy(None, None, 1), at(30)),
+            None,
+            "the key is newer than the request"
+        );
+        assert_eq!(due(&revoking(None), &p, at(30)), Some(Due::Interval));
+        // The Mesh's revoking request beats the node's own ordinary one.
+        let mesh = Policy {
+            mesh_revoke: true,
+            ..policy(Some(25), None, 1)
+        };
+        assert_eq!(
+            due(&mk_node("a", 10, Some(20), false), &mesh, at(30)),
+            Some(Due::Revoke)
+        );
+        // An ordinary Mesh request does not turn the node's revoking one into an ordinary one.
+        assert_eq!(
+            due(&revoking(Some(20)), &policy(Some(25), None, 1), at(30)),
+            Some(Due::Revoke)
+        );
+        assert!(Due::Revoke.revokes() && !Due::NodeRequest.revokes());
+    }
+
+    #[test]
+    fn a_revocation_waits_for_a_slot_but_goes_before_older_keys() {
+        let nodes = [
+            mk_node("old", 1, None, false),
+            NodeKeyView {
+                revoke: true,
+                ..mk_node("young", 50, Some(90), false)
+            },
+            mk_node("busy", 1, None, true),
+        ];
+        let p = policy(Some(100), None, 2);
+        assert_eq!(
+            schedule(&nodes, &p, at(200)),
+            vec![("young".to_string(), Due::Revoke)],
+            "one slot free: the revocation takes it"
+        );
+        assert_eq!(
+            schedule(&nodes, &policy(Some(100), None, 3), at(200)),
+            vec![
+                ("young".to_string(), Due::Revoke),
+                ("old".to_string(), Due::MeshRequest)
+            ]
+        );
+        // No free slot: it waits like any rotation.
+        assert!(schedule(&nodes, &policy(Some(100), None, 1), at(200)).is_empty());
+    }
+
+    #[test]
+    fn a_revocation_walks_the_same_steps_and_retires_as_one_even_without_its_grant() {
+        let peers = set(&["p"]);
+        let mut obs = Observation {
+            granted: true,
+            revoke: true,
+            peers: peers.clone(),
+            ..Default::default()
+        };
+        let (phase, acts) = step(Phase::Steady { generation: 0 }, &obs, &T, at(0));
+        assert_eq!(acts, vec![Action::PrepareNext]);
+        assert!(matches!(phase, Phase::Prepared { revoke: true, .. }));
+        // Peers still install the next key before the switch.
+        obs.next_approved = true;
+        let (phase, acts) = step(phase, &obs, &T, at(1));
+        assert!(acts.is_empty(), "{acts:?}");
+        obs.acknowledged = peers.clone();
+        let (phase, acts) = step(phase, &obs, &T, at(2));
+        assert_eq!(acts, vec![Action::Switch]);
+        assert!(matches!(phase, Phase::Switched { revoke: true, .. }));
+        // The grant is gone by retirement (the node went not ready, the operator restarted):
+        // the persisted phase still says revocation.
+        obs.granted = false;
+        obs.revoke = false;
+        obs.moved = peers;
+        let (phase, acts) = step(phase, &obs, &T, at(3));
+        assert_eq!(
+            acts,
+            vec![Action::Retire {
+                generation: 1,
+                revoke: true
+            }]
+        );
+        assert_eq!(phase, Phase::Steady { generation: 1 });
     }
 
     #[test]

@@ -27,8 +27,8 @@ use std::time::{Duration, SystemTime};
 
 use wgmesh_core::rotation::{
     Action, Due, KeyRole, LaggardStep, MOVE_QUIET, NodeKeyView, Observation, Phase, Policy,
-    SessionView, Timeouts, device_keys, due, jitter, moved, next_due_at, previous_key_until,
-    schedule, step,
+    SessionView, Timeouts, device_keys, due, jitter, moved, next_due_at, previous_after_retire,
+    previous_key_until, schedule, step,
 };
 
 fn at(secs: u64) -> SystemTime {
@@ -62,7 +62,8 @@ fn is_steady(p: Phase) -> bool {
 }
 
 /// Why `node` should be due, written independently of `due`: the oracle for the schedule.
-/// After an abandoned rotation only a request made after the abandonment counts.
+/// After an abandoned rotation only a request made after the abandonment counts; any
+/// pending request that revokes makes it a revocation.
 fn expected_due(node: &NodeKeyView, policy: &Policy, now: SystemTime) -> Option<Due> {
     let pending = |r: Option<SystemTime>| {
         let Some(r) = r else { return false };
@@ -72,6 +73,13 @@ fn expected_due(node: &NodeKeyView, policy: &Policy, now: SystemTime) -> Option<
         };
         node.key_created_at < r && r <= now && after_abandon
     };
+    let revoking = [
+        (node.requested_at, node.revoke),
+        (policy.mesh_requested_at, policy.mesh_revoke),
+    ];
+    if revoking.iter().any(|&(r, revoke)| revoke && pending(r)) {
+        return Some(Due::Revoke);
+    }
     if pending(node.requested_at) {
         return Some(Due::NodeRequest);
     }
@@ -189,10 +197,12 @@ fn the_device_answers_every_key_a_peer_may_use_and_initiates_with_the_one_they_k
     let prepared = Phase::Prepared {
         generation: 2,
         since: at(0),
+        revoke: false,
     };
     let switched = Phase::Switched {
         generation: 2,
         since: at(0),
+        revoke: false,
     };
     assert_eq!(device_keys(steady, false), (KeyRole::Current, vec![]));
     // The next key is answered from the moment it exists (before peers can learn it).
@@ -239,11 +249,55 @@ fn a_retired_key_is_answered_only_for_external_peers_and_only_for_the_grace_peri
     assert_eq!(previous_key_until(retired, Duration::MAX, true), None);
 }
 
+#[test]
+fn a_revocation_answers_no_earlier_key_once_it_completes_and_an_ordinary_rotation_keeps_the_grace()
+{
+    let now = at(5000);
+    let day = secs(86_400);
+    // Keys still answered before the retirement: a retired key in its grace period, an
+    // abandoned next key awaiting a crossed approval.
+    let earlier = vec![("retired-before", at(50_000)), ("abandoned", at(5030))];
+    // (previous, revoke, grace, external peers) -> what stays answered after `retire`.
+    type Case = (Vec<(&'static str, SystemTime)>, bool, Duration, bool);
+    let cases: Vec<(Case, Vec<(&str, SystemTime)>)> = vec![
+        // Ordinary rotations: earlier keys keep their deadlines; the retired one is kept for
+        // the grace period only when external peers may need it.
+        ((vec![], false, day, true), vec![("old", now + day)]),
+        ((vec![], false, day, false), vec![]),
+        ((vec![], false, Duration::ZERO, true), vec![]),
+        (
+            (earlier.clone(), false, day, true),
+            vec![earlier[0], earlier[1], ("old", now + day)],
+        ),
+        ((earlier.clone(), false, day, false), earlier.clone()),
+        // Revocations: nothing, whatever the grace and the external peers.
+        ((vec![], true, day, true), vec![]),
+        ((vec![], true, day, false), vec![]),
+        ((earlier.clone(), true, day, true), vec![]),
+        ((earlier.clone(), true, Duration::MAX, true), vec![]),
+        ((earlier.clone(), true, Duration::ZERO, false), vec![]),
+    ];
+    for ((previous, revoke, grace, external), expected) in cases {
+        let ctx = format!("{previous:?} revoke {revoke} grace {grace:?} external {external}");
+        let kept = previous_after_retire(previous, "old", revoke, grace, external, now);
+        assert_eq!(kept, expected, "{ctx}");
+        if revoke {
+            // What a peer holding only an old key notices: no key but the new one answers
+            // it a moment after the completion, however long the grace period is.
+            assert!(
+                kept.iter().all(|(_, until)| *until <= now),
+                "{ctx}: a revoked key outlives the completion"
+            );
+        }
+    }
+}
+
 fn mk_node(name: &str, created: SystemTime, requested: Option<SystemTime>) -> NodeKeyView {
     NodeKeyView {
         name: name.into(),
         key_created_at: created,
         requested_at: requested,
+        revoke: false,
         rotating: false,
         abandoned_at: None,
     }
@@ -264,6 +318,7 @@ fn mk_abandoned(
 fn mk_policy(mesh: Option<SystemTime>, interval: Option<Duration>) -> Policy {
     Policy {
         mesh_requested_at: mesh,
+        mesh_revoke: false,
         interval,
         max_concurrent: 1,
     }
@@ -434,6 +489,7 @@ fn an_abandoned_rotation_is_due_again_only_by_a_request_made_after_it() {
 fn a_node_that_abandoned_gives_its_slot_to_the_next_due_node() {
     let p = Policy {
         mesh_requested_at: Some(at(900)),
+        mesh_revoke: false,
         interval: Some(secs(100)),
         max_concurrent: 1,
     };
@@ -479,12 +535,16 @@ fn next_due_at_is_exactly_when_due_turns_true() {
             name: format!("n{}", rng.range(0, 50)),
             key_created_at: created,
             requested_at: requested,
+            revoke: rng.chance(300),
             rotating: false,
             abandoned_at: abandoned,
         };
         let mesh = rng.chance(600).then(|| time(&mut rng));
         let interval = rng.chance(500).then(|| rng.millis(1, 5_000_000));
-        let policy = mk_policy(mesh, interval);
+        let policy = Policy {
+            mesh_revoke: rng.chance(300),
+            ..mk_policy(mesh, interval)
+        };
         let due_now = due(&node, &policy, now);
         assert_eq!(
             due_now,
@@ -528,13 +588,14 @@ fn next_due_at_is_exactly_when_due_turns_true() {
 fn the_schedule_grants_only_due_idle_nodes_oldest_first_within_the_free_slots() {
     let mut rng = Rng::new(7);
     let now = at(10_000);
-    let (mut partial, mut held_back) = (0, 0);
+    let (mut partial, mut held_back, mut revocations_first) = (0, 0, 0);
     for _ in 0..5000 {
         let count = rng.range(1, 8) as usize;
         let mesh = rng.chance(500).then(|| at(rng.range(0, 12_000)));
         let interval = rng.chance(500).then(|| secs(rng.range(100, 9_000)));
         let policy = Policy {
             mesh_requested_at: mesh,
+            mesh_revoke: rng.chance(300),
             interval,
             max_concurrent: rng.range(0, 4) as usize,
         };
@@ -548,6 +609,7 @@ fn the_schedule_grants_only_due_idle_nodes_oldest_first_within_the_free_slots() 
                     name: format!("n{}", (i * 11) % count),
                     key_created_at: created,
                     requested_at: requested,
+                    revoke: rng.chance(300),
                     rotating: rng.chance(300),
                     abandoned_at: abandoned,
                 }
@@ -563,7 +625,14 @@ fn the_schedule_grants_only_due_idle_nodes_oldest_first_within_the_free_slots() 
                 .find(|v| v.name == name)
                 .expect("granted a node")
         };
-        let key = |v: &NodeKeyView| (v.key_created_at, v.name.clone());
+        // Revocations first, then oldest key first, then by name.
+        let key = |v: &NodeKeyView| {
+            (
+                expected_due(v, &policy, now) != Some(Due::Revoke),
+                v.key_created_at,
+                v.name.clone(),
+            )
+        };
         for (name, why) in &out {
             let v = find(name);
             assert!(!v.rotating, "{name} is rotating already");
@@ -600,13 +669,22 @@ fn the_schedule_grants_only_due_idle_nodes_oldest_first_within_the_free_slots() 
                 assert_eq!(out.len(), free, "{} left waiting with a free slot", v.name);
                 assert!(
                     out.iter().all(|(n, _)| key(find(n)) < key(v)),
-                    "{} waits behind a younger key: {out:?}",
+                    "{} waits behind a younger key or an ordinary rotation: {out:?}",
                     v.name
                 );
+                if out.iter().any(|(n, why)| {
+                    *why == Due::Revoke && find(n).key_created_at > v.key_created_at
+                }) {
+                    revocations_first += 1;
+                }
             }
         }
     }
     assert!(partial > 1000 && held_back > 500, "{partial} {held_back}");
+    assert!(
+        revocations_first > 100,
+        "no revocation went before an older key: {revocations_first}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -629,27 +707,30 @@ fn every_step_resumes_after_a_crash_and_ignores_a_grant_that_arrives_mid_rotatio
     };
     let peers = ["a", "b", "c"];
     let subsets = [set(&[]), set(&["a"]), set(&["b", "c"]), set(&peers)];
-    let phases = [
-        Phase::Steady { generation: 5 },
-        Phase::Prepared {
+    let mut phases = vec![Phase::Steady { generation: 5 }];
+    for revoke in [false, true] {
+        phases.push(Phase::Prepared {
             generation: 5,
             since: at(0),
-        },
-        Phase::Switched {
+            revoke,
+        });
+        phases.push(Phase::Switched {
             generation: 5,
             since: at(0),
-        },
-    ];
+            revoke,
+        });
+    }
     let nows = [0, 1, 59, 60, 61, 119, 120, 121, 10_000].map(at);
     let mut cases = 0;
     for phase in phases {
-        for granted in [false, true] {
+        for (granted, revoking) in [(false, false), (true, false), (true, true)] {
             for approved in [false, true] {
                 for acked in &subsets {
                     for moved_peers in &subsets {
                         for now in nows {
                             let obs = Observation {
                                 granted,
+                                revoke: revoking,
                                 next_approved: approved,
                                 peers: set(&peers),
                                 acknowledged: acked.clone(),
@@ -662,13 +743,39 @@ fn every_step_resumes_after_a_crash_and_ignores_a_grant_that_arrives_mid_rotatio
                                 (p1, a1.clone()),
                                 "deterministic"
                             );
-                            // A grant (a new request) during a rotation changes nothing.
+                            // A grant (a new request, a revocation or not) during a rotation
+                            // changes nothing: what it started as is in its phase.
                             if !is_steady(phase) {
-                                let regranted = Observation {
-                                    granted: !granted,
-                                    ..obs.clone()
-                                };
-                                assert_eq!(step(phase, &regranted, &t, now), (p1, a1.clone()));
+                                for (g, r) in [(!granted, revoking), (granted, !revoking)] {
+                                    let regranted = Observation {
+                                        granted: g,
+                                        revoke: r,
+                                        ..obs.clone()
+                                    };
+                                    assert_eq!(step(phase, &regranted, &t, now), (p1, a1.clone()));
+                                }
+                            }
+                            // A rotation is a revocation if its grant was one when it started,
+                            // and retires as one.
+                            let revoking_phase = |p: Phase| match p {
+                                Phase::Steady { .. } => None,
+                                Phase::Prepared { revoke, .. } | Phase::Switched { revoke, .. } => {
+                                    Some(revoke)
+                                }
+                            };
+                            match (revoking_phase(phase), revoking_phase(p1)) {
+                                (None, Some(r)) => assert_eq!(r, revoking, "{phase:?} {obs:?}"),
+                                (Some(r0), Some(r1)) => assert_eq!(r0, r1, "{phase:?} {obs:?}"),
+                                _ => {}
+                            }
+                            for a in &a1 {
+                                if let Action::Retire { revoke, .. } = a {
+                                    assert_eq!(
+                                        Some(*revoke),
+                                        revoking_phase(phase),
+                                        "{phase:?} {obs:?}"
+                                    );
+                                }
                             }
                             // The agent crashes after persisting `p1` and before doing any of
                             // `a1`, restarts, observes the same (its grant is stale once the
@@ -713,7 +820,7 @@ fn every_step_resumes_after_a_crash_and_ignores_a_grant_that_arrives_mid_rotatio
             }
         }
     }
-    assert_eq!(cases, 3 * 2 * 2 * 4 * 4 * 9);
+    assert_eq!(cases, 5 * 3 * 2 * 4 * 4 * 9);
 }
 
 #[test]
@@ -731,6 +838,7 @@ fn a_clock_that_steps_back_never_fires_a_timeout() {
     let prepared = Phase::Prepared {
         generation: 0,
         since: at(1000),
+        revoke: false,
     };
     assert_eq!(
         step(prepared, &obs, &t, at(10)),
@@ -744,6 +852,7 @@ fn a_clock_that_steps_back_never_fires_a_timeout() {
     let switched = Phase::Switched {
         generation: 0,
         since: at(1000),
+        revoke: false,
     };
     assert_eq!(
         step(switched, &approved, &t, at(10)),
@@ -780,6 +889,8 @@ struct Request {
     node: Option<usize>,
     instant: SystemTime,
     issued: SystemTime,
+    /// The request asks for a revocation (`spec.keyRotation.revoke`).
+    revoke: bool,
 }
 
 /// One simulated run: the mesh, its rotation settings, and the faults injected into it.
@@ -810,6 +921,9 @@ struct Config {
     /// crashes, and stays down longer: approvals come later, sometimes after the acknowledge
     /// timeout.
     slow_operator: bool,
+    /// The mesh has external peers (not simulated): an ordinary rotation keeps the retired
+    /// key answered this long; a revocation does not.
+    external_grace: Option<Duration>,
 }
 
 impl Config {
@@ -834,6 +948,7 @@ impl Config {
                 node: Some(b),
                 instant: issued,
                 issued,
+                revoke: false,
             });
         }
         let mut stalls = Vec::new();
@@ -846,6 +961,7 @@ impl Config {
             }
         }
         let first_keys = (0..nodes).map(|_| at(r.range(0, 999))).collect();
+        let external_grace = r.chance(500).then(|| secs(r.range(30, 300)));
         Config {
             seed,
             nodes,
@@ -864,6 +980,7 @@ impl Config {
             operator_crash_per_mille: 20,
             tick: None,
             slow_operator: false,
+            external_grace,
         }
     }
 
@@ -886,7 +1003,7 @@ struct Disk {
     current: Key,
     next: Option<Key>,
     /// Keys still answered until a deadline: abandoned next keys an approval may have
-    /// crossed (the simulated mesh has no external peers, so no retired key is kept).
+    /// crossed, and retired keys in the external grace period.
     previous: Vec<(Key, SystemTime)>,
     /// When the last rotation of the current key was abandoned.
     abandoned_at: Option<SystemTime>,
@@ -926,6 +1043,8 @@ struct Status {
 struct Grant {
     generation: i64,
     at: SystemTime,
+    /// Given for a revocation.
+    revoke: bool,
 }
 
 impl Grant {
@@ -950,6 +1069,8 @@ struct Api {
     status: Vec<Status>,
     approved: Vec<Approved>,
     requested_at: Vec<Option<SystemTime>>,
+    /// Per node: its request is a revocation.
+    revoke: Vec<bool>,
     policy: Policy,
 }
 
@@ -991,6 +1112,12 @@ struct Stats {
     prepared_with_previous: u64,
     /// Abandoned keys deleted at their deadline.
     previous_keys_deleted: u64,
+    /// Rotations that completed as revocations; of those, the ones that stopped answering
+    /// keys retired or abandoned before; ordinary rotations that kept the retired key for
+    /// external peers.
+    revocations: u64,
+    revocations_dropping_earlier_keys: u64,
+    retired_keys_kept: u64,
     grants: u64,
     node_requests: u64,
     mesh_requests: u64,
@@ -1027,6 +1154,9 @@ impl Stats {
         self.retries_after_abandon += o.retries_after_abandon;
         self.prepared_with_previous += o.prepared_with_previous;
         self.previous_keys_deleted += o.previous_keys_deleted;
+        self.revocations += o.revocations;
+        self.revocations_dropping_earlier_keys += o.revocations_dropping_earlier_keys;
+        self.retired_keys_kept += o.retired_keys_kept;
         self.grants += o.grants;
         self.node_requests += o.node_requests;
         self.mesh_requests += o.mesh_requests;
@@ -1173,8 +1303,10 @@ impl Sim {
                 })
                 .collect(),
             requested_at: vec![None; n],
+            revoke: vec![false; n],
             policy: Policy {
                 mesh_requested_at: None,
+                mesh_revoke: false,
                 interval: cfg.interval,
                 max_concurrent: cfg.max_concurrent,
             },
@@ -1273,6 +1405,7 @@ impl Sim {
             name: self.names[i].clone(),
             key_created_at: self.agents[i].disk.current.created,
             requested_at: self.api.requested_at[i],
+            revoke: self.api.revoke[i],
             rotating: false,
             abandoned_at: self.agents[i].disk.abandoned_at,
         }
@@ -1359,18 +1492,22 @@ impl Sim {
             if self.rng.chance(30) {
                 let node = self.rng.below(self.n());
                 let instant = now + self.rng.millis(0, 180_000) - secs(120);
+                let revoke = self.rng.chance(250);
                 issued.push(Request {
                     node: Some(node),
                     instant,
                     issued: now,
+                    revoke,
                 });
             }
             if self.rng.chance(8) {
                 let instant = now + self.rng.millis(0, 120_000) - secs(60);
+                let revoke = self.rng.chance(250);
                 issued.push(Request {
                     node: None,
                     instant,
                     issued: now,
+                    revoke,
                 });
             }
         }
@@ -1379,11 +1516,13 @@ impl Sim {
             let targets: Vec<usize> = match r.node {
                 Some(node) => {
                     self.api.requested_at[node] = Some(r.instant);
+                    self.api.revoke[node] = r.revoke;
                     self.stats.node_requests += 1;
                     vec![node]
                 }
                 None => {
                     self.api.policy.mesh_requested_at = Some(r.instant);
+                    self.api.policy.mesh_revoke = r.revoke;
                     self.stats.mesh_requests += 1;
                     (0..self.n()).collect()
                 }
@@ -1562,6 +1701,7 @@ impl Sim {
                     name: self.names[i].clone(),
                     key_created_at: st.created,
                     requested_at: self.api.requested_at[i],
+                    revoke: self.api.revoke[i],
                     rotating: self.api.approved[i]
                         .grant
                         .is_some_and(|g| g.live(st.generation, st.abandoned_at))
@@ -1596,6 +1736,7 @@ impl Sim {
             self.api.approved[i].grant = Some(Grant {
                 generation: self.api.status[i].generation,
                 at: now,
+                revoke: why.revokes(),
             });
             self.stats.grants += 1;
         }
@@ -1692,6 +1833,21 @@ impl Sim {
             return Ok(());
         }
         self.configure_device(i)?;
+        if actions
+            .iter()
+            .any(|a| matches!(a, Action::Retire { revoke: true, .. }))
+        {
+            // What a peer holding only an old key finds: nothing of the node answers it.
+            let a = &self.agents[i];
+            ensure!(
+                a.device.initiating == a.disk.current.id && a.device.answered.is_empty(),
+                "{}: {} still answers {:?} after a revocation\n{}",
+                self.when(),
+                self.names[i],
+                a.device.answered,
+                self.describe()
+            );
+        }
         self.publish(i);
         Ok(())
     }
@@ -1721,6 +1877,7 @@ impl Sim {
             granted: self.api.approved[i]
                 .grant
                 .is_some_and(|g| g.live(generation(a.disk.phase), a.disk.abandoned_at)),
+            revoke: self.api.approved[i].grant.is_some_and(|g| g.revoke),
             next_approved: next.is_some() && self.api.approved[i].next == next,
             peers: others.iter().map(|&p| self.names[p].clone()).collect(),
             // By key: a peer that installed an abandoned key of the same generation has not
@@ -1864,8 +2021,15 @@ impl Sim {
                     g1 == g0 + 1,
                     "{ctx}: the generation must grow by exactly one"
                 );
+                let Phase::Switched { revoke, .. } = before else {
+                    unreachable!()
+                };
                 ensure!(
-                    actions.last() == Some(&Action::Retire { generation: g1 }),
+                    actions.last()
+                        == Some(&Action::Retire {
+                            generation: g1,
+                            revoke
+                        }),
                     "{ctx}"
                 );
                 let late = named(LaggardStep::MoveOver);
@@ -1925,6 +2089,7 @@ impl Sim {
         let now = self.now;
         let when = self.when();
         let acknowledge = self.cfg.timeouts.acknowledge;
+        let grace = self.cfg.external_grace;
         let disk = &mut self.agents[i].disk;
         if is_steady(disk.phase) && !is_steady(phase) {
             // A new rotation of the key: the abandonment of the last one is history.
@@ -1941,11 +2106,28 @@ impl Sim {
                         });
                     }
                 }
-                Action::Retire { .. } => {
-                    disk.current = disk
+                Action::Retire { revoke, .. } => {
+                    let next = disk
                         .next
                         .take()
                         .ok_or_else(|| format!("{when}: retires without a next key"))?;
+                    let old = std::mem::replace(&mut disk.current, next);
+                    let earlier = std::mem::take(&mut disk.previous);
+                    let held = earlier.len();
+                    disk.previous = previous_after_retire(
+                        earlier,
+                        old,
+                        *revoke,
+                        grace.unwrap_or_default(),
+                        grace.is_some(),
+                        now,
+                    );
+                    if *revoke {
+                        self.stats.revocations += 1;
+                        self.stats.revocations_dropping_earlier_keys += u64::from(held > 0);
+                    } else if disk.previous.iter().any(|(k, _)| k.id == old.id) {
+                        self.stats.retired_keys_kept += 1;
+                    }
                 }
                 Action::Abandon => {
                     // Stop publishing it, but keep answering it: an approval may have crossed
@@ -2058,7 +2240,10 @@ fn run(cfg: &Config) -> Result<Stats, String> {
     // A node whose keys are refused holds its slot for one acknowledge timeout per request,
     // not for ever: every slot counts.
     let rounds = cfg.nodes.div_ceil(cfg.max_concurrent.max(1)) as u32 + 1;
-    let bound = (cfg.timeouts.acknowledge + cfg.timeouts.move_over + ROTATION_SLACK) * rounds;
+    // A key retired for external peers is answered for their grace period after the last
+    // rotation: the mesh settles once it is gone.
+    let bound = (cfg.timeouts.acknowledge + cfg.timeouts.move_over + ROTATION_SLACK) * rounds
+        + cfg.external_grace.unwrap_or_default();
     loop {
         sim.tick()?;
         if sim.now >= quiet && sim.settled() {
@@ -2165,6 +2350,14 @@ fn simulated_meshes_rotate_safely_through_crashes_laggards_and_concurrent_reques
         "{total:?}"
     );
     assert!(total.quiet_deferrals > 100, "{total:?}");
+    // Revocations happen, some of them while earlier keys were still answered, and the
+    // ordinary rotations of meshes with external peers keep their retired keys.
+    assert!(
+        total.revocations > 100
+            && total.revocations_dropping_earlier_keys > 10
+            && total.retired_keys_kept > 100,
+        "{total:?}"
+    );
     assert!(
         total.requests_during_rotation > 100 && total.requests_before_key > 100,
         "{total:?}"
@@ -2212,6 +2405,7 @@ fn scripted(nodes: usize, max_concurrent: usize) -> Config {
             node: Some(0),
             instant: start + secs(1),
             issued: start + secs(1),
+            revoke: false,
         }],
         random_requests: false,
         start,
@@ -2220,6 +2414,7 @@ fn scripted(nodes: usize, max_concurrent: usize) -> Config {
         operator_crash_per_mille: 0,
         tick: Some(secs(3)),
         slow_operator: false,
+        external_grace: None,
     }
 }
 
@@ -2315,6 +2510,7 @@ fn a_node_whose_keys_are_never_approved_does_not_block_the_others_for_ever() {
             node: None,
             instant: start + secs(1),
             issued: start + secs(1),
+            revoke: false,
         }],
         ..base
     };
@@ -2333,6 +2529,7 @@ fn a_node_whose_keys_are_never_approved_does_not_block_the_others_for_ever() {
                 node: Some(0),
                 instant: start + secs(200),
                 issued: start + secs(200),
+                revoke: false,
             },
         ],
         ..cfg
@@ -2360,6 +2557,7 @@ fn a_retry_counts_only_acknowledgements_of_its_own_key_and_still_answers_the_aba
         node: Some(0),
         instant: start + secs(s),
         issued: start + secs(s),
+        revoke: false,
     };
     let cfg = Config {
         broken: Some(0),

@@ -64,6 +64,9 @@ struct StoredPhase {
     name: String,
     /// Seconds since the epoch the phase began.
     since: u64,
+    /// The rotation is a revocation.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    revoke: bool,
 }
 
 /// The key file's contents: the current key at the top level (the layout of a file from
@@ -87,6 +90,9 @@ struct KeyFile {
     /// Peers the last rotation went on without.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     laggards: Vec<String>,
+    /// The last rotation was a revocation.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    revoked: bool,
 }
 
 /// The node's key pair.
@@ -157,6 +163,9 @@ pub struct KeyState {
     pub phase: Phase,
     /// Peers the last rotation went on without.
     pub laggards: Vec<String>,
+    /// The last completed rotation was a revocation (for status: the one under way says so
+    /// in its phase).
+    pub revoked: bool,
     /// When the last rotation of the current key was abandoned.
     pub abandoned_at: Option<SystemTime>,
 }
@@ -197,6 +206,7 @@ impl KeyState {
                     previous: Vec::new(),
                     phase: Phase::Steady { generation: 0 },
                     laggards: Vec::new(),
+                    revoked: false,
                     abandoned_at: None,
                 };
                 state.store(state_dir)?;
@@ -232,16 +242,19 @@ impl KeyState {
                 .collect(),
             phase: match self.phase {
                 Phase::Steady { .. } => None,
-                Phase::Prepared { since, .. } => Some(StoredPhase {
+                Phase::Prepared { since, revoke, .. } => Some(StoredPhase {
                     name: "prepared".into(),
                     since: secs(since),
+                    revoke,
                 }),
-                Phase::Switched { since, .. } => Some(StoredPhase {
+                Phase::Switched { since, revoke, .. } => Some(StoredPhase {
                     name: "switched".into(),
                     since: secs(since),
+                    revoke,
                 }),
             },
             laggards: self.laggards.clone(),
+            revoked: self.revoked,
             abandoned_at: self.abandoned_at.map(secs),
         };
         let text = serde_json::to_string(&body).map_err(|e| werr(std::io::Error::other(e)))?;
@@ -352,19 +365,25 @@ fn parse(path: &Path, text: &str) -> Result<KeyState, KeyFileError> {
         })
         .collect::<Result<Vec<_>, KeyFileError>>()?;
     let phase = match (
-        file.phase.as_ref().map(|p| (p.name.as_str(), p.since)),
+        file.phase
+            .as_ref()
+            .map(|p| (p.name.as_str(), p.since, p.revoke)),
         &next,
     ) {
         (None, _) => Phase::Steady { generation },
-        (Some(("prepared", since)), Some(_)) => Phase::Prepared {
+        (Some(("prepared", since, revoke)), Some(_)) => Phase::Prepared {
             generation,
             since: from_secs(since),
+            revoke,
         },
-        (Some(("switched", since)), Some(_)) => Phase::Switched {
+        (Some(("switched", since, revoke)), Some(_)) => Phase::Switched {
             generation,
             since: from_secs(since),
+            revoke,
         },
-        (Some((name, _)), Some(_)) => return Err(malformed(&format!("unknown phase {name:?}"))),
+        (Some((name, _, _)), Some(_)) => {
+            return Err(malformed(&format!("unknown phase {name:?}")));
+        }
         (Some(_), None) => return Err(malformed("a rotation phase without a next key")),
     };
     Ok(KeyState {
@@ -373,6 +392,7 @@ fn parse(path: &Path, text: &str) -> Result<KeyState, KeyFileError> {
         previous,
         phase,
         laggards: file.laggards,
+        revoked: file.revoked,
         abandoned_at: file.abandoned_at.map(from_secs),
     })
 }
@@ -440,9 +460,11 @@ mod tests {
         let (mut state, _) = KeyState::load_or_generate(&dir, SystemTime::now()).expect("gen");
         let since = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000);
         state.next = Some(NodeKey::generate(since, 1));
+        // A revocation stays one across a restart: it decides how the old key is retired.
         state.phase = Phase::Switched {
             generation: 0,
             since,
+            revoke: true,
         };
         state.store(&dir).expect("store");
         let (back, fresh) = KeyState::load_or_generate(&dir, SystemTime::now()).expect("load");
@@ -476,12 +498,14 @@ mod tests {
             previous: vec![(old, until)],
             phase: Phase::Steady { generation: 1 },
             laggards: vec!["slow".into()],
+            revoked: true,
             abandoned_at: None,
         };
         state.store(&dir).expect("store");
         let (back, _) = KeyState::load_or_generate(&dir, SystemTime::now()).expect("load");
         assert_eq!(back.previous.first().map(|(_, u)| *u), Some(until));
         assert_eq!(back.laggards, vec!["slow".to_string()]);
+        assert!(back.revoked);
         assert_eq!(back.device_keys().1.len(), 1);
         // The layout from before rotation existed: just the current key.
         let legacy = format!(

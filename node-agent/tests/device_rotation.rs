@@ -4,7 +4,9 @@
 //! directions through the tunnel during the whole rotation, and zero of them lost. Also: a TCP
 //! stream never stalls for more than a second, both sides rotating at once, and a third party
 //! that only knows the old key (wireguard-go) keeps its tunnel exactly as long as the old key is
-//! held.
+//! held. Last, the agent's own key code drives a device through an ordinary rotation and a
+//! revocation: a peer that only knows the old key still reaches the node in the grace period
+//! after the first, and neither keeps its session nor completes a handshake after the second.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -616,4 +618,175 @@ fn the_old_key_is_answered_only_while_it_is_held() {
         "no slot under the dropped key: {:?}",
         p.sessions
     );
+}
+
+/// A mesh node `a` whose keys are decided by the agent's own code (`KeyState` and
+/// `Rotator::tick`, which run `wgmesh_core::rotation`), its device given
+/// `KeyState::device_keys()` after every tick as the agent's `apply_device_keys` does, and an
+/// external peer `c` (an in-process device) that only ever knows `a`'s first key. `a` rotates
+/// with no other node, so each step goes through at the next tick; the mesh's external grace
+/// period is 24 h. Returns `a`, `c`, `a`'s first key pair and `c`'s public key once the
+/// rotation completed, with `c`'s session under the old key still up if `a` kept it.
+fn rotate_with_an_external_peer_on_the_old_key<'a>(
+    link: &'a Link,
+    state_dir: &Path,
+    revoke: bool,
+) -> (Side<'a>, Side<'a>, KeyPair, Key) {
+    use std::collections::BTreeMap;
+    use std::time::SystemTime;
+    use wgmesh_agent::agent::rotation::{Inputs, Notice, Rotator};
+    use wgmesh_agent::key::KeyState;
+    use wgmesh_core::rotation::{Phase, Timeouts};
+
+    let _ = std::fs::remove_dir_all(state_dir);
+    let (mut keys, _) = KeyState::load_or_generate(state_dir, SystemTime::now()).unwrap();
+    let a0 = KeyPair {
+        private: keys.current.secret_bytes(),
+        public: keys.current.public_bytes(),
+    };
+    let c_key = KeyPair::generate();
+    let tag = if revoke { "v" } else { "g" };
+    let a = Side::start(
+        &link.a,
+        &format!("{tag}a"),
+        &a0,
+        &link.a_addr,
+        51920,
+        "10.81.0.1",
+    );
+    let c = Side::start(
+        &link.b,
+        &format!("{tag}c"),
+        &c_key,
+        &link.b_addr,
+        51921,
+        "10.81.0.3",
+    );
+    pair(&a, &a0, &c, &c_key);
+    warm_up(&a, &c);
+
+    let apply = |keys: &KeyState| {
+        let (initiating, answered) = keys.device_keys();
+        a.dev
+            .apply(&ConfigUpdate {
+                private_key: Some(initiating),
+                extra_private_keys: Some(answered),
+                ..ConfigUpdate::default()
+            })
+            .unwrap();
+    };
+    let timeouts = Timeouts {
+        acknowledge: Duration::from_secs(60),
+        move_over: Duration::from_secs(60),
+    };
+    let granted = Inputs {
+        granted: true,
+        revoke,
+        has_external_peers: true,
+        external_grace: Duration::from_secs(86_400),
+        ..Inputs::default()
+    };
+    let approved = Inputs {
+        next_approved: true,
+        ..granted.clone()
+    };
+    let mut rotator = Rotator::default();
+    let mut notices = Vec::new();
+    for inputs in [&granted, &approved, &approved] {
+        notices.extend(
+            rotator
+                .tick(
+                    &mut keys,
+                    inputs,
+                    &timeouts,
+                    &BTreeMap::new(),
+                    state_dir,
+                    SystemTime::now(),
+                )
+                .unwrap(),
+        );
+        apply(&keys);
+    }
+    assert_eq!(keys.phase, Phase::Steady { generation: 1 }, "{notices:?}");
+    assert!(
+        matches!(notices.last(), Some(Notice::Completed { revoked, .. }) if *revoked == revoke),
+        "{notices:?}"
+    );
+    let a1 = keys.current.public_bytes();
+    assert_eq!(a.dev.public_key(), Some(a1));
+    (a, c, a0, c_key.public)
+}
+
+/// `c` forgets its sessions with `a` and tries a fresh handshake under `a`'s old key.
+fn fresh_handshake_to_old_key(a: &Side<'_>, c: &Side<'_>, a0: &KeyPair) -> bool {
+    assert!(c.dev.remove_peer(&a0.public));
+    c.add_peer(&a0.public, a.underlay, &a.inner);
+    assert!(c.peer(&a0.public).last_handshake.is_none());
+    let reached = c.ns.ping(&a.inner, 3);
+    assert_eq!(
+        reached,
+        c.peer(&a0.public).last_handshake.is_some(),
+        "a ping gets through exactly when a handshake completed"
+    );
+    reached
+}
+
+#[test]
+fn after_an_ordinary_rotation_a_peer_on_the_old_key_still_reaches_the_node_within_the_grace() {
+    if !privileged() {
+        return;
+    }
+    let link = Link::new();
+    let dir = std::env::temp_dir().join(format!("wgmesh-grace-{}", std::process::id()));
+    let (a, c, a0, _) = rotate_with_an_external_peer_on_the_old_key(&link, &dir, false);
+    assert_eq!(a.dev.snapshot().extra_public_keys, vec![a0.public]);
+    assert!(
+        c.ns.ping(&a.inner, 3),
+        "the session under the old key broke"
+    );
+    assert!(
+        fresh_handshake_to_old_key(&a, &c, &a0),
+        "a new handshake under the old key failed within the grace period"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn after_a_revocation_a_peer_on_the_old_key_can_no_longer_reach_the_node() {
+    if !privileged() {
+        return;
+    }
+    let link = Link::new();
+    let dir = std::env::temp_dir().join(format!("wgmesh-revoke-{}", std::process::id()));
+    let (a, c, a0, c_public) = rotate_with_an_external_peer_on_the_old_key(&link, &dir, true);
+    assert!(
+        a.dev.snapshot().extra_public_keys.is_empty(),
+        "the device still answers an old key"
+    );
+    // The session under the old key is gone with it, not just new handshakes refused.
+    assert!(
+        a.peer(&c_public)
+            .sessions
+            .iter()
+            .all(|s| s.local_public_key != a0.public),
+        "a session under the revoked key survives: {:?}",
+        a.peer(&c_public).sessions
+    );
+    assert!(
+        !c.ns.ping(&a.inner, 3),
+        "the session under the revoked key still carries traffic"
+    );
+    assert!(
+        !fresh_handshake_to_old_key(&a, &c, &a0),
+        "a handshake under the revoked key completed"
+    );
+    // The peer is reachable again once it is given the new key.
+    let a1 = a.dev.public_key().unwrap();
+    assert!(c.dev.remove_peer(&a0.public));
+    c.add_peer(&a1, a.underlay, &a.inner);
+    assert!(
+        c.ns.ping(&a.inner, 5),
+        "not reachable under the new key either"
+    );
+    std::fs::remove_dir_all(&dir).ok();
 }

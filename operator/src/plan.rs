@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use wgmesh_api::{
     Mesh, MeshPeer, MeshPeerSpec, MeshPeerStatus, PodCIDRPool, PodCIDRPoolStatus,
-    consts::{self, condition},
+    consts::{self, condition, grant_reason},
     mesh::{IpamSource, MeshStatus},
     peer::{ApprovedPeer, RotationGrant},
     pool::PoolCounts,
@@ -238,6 +238,7 @@ impl Settings {
                 mesh_requested_at: rotation
                     .and_then(|r| r.requested_at.as_ref())
                     .map(system_time),
+                mesh_revoke: rotation.and_then(|r| r.revoke).unwrap_or(false),
                 interval,
                 max_concurrent: rotation
                     .and_then(|r| r.max_concurrent)
@@ -541,14 +542,21 @@ pub fn plan(snap: &Snapshot) -> Plan {
                     if let Some(due) = granted.get(name) {
                         out.rotations_granted.push((name.to_owned(), *due));
                     }
+                    let revoke = g.reason == grant_reason::REVOKE;
                     out.events.push(EventSpec {
                         kind: EventTarget::Peer,
                         name: name.to_owned(),
                         uid: peer.metadata.uid.clone(),
                         warning: false,
-                        reason: "RotationStarted".into(),
+                        reason: if revoke {
+                            "RevocationStarted"
+                        } else {
+                            "RotationStarted"
+                        }
+                        .into(),
                         note: format!(
-                            "key rotation of generation {} granted ({})",
+                            "key {} of generation {} granted ({})",
+                            if revoke { "revocation" } else { "rotation" },
                             g.generation,
                             due_text(&g.reason)
                         ),
@@ -866,15 +874,14 @@ fn rotation_views(
         if let Some(g) = grant {
             active_grant.insert(name.to_owned(), g);
         }
+        let request = peer.spec.key_rotation.as_ref();
         views.push(core::rotation::NodeKeyView {
             name: name.to_owned(),
             key_created_at: created,
-            requested_at: peer
-                .spec
-                .key_rotation
-                .as_ref()
+            requested_at: request
                 .and_then(|r| r.requested_at.as_ref())
                 .map(system_time),
+            revoke: request.and_then(|r| r.revoke).unwrap_or(false),
             rotating,
             abandoned_at,
         });
@@ -888,16 +895,22 @@ fn rotation_views(
 /// The `reason` a grant carries for `due`.
 pub fn due_reason(due: core::rotation::Due) -> &'static str {
     match due {
-        core::rotation::Due::NodeRequest => "NodeRequest",
-        core::rotation::Due::MeshRequest => "MeshRequest",
-        core::rotation::Due::Interval => "Interval",
+        core::rotation::Due::Revoke => grant_reason::REVOKE,
+        core::rotation::Due::NodeRequest => grant_reason::NODE_REQUEST,
+        core::rotation::Due::MeshRequest => grant_reason::MESH_REQUEST,
+        core::rotation::Due::Interval => grant_reason::INTERVAL,
     }
 }
 
 fn due_text(reason: &str) -> &'static str {
     match reason {
-        "MeshRequest" => "requested for every node by the Mesh's spec.keyRotation.requestedAt",
-        "Interval" => "the key reached the Mesh's spec.keyRotation.interval",
+        grant_reason::REVOKE => {
+            "a revocation requested by spec.keyRotation.revoke (this peer's or the Mesh's): when it completes, the old key and every key retired before it stop being answered, with no grace period for external peers"
+        }
+        grant_reason::MESH_REQUEST => {
+            "requested for every node by the Mesh's spec.keyRotation.requestedAt"
+        }
+        grant_reason::INTERVAL => "the key reached the Mesh's spec.keyRotation.interval",
         _ => "requested by this peer's spec.keyRotation.requestedAt",
     }
 }
@@ -971,6 +984,19 @@ fn rotation_state(
             );
         }
         match agent.filter(|a| a.phase == "Completed") {
+            Some(a) if a.revoke => {
+                let mut msg = format!(
+                    "key generation {} in use; the previous key was revoked: since the rotation completed, neither it nor any key retired before it is answered (external peers need the new key)",
+                    a.generation
+                );
+                if !a.laggards.is_empty() {
+                    msg.push_str(&format!(
+                        "; the rotation went on without {}",
+                        a.laggards.join(", ")
+                    ));
+                }
+                Desired::new(condition::ROTATING, false, "Revoked", msg)
+            }
             Some(a) if !a.laggards.is_empty() => Desired::new(
                 condition::ROTATING,
                 false,

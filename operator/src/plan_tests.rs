@@ -658,6 +658,7 @@ fn a_node_request_rotates_only_that_node_and_a_bad_interval_is_reported() {
         if p.metadata.name.as_deref() == Some("b") {
             Arc::make_mut(p).spec.key_rotation = Some(wgmesh_api::peer::PeerKeyRotation {
                 requested_at: Some(time(900)),
+                ..Default::default()
             });
         }
     }
@@ -675,4 +676,123 @@ fn a_node_request_rotates_only_that_node_and_a_bad_interval_is_reported() {
     let mesh_status = snap.mesh.as_ref().and_then(|m| m.status.clone());
     let text = format!("{mesh_status:?} {:?}", plan(&snap).mesh_status);
     assert!(text.contains("keyRotation.interval"), "{text}");
+}
+
+fn grant_reason_of(p: &MeshPeer) -> Option<String> {
+    p.status
+        .as_ref()
+        .and_then(|s| s.rotation_grant.as_ref())
+        .map(|g| g.reason.clone())
+}
+
+#[test]
+fn a_revocation_is_granted_as_one_ahead_of_older_keys_and_reported_as_revoked() {
+    let mut snap = mk_snapshot(
+        vec![mk_node("a", "ua"), mk_node("b", "ub"), mk_node("c", "uc")],
+        vec![],
+        vec![mk_pool("p", &["10.244.0.0/16"], 24, 0)],
+    );
+    converge(&mut snap);
+    // `a` has the oldest key; `c` asks for a revocation of its younger one.
+    for (n, k, created) in [("a", KEY_1, 10), ("b", KEY_2, 20), ("c", KEY_3, 30)] {
+        publish_key(&mut snap, n, k);
+        set_key_state(&mut snap, n, 0, created, None);
+    }
+    for p in &mut snap.peers {
+        if p.metadata.name.as_deref() == Some("c") {
+            Arc::make_mut(p).spec.key_rotation = Some(wgmesh_api::peer::PeerKeyRotation {
+                requested_at: Some(time(900)),
+                revoke: Some(true),
+            });
+        }
+    }
+    let mut mesh = Mesh::new(consts::DEFAULT_MESH, Default::default());
+    mesh.spec.key_rotation = Some(wgmesh_api::mesh::MeshKeyRotation {
+        requested_at: Some(time(500)),
+        ..Default::default()
+    });
+    snap.mesh = Some(Arc::new(mesh));
+    let first = plan(&snap);
+    // One slot (maxConcurrent 1): the revocation goes first, the older keys wait.
+    assert_eq!(
+        first.rotations_granted,
+        vec![("c".to_string(), core::rotation::Due::Revoke)]
+    );
+    let started = first
+        .events
+        .iter()
+        .find(|e| e.name == "c")
+        .expect("an Event about c");
+    assert_eq!(started.reason, "RevocationStarted");
+    assert!(started.note.contains("revocation"), "{}", started.note);
+    converge(&mut snap);
+    assert_eq!(
+        grant_reason_of(peer(&snap, "c")).as_deref(),
+        Some(grant_reason::REVOKE)
+    );
+    assert_eq!(
+        rotating(peer(&snap, "c")),
+        (true, grant_reason::REVOKE.into())
+    );
+    assert_eq!(rotating(peer(&snap, "a")), (false, "Queued".into()));
+    assert_eq!(grant(peer(&snap, "a")), None);
+
+    // The agent reports the revocation complete.
+    for p in &mut snap.peers {
+        if p.metadata.name.as_deref() == Some("c") {
+            let status = Arc::make_mut(p).status.get_or_insert_with(Default::default);
+            status.key_generation = Some(1);
+            status.key_created_at = Some(time(1001));
+            status.rotation = Some(wgmesh_api::peer::KeyRotationStatus {
+                phase: "Completed".into(),
+                generation: 1,
+                revoke: true,
+                ..Default::default()
+            });
+        }
+    }
+    snap.now = at(1002);
+    converge(&mut snap);
+    assert_eq!(rotating(peer(&snap, "c")), (false, "Revoked".into()));
+    let message = peer(&snap, "c")
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == condition::ROTATING))
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    assert!(message.contains("revoked"), "{message}");
+    // Its slot goes to the oldest key, for the Mesh's ordinary request.
+    assert_eq!(
+        grant_reason_of(peer(&snap, "a")).as_deref(),
+        Some(grant_reason::MESH_REQUEST)
+    );
+}
+
+#[test]
+fn a_mesh_revocation_revokes_every_node_one_slot_at_a_time() {
+    let mut snap = mk_snapshot(
+        vec![mk_node("a", "ua"), mk_node("b", "ub")],
+        vec![],
+        vec![mk_pool("p", &["10.244.0.0/16"], 24, 0)],
+    );
+    converge(&mut snap);
+    for (n, k) in [("a", KEY_1), ("b", KEY_2)] {
+        publish_key(&mut snap, n, k);
+        set_key_state(&mut snap, n, 0, 10, None);
+    }
+    let mut mesh = Mesh::new(consts::DEFAULT_MESH, Default::default());
+    mesh.spec.key_rotation = Some(wgmesh_api::mesh::MeshKeyRotation {
+        requested_at: Some(time(500)),
+        revoke: Some(true),
+        ..Default::default()
+    });
+    snap.mesh = Some(Arc::new(mesh));
+    converge(&mut snap);
+    assert_eq!(
+        grant_reason_of(peer(&snap, "a")).as_deref(),
+        Some(grant_reason::REVOKE)
+    );
+    assert_eq!(grant(peer(&snap, "b")), None, "maxConcurrent 1 holds");
+    let (queued, reason) = rotating(peer(&snap, "b"));
+    assert_eq!((queued, reason.as_str()), (false, "Queued"));
 }

@@ -45,7 +45,7 @@ use tokio::sync::Notify;
 use tracing::{error, info, warn};
 use wgmesh_api::{
     Condition, ConditionStatus, Mesh, MeshPeer, MeshPeerStatus, PodCIDRPool,
-    consts::{AGENT_MANAGER, DEFAULT_MESH, condition},
+    consts::{AGENT_MANAGER, DEFAULT_MESH, condition, grant_reason},
     peer::{Connectivity, InstalledKey},
 };
 use wgmesh_core::topology::{self, LocalNode, NodePlan, Route};
@@ -769,22 +769,21 @@ impl Agent {
         let status = own.and_then(|o| o.status.as_ref());
         // A grant older than an abandonment of this key is spent: only a new request (a new
         // grant) starts another rotation.
-        let granted = status
-            .and_then(|s| s.rotation_grant.as_ref())
-            .is_some_and(|g| {
-                g.generation == self.keys.current.generation
-                    && self.keys.abandoned_at.is_none_or(|a| {
-                        g.granted_at
-                            .as_ref()
-                            .is_some_and(|t| SystemTime::from(t.0) > a)
-                    })
-            });
+        let grant = status.and_then(|s| s.rotation_grant.as_ref()).filter(|g| {
+            g.generation == self.keys.current.generation
+                && self.keys.abandoned_at.is_none_or(|a| {
+                    g.granted_at
+                        .as_ref()
+                        .is_some_and(|t| SystemTime::from(t.0) > a)
+                })
+        });
         let next_approved = match (&self.keys.next, status.and_then(|s| s.approved.as_ref())) {
             (Some(next), Some(a)) => a.next_public_key.as_deref() == Some(&next.public_base64()),
             _ => false,
         };
         let inputs = rotation::Inputs {
-            granted,
+            granted: grant.is_some(),
+            revoke: grant.is_some_and(|g| g.reason == grant_reason::REVOKE),
             next_approved,
             peers: approved
                 .iter()
@@ -833,14 +832,19 @@ impl Agent {
         });
         for notice in notices {
             let (warning, reason, note) = match &notice {
-                rotation::Notice::Prepared { generation } => {
-                    info!(generation, next = %self.keys.next.as_ref().map(|k| k.public_base64()).unwrap_or_default(), "key rotation: next key generated; publishing it");
+                rotation::Notice::Prepared { generation, revoke } => {
+                    info!(generation, revoke, next = %self.keys.next.as_ref().map(|k| k.public_base64()).unwrap_or_default(), "key rotation: next key generated; publishing it");
                     (
                         false,
                         "RotationPrepared",
                         format!(
-                            "generated the next key (generation {}); peers are installing it",
-                            generation + 1
+                            "generated the next key (generation {}); peers are installing it{}",
+                            generation + 1,
+                            if *revoke {
+                                "; this rotation is a revocation: when it completes, the old key and every earlier one stop being answered"
+                            } else {
+                                ""
+                            }
                         ),
                     )
                 }
@@ -862,6 +866,8 @@ impl Agent {
                     generation,
                     took,
                     laggards,
+                    revoked,
+                    dropped,
                 } => {
                     let secs = took.map(|d| d.as_secs_f64()).unwrap_or_default();
                     self.metrics.rotation_seconds.set(secs);
@@ -874,24 +880,42 @@ impl Agent {
                         generation,
                         seconds = secs,
                         ?laggards,
+                        revoked,
+                        dropped,
                         "key rotation completed; the old key is retired"
                     );
-                    let kept = self
-                        .keys
-                        .previous
-                        .iter()
-                        .map(|(_, until)| *until)
-                        .max()
-                        .map(|until| {
-                            format!(
-                                "; it is still answered for external peers until {}",
-                                time(until).map(|t| t.0.to_string()).unwrap_or_default()
-                            )
-                        })
-                        .unwrap_or_else(|| "; its secret is deleted".into());
+                    let kept = if *revoked {
+                        format!(
+                            "; it is revoked: no longer answered, its secret deleted{}; external peers still configured with it lose this node until they are given the new key",
+                            if *dropped > 0 {
+                                format!(
+                                    ", and so are {dropped} keys retired or abandoned before it"
+                                )
+                            } else {
+                                String::new()
+                            }
+                        )
+                    } else {
+                        self.keys
+                            .previous
+                            .iter()
+                            .map(|(_, until)| *until)
+                            .max()
+                            .map(|until| {
+                                format!(
+                                    "; it is still answered for external peers until {}",
+                                    time(until).map(|t| t.0.to_string()).unwrap_or_default()
+                                )
+                            })
+                            .unwrap_or_else(|| "; its secret is deleted".into())
+                    };
                     (
                         !laggards.is_empty(),
-                        "RotationCompleted",
+                        if *revoked {
+                            "KeyRevoked"
+                        } else {
+                            "RotationCompleted"
+                        },
                         format!(
                             "key generation {generation} in use after {secs:.1}s; the old key is retired{kept}{}",
                             if laggards.is_empty() {

@@ -20,6 +20,9 @@ use wgmesh_core::rotation::{self, Action, LaggardStep, Observation, Phase, Sessi
 pub struct Inputs {
     /// The operator's grant names this node's current generation.
     pub granted: bool,
+    /// That grant is for a revocation (its reason is `Revoke`): the rotation it starts
+    /// retires the old key, and every earlier one, without a grace period.
+    pub revoke: bool,
     /// The operator approved the published next key.
     pub next_approved: bool,
     /// Ready node peers other than this node: the peers that must move.
@@ -35,15 +38,18 @@ pub struct Inputs {
 /// Something worth an Event or a log line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Notice {
-    /// Generated and published the next key.
-    Prepared { generation: i64 },
+    /// Generated and published the next key; `revoke`: for a revocation.
+    Prepared { generation: i64, revoke: bool },
     /// Initiating with the next key.
     Switched { generation: i64 },
-    /// The old key is retired; the node is at `generation`.
+    /// The old key is retired; the node is at `generation`. `revoked`: as a revocation,
+    /// which also stopped answering `dropped` keys retired or abandoned before it.
     Completed {
         generation: i64,
         took: Option<Duration>,
         laggards: Vec<String>,
+        revoked: bool,
+        dropped: usize,
     },
     /// The rotation went on without these peers.
     Laggards {
@@ -148,6 +154,7 @@ impl Rotator {
         let sessions = self.sessions(keys, device_peers, now);
         let obs = Observation {
             granted: inputs.granted,
+            revoke: inputs.revoke,
             next_approved: inputs.next_approved,
             peers: inputs.peers.clone(),
             acknowledged: inputs.acknowledged.clone(),
@@ -174,6 +181,7 @@ impl Rotator {
             keys.laggards.clone()
         };
         let mut retire_to = None;
+        let mut revoking = false;
         let mut abandoned = None;
         for action in &actions {
             match action {
@@ -181,7 +189,10 @@ impl Rotator {
                     next_key = Some(NodeKey::generate(now, keys.current.generation + 1));
                 }
                 Action::PrepareNext | Action::Switch => {}
-                Action::Retire { generation } => retire_to = Some(*generation),
+                Action::Retire { generation, revoke } => {
+                    retire_to = Some(*generation);
+                    revoking = *revoke;
+                }
                 Action::Abandon => abandoned = next_key.take(),
                 Action::Laggards { step, peers } => {
                     for p in peers {
@@ -203,6 +214,7 @@ impl Rotator {
             previous: keys.previous.clone(),
             phase,
             laggards,
+            revoked: !starting && keys.revoked,
             abandoned_at: if starting { None } else { keys.abandoned_at },
         };
         let abandoned_now = abandoned.is_some();
@@ -213,6 +225,7 @@ impl Rotator {
             candidate.previous.push((key, now + timeouts.acknowledge));
         }
         let mut took = None;
+        let mut dropped = 0;
         if let Some(generation) = retire_to {
             let Some(mut next) = candidate.next.take() else {
                 return Ok(notices); // the phase implies a next key; never retire without one
@@ -220,18 +233,28 @@ impl Rotator {
             next.generation = generation;
             took = now.duration_since(next.created_at).ok();
             let old = std::mem::replace(&mut candidate.current, next);
-            // The retired secret is dropped (and zeroed) unless external peers need it.
-            if let Some(until) =
-                rotation::previous_key_until(now, inputs.external_grace, inputs.has_external_peers)
-            {
-                candidate.previous.push((old, until));
-            }
+            // The secrets left out are dropped (and zeroed): the retired one unless external
+            // peers need it, and for a revocation every earlier one too. The caller gives the
+            // device the keys that remain, so it stops answering the others.
+            let earlier = std::mem::take(&mut candidate.previous);
+            dropped = if revoking { earlier.len() } else { 0 };
+            candidate.previous = rotation::previous_after_retire(
+                earlier,
+                old,
+                revoking,
+                inputs.external_grace,
+                inputs.has_external_peers,
+                now,
+            );
+            candidate.revoked = revoking;
         }
         candidate.store(state_dir)?;
         *keys = candidate;
         match phase {
-            Phase::Prepared { generation, .. } if before != phase => {
-                notices.push(Notice::Prepared { generation });
+            Phase::Prepared {
+                generation, revoke, ..
+            } if before != phase => {
+                notices.push(Notice::Prepared { generation, revoke });
             }
             Phase::Switched { generation, .. } if before != phase => {
                 notices.push(Notice::Switched { generation });
@@ -241,6 +264,8 @@ impl Rotator {
                     generation,
                     took,
                     laggards: keys.laggards.clone(),
+                    revoked: keys.revoked,
+                    dropped,
                 });
                 self.old_key_data.clear();
             }
@@ -283,22 +308,30 @@ impl Rotator {
             .collect();
         let until = keys.previous.iter().map(|(_, u)| *u).max().and_then(t);
         match keys.phase {
-            Phase::Prepared { generation, since } | Phase::Switched { generation, since } => {
-                Some(KeyRotationStatus {
-                    phase: if matches!(keys.phase, Phase::Prepared { .. }) {
-                        "Prepared".into()
-                    } else {
-                        "Switched".into()
-                    },
-                    generation,
-                    started_at: keys.next.as_ref().and_then(|k| t(k.created_at)),
-                    since: t(since),
-                    waiting_for: self.waiting_for.clone(),
-                    laggards: keys.laggards.clone(),
-                    old_key_answered_until: until,
-                    external_peers_on_old_key: on_old,
-                })
+            Phase::Prepared {
+                generation,
+                since,
+                revoke,
             }
+            | Phase::Switched {
+                generation,
+                since,
+                revoke,
+            } => Some(KeyRotationStatus {
+                phase: if matches!(keys.phase, Phase::Prepared { .. }) {
+                    "Prepared".into()
+                } else {
+                    "Switched".into()
+                },
+                generation,
+                started_at: keys.next.as_ref().and_then(|k| t(k.created_at)),
+                since: t(since),
+                waiting_for: self.waiting_for.clone(),
+                laggards: keys.laggards.clone(),
+                old_key_answered_until: until,
+                external_peers_on_old_key: on_old,
+                revoke,
+            }),
             Phase::Steady { generation } if keys.abandoned_at.is_some() => {
                 Some(KeyRotationStatus {
                     phase: "Abandoned".into(),
@@ -309,6 +342,7 @@ impl Rotator {
                     laggards: Vec::new(),
                     old_key_answered_until: until,
                     external_peers_on_old_key: on_old,
+                    revoke: false,
                 })
             }
             Phase::Steady { generation } if generation > 0 || !keys.previous.is_empty() => {
@@ -321,6 +355,7 @@ impl Rotator {
                     laggards: keys.laggards.clone(),
                     old_key_answered_until: until,
                     external_peers_on_old_key: on_old,
+                    revoke: keys.revoked,
                 })
             }
             Phase::Steady { .. } => None,
@@ -419,7 +454,13 @@ mod tests {
         let n = r
             .tick(&mut keys, &inputs, &T, &none, &dir, at(1))
             .expect("tick");
-        assert_eq!(n, vec![Notice::Prepared { generation: 0 }]);
+        assert_eq!(
+            n,
+            vec![Notice::Prepared {
+                generation: 0,
+                revoke: false
+            }]
+        );
         let next = keys.next.as_ref().expect("next key").public_bytes();
         // On disk, with the phase, before anything is published.
         let (disk, _) = KeyState::load_or_generate(&dir, at(1)).expect("reload");
@@ -507,6 +548,110 @@ mod tests {
         assert!(keys.device_keys().1.is_empty());
         let (disk, _) = KeyState::load_or_generate(&dir, at(62)).expect("reload");
         assert!(disk.previous.is_empty() && disk.abandoned_at == Some(at(31)));
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// Walks a rotation with no node peers (so it goes straight through) in a mesh with
+    /// external peers, from a state that still answers an earlier retired key.
+    fn walk(dir: &Path, revoke: bool) -> (KeyState, Rotator, Vec<Notice>, Key, Key) {
+        let (mut keys, _) = KeyState::load_or_generate(dir, at(0)).expect("keys");
+        let earlier = NodeKey::generate(at(0), -1);
+        let earlier_public = earlier.public_bytes();
+        keys.previous.push((earlier, at(100_000)));
+        let old = keys.current.public_bytes();
+        let mut r = Rotator::default();
+        let inputs = Inputs {
+            granted: true,
+            revoke,
+            next_approved: false,
+            has_external_peers: true,
+            external_grace: Duration::from_secs(86_400),
+            ..Default::default()
+        };
+        let none = BTreeMap::new();
+        let mut notices = r
+            .tick(&mut keys, &inputs, &T, &none, dir, at(1))
+            .expect("prepare");
+        assert!(matches!(keys.phase, Phase::Prepared { revoke: r, .. } if r == revoke));
+        // The grant is gone by now (it is not needed after the start).
+        let approved = Inputs {
+            granted: false,
+            revoke: false,
+            next_approved: true,
+            ..inputs
+        };
+        for s in 2..4 {
+            notices.extend(
+                r.tick(&mut keys, &approved, &T, &none, dir, at(s))
+                    .expect("tick"),
+            );
+        }
+        assert_eq!(keys.phase, Phase::Steady { generation: 1 });
+        (keys, r, notices, old, earlier_public)
+    }
+
+    #[test]
+    fn a_revocation_leaves_the_device_answering_only_the_new_key_and_says_so() {
+        let dir = tempdir("revoke");
+        let (keys, r, notices, _, _) = walk(&dir, true);
+        assert!(
+            keys.previous.is_empty(),
+            "no retired key kept: {:?}",
+            keys.previous
+        );
+        let (primary, extras) = keys.device_keys();
+        assert_eq!(primary, keys.current.secret_bytes());
+        assert!(extras.is_empty(), "the device answers only the new key");
+        assert!(
+            matches!(
+                notices.last(),
+                Some(Notice::Completed {
+                    generation: 1,
+                    revoked: true,
+                    dropped: 1,
+                    ..
+                })
+            ),
+            "{notices:?}"
+        );
+        assert_eq!(
+            notices.first(),
+            Some(&Notice::Prepared {
+                generation: 0,
+                revoke: true
+            })
+        );
+        let status = r.status(&keys, &BTreeMap::new()).expect("status");
+        assert_eq!(status.phase, "Completed");
+        assert!(status.revoke && status.old_key_answered_until.is_none());
+        // On disk too: a restart does not bring a revoked key back.
+        let (disk, _) = KeyState::load_or_generate(&dir, at(5)).expect("reload");
+        assert!(disk.previous.is_empty() && disk.revoked);
+        assert!(disk.device_keys().1.is_empty());
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn an_ordinary_rotation_keeps_the_old_key_answered_for_the_grace_period() {
+        let dir = tempdir("grace");
+        let (keys, r, notices, old, earlier) = walk(&dir, false);
+        let kept: Vec<(Key, SystemTime)> = keys
+            .previous
+            .iter()
+            .map(|(k, u)| (k.public_bytes(), *u))
+            .collect();
+        assert_eq!(kept, vec![(earlier, at(100_000)), (old, at(3 + 86_400))]);
+        assert_eq!(keys.device_keys().1.len(), 2);
+        assert!(matches!(
+            notices.last(),
+            Some(Notice::Completed {
+                revoked: false,
+                dropped: 0,
+                ..
+            })
+        ));
+        let status = r.status(&keys, &BTreeMap::new()).expect("status");
+        assert!(!status.revoke && status.old_key_answered_until.is_some());
         std::fs::remove_dir_all(&dir).ok();
     }
 }
