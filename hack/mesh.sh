@@ -19,6 +19,11 @@
 # The underlay is a /24 of 198.18.0.0/15 (the range set aside for benchmarking networks, so
 # it collides with no real one): nodes node-1..node-N are .11.., the API server .2, the
 # underlay's gateway .1, and the host joins as .254 to reach the API server. Needs root.
+#
+# Every component runs under its own identity, as the Helm chart sets them up (the chart's
+# RBAC and admission webhook, rendered with helm): the operator with its ServiceAccount's
+# token, each agent with a token bound to a Pod object on its node, as a kubelet would
+# give it. The API server reaches the operator's webhook at the control plane's address.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -71,10 +76,96 @@ node_ip() { echo "${MESH_NET}.$((10 + $(node_index "$1")))"; }
 iface() { echo "wg-${MESH_ID}-n$(node_index "$1")"; }
 kc() { KUBECONFIG="$dir/cp/kubeconfig" kubectl "$@"; }
 
+# The namespace and release name the chart's identities are rendered for.
+readonly SYSTEM_NS=wgmesh-system RELEASE=wgmesh
+readonly WEBHOOK_PORT=9443
+
+# The chart's RBAC and webhook, rendered by helm: the same objects a cluster gets. The
+# webhook's Service has no pods to select here; its endpoint is the operator process.
+install_identities() {
+	local helm=${WGMESH_TOOLS_DIR:-$HOME/.cache/wgmesh/tools}/bin/helm
+	[[ -x $helm ]] || die "no helm at $helm: run hack/test.sh or hack/demo.sh once (they install it)"
+	kc create namespace "$SYSTEM_NS" >/dev/null
+	"$helm" template "$RELEASE" "$root/charts/wgmesh" --namespace "$SYSTEM_NS" \
+		--set 'podCIDRPool.cidrs={10.244.0.0/16}' \
+		--show-only templates/agent-rbac.yaml --show-only templates/operator-rbac.yaml \
+		--show-only templates/webhook.yaml | kc apply -f - >/dev/null
+	kc patch service -n "$SYSTEM_NS" "$RELEASE-operator" --type=json \
+		-p '[{"op":"remove","path":"/spec/selector"}]' >/dev/null
+	cat <<YAML | kc apply -f - >/dev/null
+apiVersion: v1
+kind: Endpoints
+metadata: {name: $RELEASE-operator, namespace: $SYSTEM_NS}
+subsets:
+  - addresses: [{ip: "${MESH_NET}.2"}]
+    ports: [{name: webhook, port: $WEBHOOK_PORT, protocol: TCP}]
+YAML
+	mkdir -p "$dir/webhook"
+	local key
+	for key in tls.crt tls.key; do
+		kc get secret -n "$SYSTEM_NS" "$RELEASE-webhook-tls" -o "jsonpath={.data.${key//./\\.}}" |
+			base64 -d >"$dir/webhook/$key"
+	done
+	chmod 600 "$dir/webhook/tls.key"
+	kubeconfig_for "$dir/operator.kubeconfig" "$(token "$RELEASE-operator")"
+}
+
+# A token of ServiceAccount $1 in the system namespace (TokenRequest), bound to pod $2 if
+# given (its name; the uid is looked up).
+token() {
+	local sa=$1 pod=${2:-} bound=""
+	if [[ -n $pod ]]; then
+		local uid
+		uid=$(kc get pod -n "$SYSTEM_NS" "$pod" -o jsonpath='{.metadata.uid}')
+		bound=", \"boundObjectRef\": {\"kind\": \"Pod\", \"apiVersion\": \"v1\", \"name\": \"$pod\", \"uid\": \"$uid\"}"
+	fi
+	echo "{\"apiVersion\": \"authentication.k8s.io/v1\", \"kind\": \"TokenRequest\", \"spec\": {\"expirationSeconds\": 86400$bound}}" |
+		kc create --raw "/api/v1/namespaces/$SYSTEM_NS/serviceaccounts/$sa/token" -f - |
+		python3 -c 'import json,sys; print(json.load(sys.stdin)["status"]["token"])'
+}
+
+# Writes kubeconfig $1: the control plane's server and CA, authenticated by token $2 only.
+kubeconfig_for() {
+	local file=$1 token=$2 server ca
+	server=$(kc config view --raw --minify -o jsonpath='{.clusters[0].cluster.server}')
+	ca=$(kc config view --raw --minify -o jsonpath='{.clusters[0].cluster.certificate-authority-data}')
+	cat >"$file" <<YAML
+apiVersion: v1
+kind: Config
+clusters: [{name: mesh, cluster: {server: "$server", certificate-authority-data: "$ca"}}]
+users: [{name: sa, user: {token: "$token"}}]
+contexts: [{name: mesh, context: {cluster: mesh, user: sa}}]
+current-context: mesh
+YAML
+	chmod 600 "$file"
+}
+
+# The agent's identity on node $1: a Pod object on the node (never run: there is no kubelet
+# here) and a token bound to it, which is what the webhook maps to the node.
+agent_identity() {
+	local node=$1 pod="$RELEASE-agent-$1"
+	if ! kc get pod -n "$SYSTEM_NS" "$pod" >/dev/null 2>&1; then
+		cat <<YAML | kc create -f - >/dev/null
+apiVersion: v1
+kind: Pod
+metadata: {name: $pod, namespace: $SYSTEM_NS, labels: {app.kubernetes.io/component: agent}}
+spec:
+  nodeName: $node
+  serviceAccountName: $RELEASE-agent
+  automountServiceAccountToken: false
+  # The node never becomes Ready (no kubelet): never evict the pod, its token dies with it.
+  tolerations: [{operator: Exists}]
+  containers: [{name: agent, image: wgmesh.local/none}]
+YAML
+	fi
+	kubeconfig_for "$dir/nodes/$node/kubeconfig" "$(token "$RELEASE-agent" "$pod")"
+}
+
 start_agent() {
 	local node=$1 nd="$dir/nodes/$1"
 	mkdir -p "$nd/state" "$nd/cni" "$nd/ipam" "$dir/logs" "$dir/pids"
-	ip netns exec "$(ns_node "$node")" env KUBECONFIG="$dir/cp/kubeconfig" RUST_LOG=info,kube=warn \
+	[[ -f $nd/kubeconfig ]] || agent_identity "$node"
+	ip netns exec "$(ns_node "$node")" env KUBECONFIG="$nd/kubeconfig" RUST_LOG=info,kube=warn \
 		"$MESH_BIN/wgmesh-agent" run --node-name "$node" --interface "$(iface "$node")" \
 		--state-dir "$nd/state" --cni-conf-dir "$nd/cni" --cni-ipam-data-dir "$nd/ipam" \
 		--metrics-addr "$(node_ip "$node"):9091" \
@@ -84,8 +175,13 @@ start_agent() {
 
 start_operator() {
 	mkdir -p "$dir/logs" "$dir/pids"
-	ip netns exec "$(ns_cp)" env KUBECONFIG="$dir/cp/kubeconfig" RUST_LOG=info,kube=warn \
+	ip netns exec "$(ns_cp)" env KUBECONFIG="$dir/operator.kubeconfig" RUST_LOG=info,kube=warn \
 		"$MESH_BIN/wgmesh-operator" --metrics-addr "${MESH_NET}.2:9090" --lease-duration-seconds 5 \
+		--lease-namespace "$SYSTEM_NS" --lease-name "$RELEASE-operator" \
+		--webhook-addr "0.0.0.0:$WEBHOOK_PORT" \
+		--webhook-cert "$dir/webhook/tls.crt" --webhook-key "$dir/webhook/tls.key" \
+		--operator-service-account "$SYSTEM_NS/$RELEASE-operator" \
+		--agent-service-account "$SYSTEM_NS/$RELEASE-agent" \
 		>>"$dir/logs/operator.log" 2>&1 &
 	echo $! >"$dir/pids/operator"
 }
@@ -139,6 +235,9 @@ remove_node() {
 	local node=$1
 	stop_agent "$node" TERM
 	kc delete node "$node" --wait=false >/dev/null 2>&1 || true
+	# Its agent's identity goes with it (a token bound to a deleted pod is void anyway).
+	kc delete pod -n "$SYSTEM_NS" "$RELEASE-agent-$node" --wait=false >/dev/null 2>&1 || true
+	rm -f "$dir/nodes/$node/kubeconfig"
 	while read -r pod; do
 		ip netns del "$(ns_pod "$pod")" 2>/dev/null || true
 	done < <(cat "$dir/pods/$node" 2>/dev/null || true)
@@ -246,6 +345,7 @@ spec:
   cidrs: ["10.244.0.0/16", "fd00:10:244::/56"]
   nodePrefixLength: {ipv4: 24, ipv6: 64}
 YAML
+	install_identities
 	start_operator
 
 	for i in $(seq "$nodes"); do

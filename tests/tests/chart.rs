@@ -238,11 +238,26 @@ fn defaults_agent_daemonset() -> Result<()> {
         json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}})
     );
 
+    // The API token: projected and bound to the pod (the webhook maps it to the node), never
+    // the automounted legacy one.
+    assert_eq!(spec["automountServiceAccountToken"], false);
+    let token = spec["volumes"]
+        .as_array()
+        .context("volumes")?
+        .iter()
+        .find(|v| v["name"] == "api-token")
+        .context("an api-token volume")?;
+    assert!(
+        token["projected"]["sources"][0]["serviceAccountToken"]["path"] == "token",
+        "{token}"
+    );
+
     // Exactly the narrow list of host paths.
     let host_paths: BTreeSet<(String, String)> = spec["volumes"]
         .as_array()
         .context("volumes")?
         .iter()
+        .filter(|v| v["name"] != "api-token")
         .map(|v| {
             let hp = v
                 .get("hostPath")
@@ -369,6 +384,8 @@ fn defaults_agent_daemonset() -> Result<()> {
         // The same path as on the host: the plugins, run by the runtime on the host, read
         // the conflist that names it.
         ("cni-ipam-data", "/var/lib/cni/wgmesh"),
+        // Where clients look for the in-cluster token.
+        ("api-token", "/var/run/secrets/kubernetes.io/serviceaccount"),
     ]
     .into_iter()
     .map(|(a, b)| (a.to_owned(), b.to_owned()))
@@ -787,8 +804,8 @@ fn agent_privileged() -> Result<()> {
         // The API server refuses privileged with allowPrivilegeEscalation: false.
         assert!(sc["allowPrivilegeEscalation"].is_null(), "{name}");
     }
-    // Still no broader host access.
-    assert_eq!(pod_spec(ds)["volumes"].as_array().map(Vec::len), Some(6));
+    // Still no broader host access: six host paths and the API token.
+    assert_eq!(pod_spec(ds)["volumes"].as_array().map(Vec::len), Some(7));
     Ok(())
 }
 

@@ -124,8 +124,14 @@ fn now_rfc3339() -> Result<String> {
 }
 
 fn request_node_rotation(mesh: &Mesh, node: &str) -> Result<()> {
+    request_rotation(mesh, node, false)
+}
+
+/// Asks for `node`'s key to be rotated now; with `revoke`, as an emergency: its old key is
+/// not answered once the rotation completes.
+fn request_rotation(mesh: &Mesh, node: &str, revoke: bool) -> Result<()> {
     let patch = format!(
-        r#"{{"spec":{{"keyRotation":{{"requestedAt":"{}"}}}}}}"#,
+        r#"{{"spec":{{"keyRotation":{{"requestedAt":"{}","revoke":{revoke}}}}}}}"#,
         now_rfc3339()?
     );
     mesh.kubectl(&["patch", "meshpeer", node, "--type", "merge", "-p", &patch])?;
@@ -482,7 +488,46 @@ fn key_rotation_end_to_end() -> Result<()> {
 
     // 5. An external wireguard-go peer that only knows node-3's old key keeps working
     //    through the rotation and the grace period, and is not answered after it.
+    // 6. Then node-2's key is revoked: the laptop, holding only the old key, loses node-2
+    //    the moment the rotation completes; no grace period.
     external_peer_through_rotation(&mesh, &ips)?;
+    Ok(())
+}
+
+/// Step 6 with the laptop of step 5, configured with every node's current key.
+fn external_peer_through_revoke(mesh: &Mesh, ext: &ExternalPeer<'_>, ips: &[String]) -> Result<()> {
+    wait_until("the laptop reaches pod-2", Duration::from_secs(30), || {
+        ext.ping(&ips[1])
+    })?;
+    let before = generation(mesh, "node-2")?;
+    let t = Instant::now();
+    request_rotation(mesh, "node-2", true)?;
+    wait_rotated(mesh, &[("node-2", before + 1)], Duration::from_secs(60))?;
+    let took = t.elapsed().as_secs_f64();
+    let status = json(mesh, &["get", "meshpeer", "node-2"])?;
+    let rotation = &status["status"]["rotation"];
+    if rotation["revoke"] != true || !rotation["oldKeyAnsweredUntil"].is_null() {
+        bail!("node-2's rotation is not a revocation: {rotation}");
+    }
+    // Nodes moved to the new key with the rotation; the laptop still holds the old one.
+    for _ in 0..3 {
+        if ext.ping(&ips[1]) {
+            bail!("the laptop, holding only node-2's revoked key, still reaches pod-2");
+        }
+    }
+    // Every other node still reaches node-2's pod: the revocation was hitless for them.
+    if !mesh.ping("pod-1", &ips[1]) || !mesh.ping("pod-3", &ips[1]) {
+        bail!("a node lost pod-2 after node-2's key was revoked");
+    }
+    ext.configure_nodes()?;
+    wait_until(
+        "the laptop reaches pod-2 with the new key",
+        Duration::from_secs(30),
+        || ext.ping(&ips[1]),
+    )?;
+    report(&format!(
+        "rotation: revoke of node-2's key completed in {took:.1} s; an external peer holding only the old key no longer reaches node-2, nodes do"
+    ));
     Ok(())
 }
 
@@ -570,5 +615,5 @@ fn external_peer_through_rotation(mesh: &Mesh, ips: &[String]) -> Result<()> {
         Duration::from_secs(30),
         || ext.ping(&ips[2]),
     )?;
-    Ok(())
+    external_peer_through_revoke(mesh, &ext, ips)
 }

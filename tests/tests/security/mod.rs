@@ -113,7 +113,7 @@ fn forgery_refused(c: &Cluster, attacker: &str, victim: &str, label: &str) -> Re
             (
                 "conditions",
                 victim,
-                json!({"status": {"conditions": [{"type": "DeviceUp", "status": "False", "reason": "Forged", "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}}),
+                json!({"status": {"conditions": [{"type": "DeviceUp", "status": "False", "reason": "Forged", "message": "forged", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}}),
             ),
             (
                 "own approval",
@@ -146,6 +146,20 @@ fn forgery_refused(c: &Cluster, attacker: &str, victim: &str, label: &str) -> Re
         if r.is_ok() {
             bail!("{label}: {attacker}'s agent rewrote {victim}'s subnets");
         }
+        // Not even a cluster admin edits a node's subnets: only spec.keyRotation is theirs.
+        let r = admin
+            .patch(
+                victim,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"podCIDRs": ["10.9.0.0/24"]}})),
+            )
+            .await;
+        match r {
+            Ok(_) => bail!("{label}: a cluster admin rewrote {victim}'s subnets"),
+            Err(kube::Error::Api(e))
+                if e.message.contains("denied") || e.message.contains("webhook") => {}
+            Err(e) => bail!("{label}: an admin's subnet edit refused, but not by the webhook: {e}"),
+        }
         let after = admin.get(victim).await?;
         if fingerprint(&before) != fingerprint(&after) {
             bail!(
@@ -165,7 +179,10 @@ fn own_write_allowed(c: &Cluster, node: &str) -> Result<()> {
     let rt = runtime()?;
     rt.block_on(async {
         let as_agent: Api<MeshPeer> = Api::all(client_with_token(c, &token).await?);
-        let own = as_agent.get(node).await?;
+        // Read as the admin: the agent may only list and watch.
+        let own = Api::<MeshPeer>::all(admin_client(c).await?)
+            .get(node)
+            .await?;
         let endpoints = own.status.map(|s| s.endpoints).unwrap_or_default();
         as_agent
             .patch_status(
@@ -185,7 +202,7 @@ pub fn forgery(c: &Cluster, ns: &str, nodes: &[String]) -> Result<()> {
     own_write_allowed(c, attacker)?;
     forgery_refused(c, attacker, victim, "webhook up")?;
     report(&format!(
-        "security: {attacker}'s agent token cannot write {victim}'s key, endpoint, approval, subnets or conditions, nor approve itself (webhook up)"
+        "security: {attacker}'s agent token cannot write {victim}'s key, endpoint, approval, subnets or conditions, nor approve itself; an admin cannot rewrite a node's subnets (webhook up)"
     ));
 
     let deployment = "deployment/wgmesh-operator";
