@@ -6,20 +6,84 @@
 //! This module owns the key file and the only copy of the private key outside the device.
 //! It must never log, print or serialise the private key anywhere but that file: the
 //! private key type's `Debug` is redacted, and only [`NodeKey::public_base64`] leaves.
+//! Every copy of a private key it makes (bytes, base64, the file's text) is in a zeroizing
+//! buffer sized before the key goes in, so no reallocation leaves one behind.
+//!
+//! The file is never followed through a symlink: it is read with `O_NOFOLLOW` and refused if
+//! group or others may read it, and written through a fresh temporary file (`O_EXCL`,
+//! `O_NOFOLLOW`, mode 0600), fsynced, renamed over it, with the directory fsynced after.
 
+use crate::device::config::{Key, PrivateKey};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use serde::{Deserialize, Serialize};
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::io::{Read, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 use wgmesh_core::rotation::{self, KeyRole, Phase};
 use x25519_dalek::{PublicKey, StaticSecret};
+use zeroize::Zeroizing;
 
 /// The file the key lives in, under the state directory.
 pub const KEY_FILE: &str = "wireguard-key.json";
+
+/// Largest key file read; a real one is well under 4 KiB.
+const MAX_KEY_FILE_BYTES: u64 = 1 << 20;
+
+/// Length of a key in base64.
+const KEY_BASE64_BYTES: usize = 44;
+
+/// Makes this process non-dumpable (`prctl(PR_SET_DUMPABLE, 0)`): no core dump, and no
+/// `ptrace` or `/proc/<pid>/mem` for other users. Every command that holds a private key calls
+/// this first.
+pub fn forbid_core_dumps() -> std::io::Result<()> {
+    // SAFETY: prctl with PR_SET_DUMPABLE takes one integer argument and no pointers.
+    let rc = unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0 as libc::c_ulong, 0, 0, 0) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Base64 of a private key in the file, zeroized on drop.
+struct SecretText(Zeroizing<String>);
+
+impl Serialize for SecretText {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for SecretText {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = SecretText;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a base64 private key")
+            }
+            // serde_json hands over a slice of the (zeroizing) input when the string has no
+            // escapes, which a key never has; no owned copy is made on the way.
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<SecretText, E> {
+                let mut s = Zeroizing::new(String::with_capacity(v.len()));
+                s.push_str(v);
+                Ok(SecretText(s))
+            }
+        }
+        d.deserialize_str(Visitor)
+    }
+}
+
+impl SecretText {
+    fn encode(secret: &StaticSecret) -> Self {
+        let bytes = Zeroizing::new(secret.to_bytes());
+        let mut s = Zeroizing::new(String::with_capacity(KEY_BASE64_BYTES));
+        STANDARD.encode_string(*bytes, &mut s);
+        SecretText(s)
+    }
+}
 
 /// Errors reading or writing the key file.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +102,12 @@ pub enum KeyFileError {
     },
     #[error("{path} is not a wgmesh key file: {reason}")]
     Malformed { path: PathBuf, reason: String },
+    #[error("{path} is a symbolic link; the key file must be a regular file")]
+    Symlink { path: PathBuf },
+    #[error("{path} is not a regular file")]
+    NotAFile { path: PathBuf },
+    #[error("{path} is larger than {limit} bytes")]
+    TooLarge { path: PathBuf, limit: u64 },
     #[error(
         "{path} has mode {mode:o}; it holds a private key and must not be readable by others (chmod 600)"
     )]
@@ -48,7 +118,7 @@ pub enum KeyFileError {
 #[derive(Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct StoredKey {
-    private_key: String,
+    private_key: SecretText,
     /// Seconds since the Unix epoch.
     created_at: u64,
     /// For the previous key: until when it is still answered (seconds since the epoch).
@@ -74,7 +144,7 @@ struct StoredPhase {
 #[derive(Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct KeyFile {
-    private_key: String,
+    private_key: SecretText,
     /// Seconds since the Unix epoch.
     created_at: u64,
     generation: i64,
@@ -139,9 +209,9 @@ impl NodeKey {
         *self.public.as_bytes()
     }
 
-    /// The private key's bytes, for configuring the device in-process.
-    pub fn secret_bytes(&self) -> [u8; 32] {
-        self.secret.to_bytes()
+    /// The private key, for configuring the device in-process.
+    pub fn private_key(&self) -> PrivateKey {
+        PrivateKey::from_bytes(self.secret.to_bytes())
     }
 }
 
@@ -181,25 +251,18 @@ fn from_secs(s: u64) -> SystemTime {
 
 impl KeyState {
     /// Loads the keys from `state_dir`, or generates and stores a first key if there is
-    /// none. Returns the state and whether a key was generated now.
+    /// none. Returns the state and whether a key was generated now. A key file that is a
+    /// symlink, not a regular file, or readable by group or others is refused.
     pub fn load_or_generate(
         state_dir: &Path,
         now: SystemTime,
     ) -> Result<(KeyState, bool), KeyFileError> {
         let path = state_dir.join(KEY_FILE);
-        match fs::metadata(&path) {
-            Ok(meta) => {
-                let mode = meta.permissions().mode() & 0o777;
-                if mode & 0o077 != 0 {
-                    return Err(KeyFileError::Permissions { path, mode });
-                }
-                let text = fs::read_to_string(&path).map_err(|source| KeyFileError::Read {
-                    path: path.clone(),
-                    source,
-                })?;
-                Ok((parse(&path, &text)?, false))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+        match read_key_file(&path) {
+            Ok(text) => Ok((parse(&path, &text)?, false)),
+            Err(KeyFileError::Read { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
                 let state = KeyState {
                     current: NodeKey::generate(now, 0),
                     next: None,
@@ -212,26 +275,32 @@ impl KeyState {
                 state.store(state_dir)?;
                 Ok((state, true))
             }
-            Err(source) => Err(KeyFileError::Read { path, source }),
+            Err(e) => Err(e),
         }
     }
 
-    /// Writes the state atomically: a 0600 temporary file, fsynced, renamed over the old
-    /// one. A key left out (a retired one) is gone from disk once this returns.
+    /// Writes the state atomically: a fresh 0600 temporary file (a stale one from a crash is
+    /// unlinked first; a symlink in its place is never followed), fsynced, renamed over the
+    /// old one, the directory fsynced. A key left out (a retired one) is gone from disk once
+    /// this returns.
     pub fn store(&self, state_dir: &Path) -> Result<(), KeyFileError> {
         let path = state_dir.join(KEY_FILE);
         let werr = |source| KeyFileError::Write {
             path: path.clone(),
             source,
         };
-        fs::create_dir_all(state_dir).map_err(werr)?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(state_dir)
+            .map_err(werr)?;
         let stored = |k: &NodeKey, until: Option<SystemTime>| StoredKey {
-            private_key: STANDARD.encode(k.secret.to_bytes()),
+            private_key: SecretText::encode(&k.secret),
             created_at: secs(k.created_at),
             until: until.map(secs),
         };
         let body = KeyFile {
-            private_key: STANDARD.encode(self.current.secret.to_bytes()),
+            private_key: SecretText::encode(&self.current.secret),
             created_at: secs(self.current.created_at),
             generation: self.current.generation,
             next: self.next.as_ref().map(|k| stored(k, None)),
@@ -257,24 +326,42 @@ impl KeyState {
             revoked: self.revoked,
             abandoned_at: self.abandoned_at.map(secs),
         };
-        let text = serde_json::to_string(&body).map_err(|e| werr(std::io::Error::other(e)))?;
+        let text = to_json(&body).map_err(|e| werr(std::io::Error::other(e)))?;
         let tmp = state_dir.join(format!(".{KEY_FILE}.tmp"));
+        match fs::remove_file(&tmp) {
+            Ok(()) => tracing::info!(path = %tmp.display(), "removed a stale temporary key file"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(werr(e)),
+        }
         {
             let mut f = fs::OpenOptions::new()
                 .write(true)
-                .create(true)
-                .truncate(true)
+                .create_new(true)
                 .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
                 .open(&tmp)
                 .map_err(werr)?;
-            f.write_all(text.as_bytes()).map_err(werr)?;
+            // The umask cannot widen 0600, but an inherited ACL default could: be explicit.
+            f.set_permissions(fs::Permissions::from_mode(0o600))
+                .map_err(werr)?;
+            f.write_all(&text).map_err(werr)?;
             f.sync_all().map_err(werr)?;
         }
         fs::rename(&tmp, &path).map_err(werr)?;
-        if let Ok(dir) = fs::File::open(state_dir) {
-            let _ = dir.sync_all();
-        }
+        fs::File::open(state_dir)
+            .and_then(|dir| dir.sync_all())
+            .map_err(werr)?;
         Ok(())
+    }
+
+    /// The device's keys in this state, as their public halves (to compare with what the
+    /// device was given without keeping private keys around).
+    pub fn device_public_keys(&self) -> (Key, Vec<Key>) {
+        let (primary, extras) = self.device_keys();
+        (
+            primary.public_key(),
+            extras.iter().map(PrivateKey::public_key).collect(),
+        )
     }
 
     /// The keys in `role`.
@@ -286,39 +373,127 @@ impl KeyState {
         }
     }
 
-    /// The device's keys in this state: (initiating key, answered-only keys), as bytes.
-    pub fn device_keys(&self) -> (Key, Vec<Key>) {
+    /// The device's keys in this state: (initiating key, answered-only keys).
+    pub fn device_keys(&self) -> (PrivateKey, Vec<PrivateKey>) {
         let (primary, extras) = rotation::device_keys(self.phase, !self.previous.is_empty());
         let primary = self
             .keys(primary)
             .first()
             .copied()
             .unwrap_or(&self.current)
-            .secret_bytes();
+            .private_key();
         let extras = extras
             .into_iter()
             .flat_map(|r| self.keys(r))
-            .map(NodeKey::secret_bytes)
+            .map(NodeKey::private_key)
             .collect();
         (primary, extras)
     }
 }
 
-/// A 32-byte key.
-pub type Key = [u8; 32];
+/// Reads the key file into a zeroizing buffer: never through a symlink, only a regular file
+/// that group and others cannot read, at most [`MAX_KEY_FILE_BYTES`].
+fn read_key_file(path: &Path) -> Result<Zeroizing<String>, KeyFileError> {
+    let rerr = |source| KeyFileError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let mut file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                KeyFileError::Symlink {
+                    path: path.to_owned(),
+                }
+            } else {
+                rerr(e)
+            }
+        })?;
+    // Checked on the open descriptor: what was opened is what is judged.
+    let meta = file.metadata().map_err(rerr)?;
+    if !meta.file_type().is_file() {
+        return Err(KeyFileError::NotAFile {
+            path: path.to_owned(),
+        });
+    }
+    let mode = meta.mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(KeyFileError::Permissions {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    if meta.len() > MAX_KEY_FILE_BYTES {
+        return Err(KeyFileError::TooLarge {
+            path: path.to_owned(),
+            limit: MAX_KEY_FILE_BYTES,
+        });
+    }
+    // Room for the whole file and one more byte, so reading to the end never reallocates
+    // (a file that grew meanwhile is cut at the cap rather than copied).
+    let cap = usize::try_from(meta.len()).unwrap_or(0) + 1;
+    let mut bytes = Zeroizing::new(Vec::with_capacity(cap));
+    (&mut file)
+        .take(cap as u64)
+        .read_to_end(&mut bytes)
+        .map_err(rerr)?;
+    if bytes.len() >= cap {
+        return Err(KeyFileError::Malformed {
+            path: path.to_owned(),
+            reason: "the file changed while it was read".into(),
+        });
+    }
+    match String::from_utf8(std::mem::take(&mut *bytes)) {
+        Ok(text) => Ok(Zeroizing::new(text)),
+        Err(e) => {
+            // Take the bytes back so they are zeroized too.
+            *bytes = e.into_bytes();
+            Err(KeyFileError::Malformed {
+                path: path.to_owned(),
+                reason: "not UTF-8".into(),
+            })
+        }
+    }
+}
+
+/// JSON of the key file in a zeroizing buffer of its exact size.
+fn to_json(body: &KeyFile) -> serde_json::Result<Zeroizing<Vec<u8>>> {
+    /// Counts bytes, to size the buffer before any key goes in.
+    struct Count(usize);
+    impl Write for Count {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0 += b.len();
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    serde_json::to_writer(&mut count, body)?;
+    let mut out = Zeroizing::new(Vec::with_capacity(count.0));
+    serde_json::to_writer(&mut *out, body)?;
+    Ok(out)
+}
 
 fn parse_secret(
-    text: &str,
+    text: &SecretText,
     what: &str,
     malformed: &dyn Fn(&str) -> KeyFileError,
 ) -> Result<StaticSecret, KeyFileError> {
-    let bytes = STANDARD
-        .decode(text.trim())
-        .map_err(|_| malformed(&format!("{what} is not base64")))?;
-    let bytes: [u8; 32] = bytes
-        .try_into()
-        .map_err(|_| malformed(&format!("{what} is not 32 bytes")))?;
-    Ok(StaticSecret::from(bytes))
+    // Decoded straight into a zeroizing array; base64 of 32 bytes needs no more room than 33.
+    let mut bytes = Zeroizing::new([0u8; 33]);
+    let n = STANDARD
+        .decode_slice(text.0.trim(), &mut bytes[..])
+        .map_err(|_| malformed(&format!("{what} is not base64 of 32 bytes")))?;
+    if n != 32 {
+        return Err(malformed(&format!("{what} is not 32 bytes")));
+    }
+    let mut key = Zeroizing::new([0u8; 32]);
+    key.copy_from_slice(&bytes[..32]);
+    Ok(StaticSecret::from(*key))
 }
 
 fn node_key(secret: StaticSecret, created_at: u64, generation: i64) -> NodeKey {
@@ -428,7 +603,7 @@ mod tests {
         let k2 = k2.current;
         assert!(!fresh);
         assert_eq!(k1.public_base64(), k2.public_base64());
-        assert_eq!(k1.secret_bytes(), k2.secret_bytes());
+        assert_eq!(k1.private_key(), k2.private_key());
         fs::remove_dir_all(&dir).ok();
     }
 
@@ -448,7 +623,7 @@ mod tests {
     #[test]
     fn debug_output_never_contains_the_private_key() {
         let key = NodeKey::generate(SystemTime::now(), 0);
-        let private = STANDARD.encode(key.secret_bytes());
+        let private = STANDARD.encode(key.private_key().as_bytes());
         let shown = format!("{key:?}");
         assert!(!shown.contains(&private));
         assert!(shown.contains(&key.public_base64()));
@@ -482,8 +657,8 @@ mod tests {
         assert_eq!(next.generation, 1);
         // Switched: the device initiates with the next key and still answers the current one.
         let (primary, extras) = back.device_keys();
-        assert_eq!(primary, next.secret_bytes());
-        assert_eq!(extras, vec![back.current.secret_bytes()]);
+        assert_eq!(primary, next.private_key());
+        assert_eq!(extras, vec![back.current.private_key()]);
         fs::remove_dir_all(&dir).ok();
     }
 
@@ -510,7 +685,7 @@ mod tests {
         // The layout from before rotation existed: just the current key.
         let legacy = format!(
             r#"{{"privateKey":"{}","createdAt":1700000000,"generation":0}}"#,
-            STANDARD.encode(back.current.secret_bytes())
+            STANDARD.encode(back.current.private_key().as_bytes())
         );
         let parsed = parse(Path::new("k"), &legacy).expect("legacy");
         assert_eq!(parsed.phase, Phase::Steady { generation: 0 });
@@ -518,12 +693,72 @@ mod tests {
         // A phase without its next key is refused, not guessed at.
         let broken = format!(
             r#"{{"privateKey":"{}","createdAt":1,"generation":0,"phase":{{"name":"switched","since":1}}}}"#,
-            STANDARD.encode(back.current.secret_bytes())
+            STANDARD.encode(back.current.private_key().as_bytes())
         );
         assert!(matches!(
             parse(Path::new("k"), &broken),
             Err(KeyFileError::Malformed { .. })
         ));
         fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn a_key_file_behind_a_symlink_is_refused() {
+        let dir = tempdir();
+        let elsewhere = dir.join("elsewhere.json");
+        KeyState::load_or_generate(&dir, SystemTime::now()).expect("generate");
+        fs::rename(dir.join(KEY_FILE), &elsewhere).expect("move");
+        std::os::unix::fs::symlink(&elsewhere, dir.join(KEY_FILE)).expect("symlink");
+        let err = KeyState::load_or_generate(&dir, SystemTime::now()).expect_err("must refuse");
+        assert!(matches!(err, KeyFileError::Symlink { .. }), "{err}");
+        assert!(err.to_string().contains(KEY_FILE), "{err}");
+        fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn the_refusal_of_a_group_readable_file_names_the_path_and_mode() {
+        let dir = tempdir();
+        KeyState::load_or_generate(&dir, SystemTime::now()).expect("generate");
+        fs::set_permissions(dir.join(KEY_FILE), fs::Permissions::from_mode(0o640)).expect("chmod");
+        let err = KeyState::load_or_generate(&dir, SystemTime::now()).expect_err("must refuse");
+        let shown = err.to_string();
+        assert!(
+            shown.contains(&dir.join(KEY_FILE).display().to_string()),
+            "{shown}"
+        );
+        assert!(shown.contains("640"), "{shown}");
+        fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn a_stale_temporary_file_or_a_symlink_in_its_place_is_replaced_not_followed() {
+        let dir = tempdir();
+        let (state, _) = KeyState::load_or_generate(&dir, SystemTime::now()).expect("generate");
+        let tmp = dir.join(format!(".{KEY_FILE}.tmp"));
+        let victim = dir.join("victim");
+        fs::write(&victim, "untouched").expect("victim");
+        std::os::unix::fs::symlink(&victim, &tmp).expect("symlink");
+        state.store(&dir).expect("store over a planted symlink");
+        assert_eq!(fs::read_to_string(&victim).expect("victim"), "untouched");
+        assert!(
+            fs::symlink_metadata(&tmp).is_err(),
+            "the temporary file is gone"
+        );
+        // A leftover regular temporary file from a crash is no obstacle either.
+        fs::write(&tmp, "half a key").expect("stale");
+        state.store(&dir).expect("store over a stale file");
+        let meta = fs::symlink_metadata(dir.join(KEY_FILE)).expect("meta");
+        assert!(meta.file_type().is_file());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        let (back, _) = KeyState::load_or_generate(&dir, SystemTime::now()).expect("load");
+        assert_eq!(back.current.private_key(), state.current.private_key());
+        fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn the_process_can_be_made_non_dumpable() {
+        forbid_core_dumps().expect("prctl");
+        // SAFETY: PR_GET_DUMPABLE takes no pointers.
+        assert_eq!(unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) }, 0);
     }
 }

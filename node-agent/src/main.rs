@@ -1,5 +1,6 @@
 //! `wgmesh-agent`: the wgmesh node agent binary.
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use wgmesh_agent::device_cmd::{self, DeviceOptions};
@@ -65,6 +66,11 @@ fn main() -> anyhow::Result<()> {
         builder.json().init();
     } else {
         builder.init();
+    }
+    if !matches!(cli.command, Command::InstallCni(_)) {
+        // Before any key is read or generated: no core dump or ptrace may expose it.
+        wgmesh_agent::key::forbid_core_dumps()
+            .context("making the process non-dumpable (prctl PR_SET_DUMPABLE)")?;
     }
     match cli.command {
         Command::Run(args) => {

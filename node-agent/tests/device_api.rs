@@ -45,7 +45,7 @@ fn configure_read_back_and_shut_down() {
     let Some(()) = in_fresh_netns(|| {
         let dev = Device::start(DeviceConfig {
             listen_port: 0,
-            private_key: Some(key(7)),
+            private_key: Some(key(7).into()),
             ..DeviceConfig::new("wgapi0")
         })
         .unwrap();
@@ -106,7 +106,8 @@ fn configure_read_back_and_shut_down() {
         dev.upsert_peer(&PeerUpdate::new([4; 32])).unwrap();
         dev.set_private_key(None);
         let snap = dev.snapshot();
-        assert_eq!(snap.private_key, None);
+        assert_eq!(snap.public_key, None);
+        assert!(dev.private_key().is_none());
         assert_eq!(snap.peers.len(), 1);
 
         dev.shutdown();

@@ -94,7 +94,7 @@ impl<'a> Side<'a> {
         let private = key.private;
         let config = DeviceConfig {
             listen_port: port,
-            private_key: Some(private),
+            private_key: Some(private.into()),
             up: true,
             ..DeviceConfig::new(name.clone())
         };
@@ -256,12 +256,13 @@ fn promote(dev: &Side<'_>, next: &Key) {
 fn switch(side: &Side<'_>, new: &KeyPair, old: &KeyPair) {
     side.dev
         .apply(&ConfigUpdate {
-            private_key: Some(new.private),
+            private_key: Some(new.private.into()),
             ..ConfigUpdate::default()
         })
         .unwrap();
     let snap = side.dev.snapshot();
-    assert_eq!(snap.private_key, Some(new.private));
+    assert_eq!(snap.public_key, Some(new.public));
+    assert_eq!(side.dev.private_key(), Some(new.private.into()));
     assert_eq!(
         snap.extra_public_keys,
         vec![old.public],
@@ -338,7 +339,7 @@ fn assert_settled(side: &Side<'_>, local: &KeyPair, remote: &KeyPair) {
 /// Scenario 1, `a` rotating from `a0` to `a1` while `b` keeps its key; returns when done.
 fn rotate_one_side(a: &Side<'_>, b: &Side<'_>, a0: &KeyPair, a1: &KeyPair) {
     // (a) A answers under its next key too.
-    a.dev.set_extra_private_keys(vec![a1.private]);
+    a.dev.set_extra_private_keys(vec![a1.private.into()]);
     assert_eq!(a.dev.snapshot().extra_public_keys, vec![a1.public]);
     // (b) B learns A's next key and moves to it by itself.
     announce_next(b, &a0.public, &a1.public);
@@ -405,8 +406,8 @@ fn both_sides_rotate_at_once_without_losing_a_packet() {
     std::thread::sleep(SETTLE);
     let started = Instant::now();
     // Each step on both sides before the next step on either.
-    a.dev.set_extra_private_keys(vec![a1.private]);
-    b.dev.set_extra_private_keys(vec![b1.private]);
+    a.dev.set_extra_private_keys(vec![a1.private.into()]);
+    b.dev.set_extra_private_keys(vec![b1.private.into()]);
     announce_next(&b, &a0.public, &a1.public);
     announce_next(&a, &b0.public, &b1.public);
     // Each side starts a handshake from its primary to the other's next key.
@@ -574,7 +575,7 @@ fn the_old_key_is_answered_only_while_it_is_held() {
         Flood::start(&link.b, &a.inner, Duration::from_secs(15)),
     ];
     std::thread::sleep(SETTLE);
-    a.dev.set_extra_private_keys(vec![a1.private]);
+    a.dev.set_extra_private_keys(vec![a1.private.into()]);
     switch(&a, &a1, &a0);
     // A tries its new key on C (which ignores it) while the old session carries the traffic,
     // through several of A's handshake attempts.

@@ -8,6 +8,7 @@ use prometheus_client::{
 };
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 use wgmesh_telemetry::Telemetry;
 
@@ -43,6 +44,9 @@ pub struct Metrics {
     pub peer_tx: Family<PeerLabels, Gauge>,
     /// Seconds since each peer's last handshake.
     pub peer_handshake_age: Family<PeerLabels, Gauge>,
+    /// Handshake messages the device dropped because their source exceeded its rate (copied
+    /// from the device's own counter).
+    pub handshakes_rate_limited: Counter,
     /// The node's current key generation.
     pub key_generation: Gauge,
     /// The node's rotation phase: 0 steady, 1 prepared, 2 switched.
@@ -75,6 +79,7 @@ impl Metrics {
             peer_rx: Family::default(),
             peer_tx: Family::default(),
             peer_handshake_age: Family::default(),
+            handshakes_rate_limited: Counter::default(),
             key_generation: Gauge::default(),
             rotation_phase: Gauge::default(),
             rotations: Family::default(),
@@ -132,6 +137,11 @@ impl Metrics {
             "Seconds since each peer's last handshake",
             m.peer_handshake_age.clone(),
         );
+        registry.register(
+            "handshakes_rate_limited",
+            "Handshake messages dropped because their source address exceeded its rate",
+            m.handshakes_rate_limited.clone(),
+        );
         Metrics {
             telemetry: Arc::new(Telemetry::new(registry)),
             ..m
@@ -174,6 +184,10 @@ impl Metrics {
         names: &BTreeMap<Key, &str>,
         now: SystemTime,
     ) {
+        // The device counts; this only mirrors its total (monotonic while the device lives).
+        self.handshakes_rate_limited
+            .inner()
+            .store(snapshot.handshakes_rate_limited, Ordering::Relaxed);
         self.peer_rx.clear();
         self.peer_tx.clear();
         self.peer_handshake_age.clear();

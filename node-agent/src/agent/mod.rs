@@ -145,7 +145,8 @@ struct Agent {
     rotator: rotation::Rotator,
     /// The device's peers by name, as this agent configured them (their primary keys).
     device_names: BTreeMap<String, Key>,
-    /// The device keys last applied: (initiating key, answered-only keys).
+    /// The public halves of the device keys last applied: (initiating key, answered-only
+    /// keys); the private keys stay in `keys`.
     device_keys_applied: Option<(Key, Vec<Key>)>,
     /// This node's acknowledgements of rotating peers' next keys, for status.
     installed_keys: Vec<InstalledKey>,
@@ -997,19 +998,20 @@ impl Agent {
         let Some(device) = &self.device else {
             return;
         };
-        let keys = self.keys.device_keys();
-        if self.device_keys_applied.as_ref() == Some(&keys) {
+        let publics = self.keys.device_public_keys();
+        if self.device_keys_applied.as_ref() == Some(&publics) {
             return;
         }
+        let (primary, extras) = self.keys.device_keys();
         let update = ConfigUpdate {
-            private_key: Some(keys.0),
-            extra_private_keys: Some(keys.1.clone()),
+            private_key: Some(primary),
+            extra_private_keys: Some(extras),
             ..Default::default()
         };
         match device.apply(&update) {
             Ok(()) => {
-                info!(answered_keys = 1 + keys.1.len(), "device keys set");
-                self.device_keys_applied = Some(keys);
+                info!(answered_keys = 1 + publics.1.len(), "device keys set");
+                self.device_keys_applied = Some(publics);
             }
             Err(e) => {
                 self.metrics.error("device");
@@ -1262,7 +1264,9 @@ impl Agent {
                 .keys
                 .next
                 .as_ref()
-                .filter(|_| self.device_keys_applied.as_ref() == Some(&self.keys.device_keys()))
+                .filter(|_| {
+                    self.device_keys_applied.as_ref() == Some(&self.keys.device_public_keys())
+                })
                 .map(|k| k.public_base64()),
             key_generation: Some(self.keys.current.generation),
             key_created_at: time(self.keys.current.created_at),

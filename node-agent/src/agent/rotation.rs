@@ -468,7 +468,7 @@ mod tests {
         assert_eq!(disk.next.as_ref().map(NodeKey::public_bytes), Some(next));
         // The device answers under both keys and still initiates with the old one.
         let (primary, extras) = keys.device_keys();
-        assert_eq!(primary, keys.current.secret_bytes());
+        assert_eq!(primary, keys.current.private_key());
         assert_eq!(extras.len(), 1);
 
         inputs.next_approved = true;

@@ -1,12 +1,56 @@
 //! The device's configuration vocabulary: changes to apply (`ConfigUpdate`) and the state to
 //! report (`DeviceSnapshot`). Plain data, shared by the library API and the UAPI front end.
+//!
+//! Private keys travel only as [`PrivateKey`], which zeroizes its bytes when dropped and never
+//! shows them in `Debug`. A snapshot carries no private key at all: it is copied and kept
+//! around by callers (metrics, status, rotation), so it names the device by its public key.
 
 use ipnet::IpNet;
 use std::net::SocketAddr;
 use std::time::SystemTime;
+use zeroize::Zeroizing;
 
-/// A 32-byte Curve25519 key (private, public or preshared).
+/// A 32-byte Curve25519 key (public or preshared; private keys are [`PrivateKey`]).
 pub type Key = [u8; 32];
+
+/// A Curve25519 private key: zeroized on drop, redacted in `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PrivateKey(Zeroizing<Key>);
+
+impl PrivateKey {
+    /// The key with these bytes. All zeros means "no key" in a [`ConfigUpdate`].
+    pub fn from_bytes(bytes: Key) -> Self {
+        Self(Zeroizing::new(bytes))
+    }
+
+    /// The key's bytes; copy them only into a zeroizing type.
+    pub fn as_bytes(&self) -> &Key {
+        &self.0
+    }
+
+    /// Whether this is the all-zeros "remove the key" value.
+    pub fn is_zero(&self) -> bool {
+        *self.0 == [0; 32]
+    }
+
+    /// The public half.
+    pub fn public_key(&self) -> Key {
+        let secret = x25519_dalek::StaticSecret::from(*self.0);
+        x25519_dalek::PublicKey::from(&secret).to_bytes()
+    }
+}
+
+impl From<Key> for PrivateKey {
+    fn from(bytes: Key) -> Self {
+        Self::from_bytes(bytes)
+    }
+}
+
+impl std::fmt::Debug for PrivateKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PrivateKey(<redacted>)")
+    }
+}
 
 /// Changes to a device, applied in order as one transaction (the UAPI `set=1` operation).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -15,11 +59,11 @@ pub struct ConfigUpdate {
     /// initiates handshakes only with this key, its primary. Switching to a key that is
     /// currently an extra makes the old primary an extra in its place (unless
     /// `extra_private_keys` says otherwise), keeping every session of both keys.
-    pub private_key: Option<Key>,
+    pub private_key: Option<PrivateKey>,
     /// Additional private keys the device answers handshakes under, for a key rotation:
     /// `Some(vec![])` removes all, `None` leaves them. Keys equal to the primary are ignored;
     /// at most two are kept (the first two). Ignored while the device has no primary key.
-    pub extra_private_keys: Option<Vec<Key>>,
+    pub extra_private_keys: Option<Vec<PrivateKey>>,
     /// New listen port (0 picks a free one); rebinds the socket.
     pub listen_port: Option<u16>,
     /// New firewall mark for outgoing datagrams (0 clears it).
@@ -80,11 +124,12 @@ impl PeerUpdate {
     }
 }
 
-/// The device as the UAPI `get=1` operation reports it.
+/// The device as the UAPI `get=1` operation reports it, without its private key (the UAPI
+/// server reads that from the live device when it renders an answer).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DeviceSnapshot {
-    /// The private key, if set.
-    pub private_key: Option<Key>,
+    /// The (primary) public key, if the device has a private key.
+    pub public_key: Option<Key>,
     /// Public halves of the extra keys the device answers handshakes under (the private halves
     /// are never reported).
     pub extra_public_keys: Vec<Key>,
@@ -92,6 +137,8 @@ pub struct DeviceSnapshot {
     pub listen_port: u16,
     /// Firewall mark, 0 when unset.
     pub fwmark: u32,
+    /// Handshake messages dropped by the per-source rate limit since the device started.
+    pub handshakes_rate_limited: u64,
     /// Peers, in table order.
     pub peers: Vec<PeerSnapshot>,
 }

@@ -8,7 +8,9 @@
 //!   peer key they decrypt to, everything else by receiver index), decrypts, checks the inner
 //!   source against the peer's allowed IPs and writes it to the TUN device. It answers
 //!   handshakes and cookies, follows roaming endpoints, and re-picks the active slot when a
-//!   handshake completes or data arrives on another slot.
+//!   handshake completes or data arrives on another slot. Under load, handshake initiations
+//!   that passed MAC1 and the cookie check go through the per-source limit of
+//!   [`super::source_limit`] before any Diffie-Hellman; what it refuses is dropped and counted.
 //! * `timers` runs `Tunn::update_timers` for every slot each tick (rekey, retransmit,
 //!   keepalives, expiry), re-picks the active slot of peers with several, starts the handshake
 //!   that moves a peer to its preferred slot, and resets the handshake rate limiters.
@@ -26,6 +28,7 @@
 use super::Shared;
 use super::offload::{self, VNET_HDR_LEN};
 use super::peer::{Peer, PeerState};
+use super::slot::LocalKey;
 use super::state::State;
 use super::timers::TickSchedule;
 use super::tun::Tun;
@@ -38,7 +41,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 /// Largest IP packet handled; the TUN MTU is far below, but `ip link set mtu` may raise it.
 pub const MAX_PACKET_BYTES: usize = 65_535;
@@ -227,22 +230,12 @@ pub(crate) fn decrypt_one<W: Wire + ?Sized>(
         Packet::HandshakeInit(init) => {
             // MAC1 is keyed with the responder's public key: it says which of our keys the
             // initiator addressed, before the expensive DH. Under load the key's limiter
-            // answers with a cookie instead of doing the handshake.
-            let mut addressed = None;
-            for key in &state.keys {
-                match key.limiter.verify_packet(Some(from.ip()), datagram, plain) {
-                    Ok(_) => {
-                        addressed = Some(key);
-                        break;
-                    }
-                    Err(TunnResult::WriteToNetwork(cookie)) => {
-                        wire.send(cookie, from);
-                        return None;
-                    }
-                    Err(_) => {}
-                }
+            // answers with a cookie instead of doing the handshake, and a sender that proved
+            // its address with the cookie still gets only its source's share.
+            let (key, under_load) = addressed_key(state, wire, datagram, from, plain)?;
+            if under_load && !source_allowed(state, from) {
+                return None;
             }
-            let key = addressed?;
             let Ok(half) = parse_handshake_anon(&key.secret, &key.public, init) else {
                 return None;
             };
@@ -263,6 +256,8 @@ pub(crate) fn decrypt_one<W: Wire + ?Sized>(
             };
             (peer, st, position)
         }
+        // A response costs DH only in the slot that has a handshake pending under exactly
+        // this index, and its `Tunn` checks MAC1 and the cookie itself.
         Packet::HandshakeResponse(r) => by_index(state, r.receiver_idx)?,
         Packet::PacketCookieReply(c) => by_index(state, c.receiver_idx)?,
         Packet::PacketData(d) => by_index(state, d.receiver_idx)?,
@@ -319,6 +314,57 @@ pub(crate) fn decrypt_one<W: Wire + ?Sized>(
             None
         }
     }
+}
+
+/// The local key a handshake initiation is addressed to (by its MAC1), and whether that key's
+/// limiter is under load, in which case the initiation also carried a valid cookie (MAC2).
+/// Under load without a valid cookie, a cookie reply is sent and `None` returned.
+///
+/// boringtun's limiter does not say whether it checked MAC2, so it is asked twice under load:
+/// first without an address (which it answers with `UnderLoad` when it would demand a
+/// cookie), then with the sender's. Its count then sees such an initiation three times
+/// instead of two; it is already over its limit, so nothing changes.
+fn addressed_key<'s, W: Wire + ?Sized>(
+    state: &'s State,
+    wire: &W,
+    datagram: &[u8],
+    from: SocketAddr,
+    plain: &mut [u8],
+) -> Option<(&'s LocalKey, bool)> {
+    for key in &state.keys {
+        match key.limiter.verify_packet(None, datagram, plain) {
+            Ok(_) => return Some((key, false)),
+            Err(TunnResult::Err(WireGuardError::UnderLoad)) => {
+                return match key.limiter.verify_packet(Some(from.ip()), datagram, plain) {
+                    Ok(_) => Some((key, true)),
+                    Err(TunnResult::WriteToNetwork(cookie)) => {
+                        wire.send(cookie, from);
+                        None
+                    }
+                    Err(_) => None,
+                };
+            }
+            // MAC1 of another key.
+            Err(_) => {}
+        }
+    }
+    None
+}
+
+/// Whether the per-source limit lets a handshake initiation from `from` through; counts a
+/// refusal. Reads the clock: only initiations that passed the cookie check come here.
+fn source_allowed(state: &State, from: SocketAddr) -> bool {
+    let allowed = state
+        .sources
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .allow(from.ip(), Instant::now());
+    if !allowed {
+        state
+            .handshakes_rate_limited
+            .fetch_add(1, Ordering::Relaxed);
+    }
+    allowed
 }
 
 /// The peer and slot an incoming receiver index belongs to, with the peer locked.
@@ -385,6 +431,11 @@ pub(crate) fn timers(shared: &Shared) {
             for key in &state.keys {
                 key.limiter.reset_count();
             }
+            state
+                .sources
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .collect(Instant::now());
         }
         if !work.update_peers {
             continue;

@@ -14,12 +14,13 @@ mod datapath;
 pub mod offload;
 pub mod peer;
 pub mod slot;
+pub mod source_limit;
 mod state;
 pub mod timers;
 pub mod tun;
 pub mod udp;
 
-use config::{ConfigUpdate, DeviceSnapshot, Key, PeerSnapshot, PeerUpdate};
+use config::{ConfigUpdate, DeviceSnapshot, Key, PeerSnapshot, PeerUpdate, PrivateKey};
 use peer::PeerId;
 use state::State;
 use std::io;
@@ -52,7 +53,7 @@ pub struct DeviceConfig {
     /// Firewall mark for outgoing datagrams; 0 for none.
     pub fwmark: u32,
     /// Private key, if known at start.
-    pub private_key: Option<Key>,
+    pub private_key: Option<PrivateKey>,
     /// Use UDP segmentation offload (GSO on send, GRO on receive) where the kernel has it.
     pub udp_offload: bool,
     /// Let the kernel hand over TCP super-packets and partial checksums on the TUN device
@@ -245,7 +246,7 @@ impl Device {
             stop_cv: Condvar::new(),
             clock: config.clock.unwrap_or_else(|| Arc::new(SystemClock)),
         });
-        if let Some(key) = config.private_key {
+        if let Some(key) = &config.private_key {
             shared.write_state().set_keys(Some(key), None);
         }
 
@@ -342,7 +343,10 @@ impl DeviceHandle {
         let shared = &self.inner.shared;
         let mut state = shared.write_state();
         if update.private_key.is_some() || update.extra_private_keys.is_some() {
-            state.set_keys(update.private_key, update.extra_private_keys.as_deref());
+            state.set_keys(
+                update.private_key.as_ref(),
+                update.extra_private_keys.as_deref(),
+            );
         }
         if let Some(mark) = update.fwmark
             && mark != state.fwmark
@@ -373,14 +377,25 @@ impl DeviceHandle {
     /// Sets (`Some`) or removes (`None`) the primary private key; removing it removes the extra
     /// keys too. Sessions survive only under keys the device keeps: setting the key it has, or
     /// switching to one of its extra keys (the old primary then becomes an extra).
-    pub fn set_private_key(&self, key: Option<Key>) {
+    pub fn set_private_key(&self, key: Option<PrivateKey>) {
         let mut state = self.inner.shared.write_state();
-        state.set_keys(Some(key.unwrap_or([0; 32])), None);
+        let key = key.unwrap_or_else(|| PrivateKey::from_bytes([0; 32]));
+        state.set_keys(Some(&key), None);
+    }
+
+    /// A zeroizing copy of the primary private key, for the UAPI `get` answer, which `wg(8)`
+    /// expects to carry it. Everything else reads the public key or a [`DeviceSnapshot`].
+    pub fn private_key(&self) -> Option<PrivateKey> {
+        self.inner
+            .shared
+            .read_state()
+            .primary()
+            .map(slot::LocalKey::private_key)
     }
 
     /// Sets the extra private keys the device answers handshakes under (not initiating with
     /// them); an empty list removes them. See [`ConfigUpdate::extra_private_keys`].
-    pub fn set_extra_private_keys(&self, keys: Vec<Key>) {
+    pub fn set_extra_private_keys(&self, keys: Vec<PrivateKey>) {
         let mut state = self.inner.shared.write_state();
         state.set_keys(None, Some(&keys));
     }
@@ -435,7 +450,7 @@ impl DeviceHandle {
         let state = shared.read_state();
         let wall = shared.clock.wall();
         DeviceSnapshot {
-            private_key: state.primary().map(|k| k.secret.to_bytes()),
+            public_key: state.public_key(),
             extra_public_keys: state
                 .keys
                 .iter()
@@ -444,6 +459,7 @@ impl DeviceHandle {
                 .collect(),
             listen_port: shared.socket().1.port(),
             fwmark: state.fwmark,
+            handshakes_rate_limited: state.handshakes_rate_limited.load(Ordering::Relaxed),
             peers: state
                 .peers
                 .iter()

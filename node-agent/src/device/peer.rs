@@ -332,7 +332,7 @@ mod tests {
 
     #[test]
     fn peers_are_found_by_id_key_and_receiver_index() {
-        let local = LocalKey::new([5; 32], 10);
+        let local = LocalKey::new(&crate::device::config::PrivateKey::from_bytes([5; 32]), 10);
         let mut t = PeerTable::new(42);
         let a = mk_peer(&mut t, 1);
         let b = mk_peer(&mut t, 2);
@@ -374,7 +374,7 @@ mod tests {
 
     #[test]
     fn removal_frees_keys_indices_and_the_entry() {
-        let local = LocalKey::new([5; 32], 10);
+        let local = LocalKey::new(&crate::device::config::PrivateKey::from_bytes([5; 32]), 10);
         let mut t = PeerTable::new(7);
         let a = mk_peer(&mut t, 1);
         let b = mk_peer(&mut t, 2);

@@ -16,7 +16,7 @@
 //! It does no I/O and never touches the peer table: receiver indices come from and go back to
 //! an [`IndexSource`] (the table, in the device). Callers hold the peer's mutex.
 
-use super::config::Key;
+use super::config::{Key, PrivateKey};
 use super::timers::{HandshakeTime, TIMER_TICK};
 use boringtun::noise::Tunn;
 use boringtun::noise::rate_limiter::RateLimiter;
@@ -50,8 +50,8 @@ pub struct LocalKey {
 
 impl LocalKey {
     /// A key and a fresh limiter allowing `handshakes_per_second`.
-    pub fn new(private: Key, handshakes_per_second: u64) -> Self {
-        let secret = StaticSecret::from(private);
+    pub fn new(private: &PrivateKey, handshakes_per_second: u64) -> Self {
+        let secret = StaticSecret::from(*private.as_bytes());
         let public = PublicKey::from(&secret);
         let limiter = Arc::new(RateLimiter::new(&public, handshakes_per_second));
         Self {
@@ -64,6 +64,11 @@ impl LocalKey {
     /// The public key as bytes.
     pub fn public_bytes(&self) -> Key {
         self.public.to_bytes()
+    }
+
+    /// A zeroizing copy of the private key.
+    pub fn private_key(&self) -> PrivateKey {
+        PrivateKey::from_bytes(self.secret.to_bytes())
     }
 }
 
@@ -415,7 +420,7 @@ mod tests {
     }
 
     fn mk_key(b: u8) -> LocalKey {
-        LocalKey::new([b; 32], 100)
+        LocalKey::new(&PrivateKey::from_bytes([b; 32]), 100)
     }
 
     const PARAMS: TunnParams = TunnParams {

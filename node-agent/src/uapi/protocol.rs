@@ -4,16 +4,28 @@
 //! Pure: no sockets, no device. The answers and error codes follow wireguard-go, so `wg(8)` sees
 //! no difference: `errno=0` on success, otherwise the negated errno (`-22` EINVAL for a bad key
 //! or value, `-71` EPROTO for a line that is not `key=value`, `-98` EADDRINUSE for a port that
-//! cannot be bound).
+//! cannot be bound, `-90` EMSGSIZE for a `set=1` body over [`MAX_SET_BYTES`]).
+//!
+//! Memory is bounded by the input caps: a line is at most [`MAX_LINE_BYTES`] and a `set=1` body
+//! at most [`MAX_SET_BYTES`], whatever it contains. The one answer that carries a private key
+//! (`get=1`) is built in a zeroizing buffer that never reallocates.
 
-use crate::device::config::{ConfigUpdate, DeviceSnapshot, Key, PeerUpdate};
+use crate::device::config::{ConfigUpdate, DeviceSnapshot, Key, PeerUpdate, PrivateKey};
 use ipnet::IpNet;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::time::SystemTime;
+use zeroize::Zeroizing;
 
 /// Longest line accepted; real lines are under 100 bytes.
 pub const MAX_LINE_BYTES: usize = 4096;
+
+/// Largest `set=1` body, in bytes (with the newlines). `wg setconf` writes about 300 bytes per
+/// peer (public and preshared key, endpoint, keepalive, protocol version) plus about 25 per
+/// allowed IP: 4 MiB holds 10,000 peers with four allowed IPs each, several times the largest
+/// mesh we plan for, while a client can make the device hold no more than that (the parsed
+/// update is smaller than its text).
+pub const MAX_SET_BYTES: usize = 4 << 20;
 
 /// Why a UAPI operation failed, with its wire error code.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -35,6 +47,9 @@ pub enum UapiError {
     /// Any other failure applying the configuration.
     #[error("device error: {0}")]
     Device(String),
+    /// A `set=1` body longer than [`MAX_SET_BYTES`].
+    #[error("set body longer than {0} bytes")]
+    TooLarge(usize),
 }
 
 impl UapiError {
@@ -45,6 +60,7 @@ impl UapiError {
             UapiError::Invalid { .. } => libc::EINVAL,
             UapiError::PortInUse(_) => libc::EADDRINUSE,
             UapiError::Device(_) => libc::EIO,
+            UapiError::TooLarge(_) => libc::EMSGSIZE,
         }
     }
 
@@ -65,6 +81,8 @@ fn truncate(s: &str) -> String {
 pub struct SetParser {
     update: ConfigUpdate,
     peer: Option<PeerUpdate>,
+    /// Bytes of the body seen so far, newlines included.
+    bytes: usize,
 }
 
 impl SetParser {
@@ -74,7 +92,9 @@ impl SetParser {
     }
 
     /// Feeds one line. Returns the finished update on the empty line that ends the body.
+    /// Past [`MAX_SET_BYTES`] every line is refused with [`UapiError::TooLarge`].
     pub fn feed(&mut self, line: &str) -> Result<Option<ConfigUpdate>, UapiError> {
+        self.skip(line)?;
         if line.is_empty() {
             return Ok(Some(self.finish()));
         }
@@ -93,6 +113,22 @@ impl SetParser {
         Ok(None)
     }
 
+    /// Counts a line of a body that is being skipped after an error (to keep the connection
+    /// in step) against [`MAX_SET_BYTES`], without parsing it.
+    pub fn skip(&mut self, line: &str) -> Result<(), UapiError> {
+        self.bytes = self.bytes.saturating_add(line.len() + 1);
+        if self.bytes > MAX_SET_BYTES {
+            return Err(UapiError::TooLarge(MAX_SET_BYTES));
+        }
+        Ok(())
+    }
+
+    /// Bytes of the body seen so far, newlines included; never more than [`MAX_SET_BYTES`]
+    /// plus one line.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
     /// The update parsed so far (for a body cut short by end of input, which wireguard-go also
     /// applies).
     pub fn finish(&mut self) -> ConfigUpdate {
@@ -109,7 +145,9 @@ impl SetParser {
 
 fn device_line(update: &mut ConfigUpdate, key: &str, value: &str) -> Result<(), UapiError> {
     match key {
-        "private_key" => update.private_key = Some(parse_key(key, value)?),
+        "private_key" => {
+            update.private_key = Some(PrivateKey::from_bytes(parse_key(key, value)?));
+        }
         "listen_port" => update.listen_port = Some(parse_uint(key, value)?),
         "fwmark" => update.fwmark = Some(parse_uint(key, value)?),
         "replace_peers" => {
@@ -222,12 +260,35 @@ pub fn unmap(addr: SocketAddr) -> SocketAddr {
     }
 }
 
-/// Renders a `get=1` answer, including the closing `errno=0` and blank line.
-pub fn render_get(snapshot: &DeviceSnapshot) -> String {
-    let mut out = String::with_capacity(256 + snapshot.peers.len() * 320);
-    if let Some(key) = &snapshot.private_key {
-        let _ = writeln!(out, "private_key={}", encode_hex_key(key));
+/// Room for `private_key=<64 hex digits>\n`.
+const PRIVATE_KEY_LINE_BYTES: usize = "private_key=\n".len() + 64;
+
+/// Renders a `get=1` answer, including the closing `errno=0` and blank line. `private_key` is
+/// the device's live key (a snapshot carries none); the answer is zeroized when dropped.
+pub fn render_get(
+    snapshot: &DeviceSnapshot,
+    private_key: Option<&PrivateKey>,
+) -> Zeroizing<String> {
+    // The key line is written into a buffer of its exact size and the answer into one of its
+    // exact size, so no copy of the key is left behind by a reallocation.
+    let mut key_line = Zeroizing::new(String::with_capacity(PRIVATE_KEY_LINE_BYTES));
+    if let Some(key) = private_key {
+        key_line.push_str("private_key=");
+        for b in key.as_bytes() {
+            let _ = write!(key_line, "{b:02x}");
+        }
+        key_line.push('\n');
     }
+    let rest = render_public(snapshot);
+    let mut out = Zeroizing::new(String::with_capacity(key_line.len() + rest.len()));
+    out.push_str(&key_line);
+    out.push_str(&rest);
+    out
+}
+
+/// Everything of a `get=1` answer but the private key.
+fn render_public(snapshot: &DeviceSnapshot) -> String {
+    let mut out = String::with_capacity(256 + snapshot.peers.len() * 320);
     if snapshot.listen_port != 0 {
         let _ = writeln!(out, "listen_port={}", snapshot.listen_port);
     }
@@ -305,7 +366,10 @@ mod tests {
              public_key={PSK}\nremove=true\n\n"
         );
         let u = parse(&body).unwrap();
-        assert_eq!(u.private_key, decode_hex_key(K1));
+        assert_eq!(
+            u.private_key,
+            decode_hex_key(K1).map(PrivateKey::from_bytes)
+        );
         assert_eq!(u.fwmark, Some(0));
         assert_eq!(u.listen_port, Some(12912));
         assert!(u.replace_peers);
@@ -419,10 +483,11 @@ mod tests {
         // Rotation state (extra keys, a peer's next key, its session slots) is never shown:
         // `wg show` sees one private key and one key per peer.
         let snapshot = DeviceSnapshot {
-            private_key: decode_hex_key(K1),
+            public_key: decode_hex_key(K2),
             extra_public_keys: vec![decode_hex_key(PSK).unwrap()],
             listen_port: 51820,
             fwmark: 0,
+            handshakes_rate_limited: 9,
             peers: vec![PeerSnapshot {
                 public_key: decode_hex_key(K2).unwrap(),
                 next_public_key: decode_hex_key(PSK),
@@ -455,22 +520,24 @@ mod tests {
              errno=0\n\n",
             "0".repeat(64)
         );
-        assert_eq!(render_get(&snapshot), want);
+        let private = PrivateKey::from_bytes(decode_hex_key(K1).unwrap());
+        assert_eq!(*render_get(&snapshot, Some(&private)), want);
     }
 
     #[test]
     fn get_answer_of_an_unconfigured_device_is_just_errno() {
-        assert_eq!(render_get(&DeviceSnapshot::default()), "errno=0\n\n");
+        assert_eq!(*render_get(&DeviceSnapshot::default(), None), "errno=0\n\n");
     }
 
     #[test]
     fn a_get_answer_parses_back_as_the_same_configuration() {
         // `wg showconf` turns a get answer into a config that `wg setconf` sends back.
         let snapshot = DeviceSnapshot {
-            private_key: decode_hex_key(K1),
+            public_key: None,
             extra_public_keys: Vec::new(),
             listen_port: 4242,
             fwmark: 7,
+            handshakes_rate_limited: 0,
             peers: vec![PeerSnapshot {
                 public_key: decode_hex_key(K2).unwrap(),
                 next_public_key: None,
@@ -484,7 +551,8 @@ mod tests {
                 allowed_ips: vec!["10.9.0.0/16".parse().unwrap()],
             }],
         };
-        let text = render_get(&snapshot);
+        let private = PrivateKey::from_bytes(decode_hex_key(K1).unwrap());
+        let text = render_get(&snapshot, Some(&private));
         let mut p = SetParser::new();
         for line in text.lines() {
             // The fields only a get carries are skipped, as wg(8) does.
@@ -499,7 +567,7 @@ mod tests {
             assert!(p.feed(line).unwrap().is_none());
         }
         let u = p.finish();
-        assert_eq!(u.private_key, snapshot.private_key);
+        assert_eq!(u.private_key, Some(private));
         assert_eq!(u.listen_port, Some(4242));
         assert_eq!(u.fwmark, Some(7));
         let peer = &u.peers[0];
@@ -507,5 +575,116 @@ mod tests {
         assert_eq!(peer.endpoint, snapshot.peers[0].endpoint);
         assert_eq!(peer.persistent_keepalive, Some(0));
         assert_eq!(peer.allowed_ips, snapshot.peers[0].allowed_ips);
+    }
+
+    #[test]
+    fn a_body_past_the_byte_cap_is_refused_and_stops_growing() {
+        let mut p = SetParser::new();
+        p.feed(&format!("public_key={K1}")).unwrap();
+        let line = "allowed_ip=10.0.0.1/32";
+        let mut refused = 0;
+        for _ in 0..=MAX_SET_BYTES / (line.len() + 1) + 1 {
+            match p.feed(line) {
+                Ok(None) => {}
+                Err(UapiError::TooLarge(limit)) => {
+                    assert_eq!(limit, MAX_SET_BYTES);
+                    refused += 1;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(refused >= 1);
+        let held = p.peer.as_ref().map_or(0, |peer| peer.allowed_ips.len());
+        assert!(held * (line.len() + 1) <= MAX_SET_BYTES);
+        // Even the terminating blank line is refused now: nothing gets applied.
+        assert_eq!(p.feed(""), Err(UapiError::TooLarge(MAX_SET_BYTES)));
+        assert_eq!(
+            render_error(&UapiError::TooLarge(MAX_SET_BYTES)),
+            format!("errno={}\n\n", -libc::EMSGSIZE)
+        );
+    }
+
+    /// Lines made of the protocol's own keys, with plausible and hostile values.
+    fn set_line() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let key = prop_oneof![
+            Just("private_key".to_owned()),
+            Just("listen_port".to_owned()),
+            Just("fwmark".to_owned()),
+            Just("replace_peers".to_owned()),
+            Just("public_key".to_owned()),
+            Just("preshared_key".to_owned()),
+            Just("endpoint".to_owned()),
+            Just("persistent_keepalive_interval".to_owned()),
+            Just("replace_allowed_ips".to_owned()),
+            Just("allowed_ip".to_owned()),
+            Just("protocol_version".to_owned()),
+            Just("remove".to_owned()),
+            Just("update_only".to_owned()),
+            "[a-z_]{0,12}",
+        ];
+        let value = prop_oneof![
+            Just(K1.to_owned()),
+            Just(K2.to_owned()),
+            Just("true".to_owned()),
+            "[0-9]{1,12}",
+            "[0-9a-fA-F]{60,68}",
+            "([0-9]{1,3}\\.){3}[0-9]{1,3}(/[0-9]{1,2})?(:[0-9]{1,5})?",
+            "\\[[0-9a-f:%]{0,40}\\]:[0-9]{1,5}",
+            ".{0,80}",
+        ];
+        (key, value).prop_map(|(k, v)| format!("{k}={v}"))
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_text_never_panics_and_state_is_bounded_by_input(
+            lines in proptest::collection::vec(".{0,200}", 0..64),
+        ) {
+            let mut p = SetParser::new();
+            let mut fed = 0usize;
+            for line in &lines {
+                fed += line.len() + 1;
+                if let Ok(Some(_)) = p.feed(line) {
+                    break;
+                }
+                proptest::prop_assert!(p.bytes() <= fed);
+            }
+        }
+
+        #[test]
+        fn arbitrary_key_value_lines_never_panic_and_every_error_has_a_code(
+            lines in proptest::collection::vec(set_line(), 0..64),
+        ) {
+            let mut p = SetParser::new();
+            for line in &lines {
+                match p.feed(line) {
+                    Ok(_) => {}
+                    Err(e) => {
+                        let errno = e.errno();
+                        proptest::prop_assert!(errno == -libc::EINVAL || errno == -libc::EPROTO);
+                        proptest::prop_assert!(render_error(&e).ends_with("\n\n"));
+                    }
+                }
+                // Every peer and allowed IP held came from a line of its own.
+                let peers = p.update.peers.len() + usize::from(p.peer.is_some());
+                let ips: usize = p.update.peers.iter().chain(p.peer.iter())
+                    .map(|peer| peer.allowed_ips.len()).sum();
+                proptest::prop_assert!(peers + ips <= lines.len());
+            }
+            let _ = p.finish();
+        }
+
+        #[test]
+        fn arbitrary_bytes_as_lossy_lines_never_panic(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048),
+        ) {
+            let text = String::from_utf8_lossy(&bytes);
+            let mut p = SetParser::new();
+            for line in text.split('\n') {
+                let _ = p.feed(line);
+            }
+            let _ = p.finish();
+        }
     }
 }
