@@ -642,7 +642,7 @@ fn rotate_with_an_external_peer_on_the_old_key<'a>(
     let _ = std::fs::remove_dir_all(state_dir);
     let (mut keys, _) = KeyState::load_or_generate(state_dir, SystemTime::now()).unwrap();
     let a0 = KeyPair {
-        private: keys.current.secret_bytes(),
+        private: *keys.current.private_key().as_bytes(),
         public: keys.current.public_bytes(),
     };
     let c_key = KeyPair::generate();

@@ -494,6 +494,7 @@ mod tests {
         let mut rotate = old.clone();
         rotate.spec.key_rotation = Some(PeerKeyRotation {
             requested_at: Some(Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH)),
+            revoke: Some(true),
         });
         assert_eq!(
             review_peer(&alice, Some(&old), &rotate, true),

@@ -421,6 +421,7 @@ fn on_cluster(c: &Cluster, first: &str, second: &str) -> Result<()> {
     );
     security::forgery(c, NS, &node_names)?;
     security::route_injection(c, &node_names)?;
+    security::handshake_flood(c, TEST_NS, &node_names, &pods)?;
 
     // A pod deleted and made again on another node keeps working.
     let mover_ip = test_pod(c, "mover", &node_names[0])?;

@@ -600,7 +600,7 @@ mod tests {
             keys.previous
         );
         let (primary, extras) = keys.device_keys();
-        assert_eq!(primary, keys.current.secret_bytes());
+        assert_eq!(primary.as_bytes(), keys.current.private_key().as_bytes());
         assert!(extras.is_empty(), "the device answers only the new key");
         assert!(
             matches!(
