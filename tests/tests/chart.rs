@@ -1354,3 +1354,75 @@ fn notes_say_what_to_check() -> Result<()> {
     let _ = fs::remove_dir_all(&dir);
     Ok(())
 }
+
+#[test]
+fn the_webhook_fails_closed_and_trusts_its_own_certificate() -> Result<()> {
+    let docs = render(&[])?;
+    let vwc = find(&docs, "ValidatingWebhookConfiguration", "wgmesh-webhook")?;
+    let hook = &vwc["webhooks"][0];
+    assert_eq!(hook["failurePolicy"], "Fail");
+    assert_eq!(hook["sideEffects"], "None");
+    let rule = &hook["rules"][0];
+    assert_eq!(strings(&rule["apiGroups"]), ["wgmesh.dev"]);
+    assert_eq!(
+        strings(&rule["resources"]),
+        ["meshpeers", "meshpeers/status"]
+    );
+    assert_eq!(strings(&rule["operations"]), ["CREATE", "UPDATE"]);
+    let service = &hook["clientConfig"]["service"];
+    assert_eq!(service["name"], OPERATOR);
+    assert_eq!(service["namespace"], NS);
+    // The caBundle is the CA that signed the serving certificate the operator mounts.
+    let secret = find(&docs, "Secret", "wgmesh-webhook-tls")?;
+    assert_eq!(hook["clientConfig"]["caBundle"], secret["data"]["ca.crt"]);
+    assert!(
+        secret["data"]["tls.key"]
+            .as_str()
+            .is_some_and(|k| !k.is_empty())
+    );
+    let op = find(&docs, "Deployment", OPERATOR)?;
+    let args = strings(&container(op, "containers", "operator")?["command"]);
+    for flag in ["--webhook-addr", "--webhook-cert", "--webhook-key"] {
+        assert!(args.iter().any(|a| a == flag), "{flag} in {args:?}");
+    }
+    let pair = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    assert_eq!(
+        pair("--agent-service-account").as_deref(),
+        Some(format!("{NS}/{AGENT}").as_str())
+    );
+    assert_eq!(
+        pair("--operator-service-account").as_deref(),
+        Some(format!("{NS}/{OPERATOR}").as_str())
+    );
+    // The webhook's lookups: one pod by name in its namespace, one node by name; nothing more.
+    assert!(can(&docs, OPERATOR, "get", ("", "pods"), Some(NS), None));
+    for v in ["list", "watch", "create", "delete"] {
+        assert!(
+            !can(&docs, OPERATOR, v, ("", "pods"), Some(NS), None),
+            "operator {v} pods"
+        );
+    }
+    assert!(!can(
+        &docs,
+        OPERATOR,
+        "get",
+        ("", "pods"),
+        Some("kube-system"),
+        None
+    ));
+    assert!(can(&docs, OPERATOR, "get", ("", "nodes"), None, None));
+    assert!(!can(
+        &docs,
+        OPERATOR,
+        "get",
+        ("", "secrets"),
+        Some(NS),
+        None
+    ));
+    Ok(())
+}
