@@ -2,7 +2,7 @@
 //! the node) or an external machine a user adds (a laptop, a VM, another site).
 
 use crate::common::{Condition, conditions_schema, endpoint_schema, key_schema};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -107,6 +107,20 @@ pub struct MeshPeerSpec {
     /// Key rotation request for this peer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_rotation: Option<PeerKeyRotation>,
+}
+
+impl MeshPeer {
+    /// The owner reference that makes this a node's peer: to the Node named in `spec.node`.
+    /// The operator sets it when it makes the peer; a peer is that Node's only while the
+    /// reference's uid is the Node's (a Node of the same name made later is another node).
+    pub fn node_owner(&self) -> Option<&OwnerReference> {
+        let node = self.spec.node.as_deref()?;
+        self.metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .find(|o| o.kind == "Node" && o.name == node)
+    }
 }
 
 /// A request to rotate one node's key.

@@ -388,10 +388,10 @@ pub enum PeerProblem {
 
 fn ranges_text(ranges: &[IpNet]) -> String {
     if ranges.is_empty() {
-        "none".to_owned()
-    } else {
-        join(ranges).replace("; ", ", ")
+        return "none".to_owned();
     }
+    let texts: Vec<String> = ranges.iter().map(ToString::to_string).collect();
+    texts.join(", ")
 }
 
 fn join<T: fmt::Display>(items: &[T]) -> String {

@@ -213,7 +213,7 @@ pub fn review_peer(
     };
     let name = new.metadata.name.as_deref().unwrap_or_default();
     match old {
-        Some(old) if is_node_peer(old) => {
+        Some(old) if node_mark(old).is_some() => {
             if without_rotation(old) != without_rotation(new)
                 || old.metadata.owner_references != new.metadata.owner_references
                 || node_label(old) != node_label(new)
@@ -242,10 +242,6 @@ pub fn review_peer(
             Decision::Allow
         }
     }
-}
-
-fn is_node_peer(p: &MeshPeer) -> bool {
-    p.spec.node.is_some() || node_mark(p).is_some()
 }
 
 /// What about `p` makes it look like a node's peer, if anything.

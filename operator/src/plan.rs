@@ -280,11 +280,7 @@ fn role(peer: &MeshPeer, nodes: &BTreeMap<&str, &Node>) -> PeerRole {
     let Some(node_name) = peer.spec.node.as_deref() else {
         return PeerRole::External;
     };
-    let owner = peer
-        .owner_references()
-        .iter()
-        .find(|o| o.kind == "Node" && o.name == node_name);
-    let Some(owner) = owner else {
+    let Some(owner) = peer.node_owner() else {
         return PeerRole::Impostor;
     };
     let node = nodes.get(node_name).copied();

@@ -586,18 +586,40 @@ fn grant(p: &MeshPeer) -> Option<i64> {
         .map(|g| g.generation)
 }
 
-#[test]
-fn a_mesh_request_rotates_nodes_one_slot_at_a_time_and_a_grant_lasts_until_the_generation_moves() {
+/// A converged mesh of `nodes` (name, key, when its key was created), one pool, every key
+/// published at generation 0.
+fn keyed_mesh(nodes: &[(&str, &str, u64)]) -> Snapshot {
     let mut snap = mk_snapshot(
-        vec![mk_node("a", "ua"), mk_node("b", "ub"), mk_node("c", "uc")],
+        nodes
+            .iter()
+            .map(|(n, _, _)| mk_node(n, &format!("u{n}")))
+            .collect(),
         vec![],
         vec![mk_pool("p", &["10.244.0.0/16"], 24, 0)],
     );
     converge(&mut snap);
-    for (n, k) in [("a", KEY_1), ("b", KEY_2), ("c", KEY_3)] {
+    for (n, k, created) in nodes {
         publish_key(&mut snap, n, k);
-        set_key_state(&mut snap, n, 0, 10, None);
+        set_key_state(&mut snap, n, 0, *created, None);
     }
+    snap
+}
+
+/// `spec.keyRotation` of peer `name`: requested at `at`, a revocation if `revoke`.
+fn request_rotation(snap: &mut Snapshot, name: &str, at: u64, revoke: bool) {
+    for p in &mut snap.peers {
+        if p.metadata.name.as_deref() == Some(name) {
+            Arc::make_mut(p).spec.key_rotation = Some(wgmesh_api::peer::PeerKeyRotation {
+                requested_at: Some(time(at)),
+                revoke: revoke.then_some(true),
+            });
+        }
+    }
+}
+
+#[test]
+fn a_mesh_request_rotates_nodes_one_slot_at_a_time_and_a_grant_lasts_until_the_generation_moves() {
+    let mut snap = keyed_mesh(&[("a", KEY_1, 10), ("b", KEY_2, 10), ("c", KEY_3, 10)]);
     converge(&mut snap);
     assert_eq!(rotating(peer(&snap, "a")), (false, "Idle".into()));
 
@@ -644,24 +666,8 @@ fn a_mesh_request_rotates_nodes_one_slot_at_a_time_and_a_grant_lasts_until_the_g
 
 #[test]
 fn a_node_request_rotates_only_that_node_and_a_bad_interval_is_reported() {
-    let mut snap = mk_snapshot(
-        vec![mk_node("a", "ua"), mk_node("b", "ub")],
-        vec![],
-        vec![mk_pool("p", &["10.244.0.0/16"], 24, 0)],
-    );
-    converge(&mut snap);
-    for (n, k) in [("a", KEY_1), ("b", KEY_2)] {
-        publish_key(&mut snap, n, k);
-        set_key_state(&mut snap, n, 0, 10, None);
-    }
-    for p in &mut snap.peers {
-        if p.metadata.name.as_deref() == Some("b") {
-            Arc::make_mut(p).spec.key_rotation = Some(wgmesh_api::peer::PeerKeyRotation {
-                requested_at: Some(time(900)),
-                ..Default::default()
-            });
-        }
-    }
+    let mut snap = keyed_mesh(&[("a", KEY_1, 10), ("b", KEY_2, 10)]);
+    request_rotation(&mut snap, "b", 900, false);
     let mut mesh = open_mesh();
     mesh.spec.key_rotation = Some(wgmesh_api::mesh::MeshKeyRotation {
         interval: Some("soon".into()),
@@ -687,26 +693,10 @@ fn grant_reason_of(p: &MeshPeer) -> Option<String> {
 
 #[test]
 fn a_revocation_is_granted_as_one_ahead_of_older_keys_and_reported_as_revoked() {
-    let mut snap = mk_snapshot(
-        vec![mk_node("a", "ua"), mk_node("b", "ub"), mk_node("c", "uc")],
-        vec![],
-        vec![mk_pool("p", &["10.244.0.0/16"], 24, 0)],
-    );
-    converge(&mut snap);
     // `a` has the oldest key; `c` asks for a revocation of its younger one.
-    for (n, k, created) in [("a", KEY_1, 10), ("b", KEY_2, 20), ("c", KEY_3, 30)] {
-        publish_key(&mut snap, n, k);
-        set_key_state(&mut snap, n, 0, created, None);
-    }
-    for p in &mut snap.peers {
-        if p.metadata.name.as_deref() == Some("c") {
-            Arc::make_mut(p).spec.key_rotation = Some(wgmesh_api::peer::PeerKeyRotation {
-                requested_at: Some(time(900)),
-                revoke: Some(true),
-            });
-        }
-    }
-    let mut mesh = Mesh::new(consts::DEFAULT_MESH, Default::default());
+    let mut snap = keyed_mesh(&[("a", KEY_1, 10), ("b", KEY_2, 20), ("c", KEY_3, 30)]);
+    request_rotation(&mut snap, "c", 900, true);
+    let mut mesh = open_mesh();
     mesh.spec.key_rotation = Some(wgmesh_api::mesh::MeshKeyRotation {
         requested_at: Some(time(500)),
         ..Default::default()
@@ -770,17 +760,8 @@ fn a_revocation_is_granted_as_one_ahead_of_older_keys_and_reported_as_revoked() 
 
 #[test]
 fn a_mesh_revocation_revokes_every_node_one_slot_at_a_time() {
-    let mut snap = mk_snapshot(
-        vec![mk_node("a", "ua"), mk_node("b", "ub")],
-        vec![],
-        vec![mk_pool("p", &["10.244.0.0/16"], 24, 0)],
-    );
-    converge(&mut snap);
-    for (n, k) in [("a", KEY_1), ("b", KEY_2)] {
-        publish_key(&mut snap, n, k);
-        set_key_state(&mut snap, n, 0, 10, None);
-    }
-    let mut mesh = Mesh::new(consts::DEFAULT_MESH, Default::default());
+    let mut snap = keyed_mesh(&[("a", KEY_1, 10), ("b", KEY_2, 10)]);
+    let mut mesh = open_mesh();
     mesh.spec.key_rotation = Some(wgmesh_api::mesh::MeshKeyRotation {
         requested_at: Some(time(500)),
         revoke: Some(true),

@@ -44,9 +44,7 @@ pub fn own_peer<'a, P: Borrow<MeshPeer>>(peers: &'a [P], node: &Node) -> Option<
         let p: &MeshPeer = (*p).borrow();
         p.metadata.name.as_deref() == Some(name)
             && p.spec.node.as_deref() == Some(name)
-            && p.owner_references()
-                .iter()
-                .any(|o| o.kind == "Node" && o.name == name && o.uid == uid)
+            && p.node_owner().is_some_and(|o| o.uid == uid)
     })
 }
 

@@ -380,7 +380,7 @@ mod tests {
 
     /// Records what a device sends.
     #[derive(Default)]
-    struct Recorder(RefCell<Vec<(Vec<u8>, SocketAddr)>>);
+    pub(super) struct Recorder(pub(super) RefCell<Vec<(Vec<u8>, SocketAddr)>>);
 
     impl Wire for Recorder {
         fn send(&self, datagram: &[u8], to: SocketAddr) -> bool {
@@ -829,25 +829,15 @@ mod abuse_tests {
     //! arbitrary datagrams and TUN packets (property tests: never a panic, never a delivery of
     //! something that did not authenticate).
     #![allow(clippy::unwrap_used)]
-    use super::super::datapath::{Wire, decrypt_one, seal};
+    use super::super::datapath::{decrypt_one, seal};
     use super::super::source_limit::HANDSHAKE_BURST;
+    use super::tests::Recorder;
     use super::*;
     use boringtun::noise::{Tunn, TunnResult};
     use boringtun::x25519::{PublicKey, StaticSecret};
     use proptest::prelude::*;
-    use std::cell::RefCell;
     use std::net::{IpAddr, Ipv4Addr};
     use std::sync::atomic::Ordering;
-
-    #[derive(Default)]
-    struct Recorder(RefCell<Vec<(Vec<u8>, SocketAddr)>>);
-
-    impl Wire for Recorder {
-        fn send(&self, datagram: &[u8], to: SocketAddr) -> bool {
-            self.0.borrow_mut().push((datagram.to_vec(), to));
-            true
-        }
-    }
 
     const A: Key = [10; 32];
 
