@@ -84,7 +84,7 @@ readonly WEBHOOK_PORT=9443
 # webhook's Service has no pods to select here; its endpoint is the operator process.
 install_identities() {
 	local helm=${WGMESH_TOOLS_DIR:-$HOME/.cache/wgmesh/tools}/bin/helm
-	[[ -x $helm ]] || die "no helm at $helm: run hack/test.sh or hack/demo.sh once (they install it)"
+	[[ -x $helm ]] || die "no helm at $helm: run hack/lib/deps.sh"
 	kc create namespace "$SYSTEM_NS" >/dev/null
 	"$helm" template "$RELEASE" "$root/charts/wgmesh" --namespace "$SYSTEM_NS" \
 		--set 'podCIDRPool.cidrs={10.244.0.0/16}' \
@@ -286,6 +286,8 @@ down() {
 up() {
 	need_root "hack/mesh.sh"
 	[[ -f $dir/mesh.env ]] && die "a mesh is already up in $dir; run hack/mesh.sh down --dir $dir first"
+	# WGMESH_SKIP_DEPS=1: the caller ran hack/lib/deps.sh already (helm renders the identities).
+	[[ ${WGMESH_SKIP_DEPS:-0} == 1 ]] || bash "$here/lib/deps.sh"
 	bash "$here/cluster.sh" install
 	[[ -n $id ]] || id=$(printf 'm%03d' $((RANDOM % 1000)))
 	[[ -n $net ]] || net="198.18.$((RANDOM % 250))"

@@ -37,7 +37,8 @@ readonly WGMESH_DEB_PACKAGES=(
 	golang-github-modern-go-reflect2-dev golang-github-json-iterator-go-dev
 	# real nodes (hack/nodes.sh): runtime, the pause binary's compiler, the test image
 	containerd runc gcc libc6-dev busybox-static
-	# images (hack/image.sh: strip, hack/lib/oci.py), kubernetes-validate's virtual environment
+	# images (hack/image.sh: strip, hack/lib/oci.py), kubernetes-validate's virtual environment,
+	# hack/mesh.sh's token requests (python3 reads the JSON)
 	binutils python3 python3-venv
 	# shellcheck for hack/
 	shellcheck

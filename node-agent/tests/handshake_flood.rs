@@ -62,7 +62,7 @@ fn a_handshake_flood_leaves_most_of_a_stream_through_the_device() {
         source: Some(FLOOD_SOURCE.parse().unwrap()),
     };
     let (flooded, report) = std::thread::scope(|s| {
-        let flooder = s.spawn(|| link.a.enter(move || flood::run(&config)));
+        let flooder = s.spawn(|| link.a.enter(move || flood::run(&config, |_| {})));
         let flooded = iperf(&link.a, &b.inner4, 5201, IPERF_SECONDS, &[]);
         (flooded, flooder.join().unwrap().unwrap())
     });

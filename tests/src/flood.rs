@@ -139,7 +139,9 @@ impl Initiator {
 }
 
 /// Floods `config.target`; blocks for `config.duration` (plus up to [`COOKIE_WAIT`]).
-pub fn run(config: &FloodConfig) -> Result<FloodReport> {
+/// `started` is called once the target is under load (with a cookie, if it sent one) and
+/// the timed flood begins.
+pub fn run(config: &FloodConfig, started: impl FnOnce(&FloodReport)) -> Result<FloodReport> {
     let any = if config.target.is_ipv4() {
         IpAddr::V4(Ipv4Addr::UNSPECIFIED)
     } else {
@@ -170,6 +172,7 @@ pub fn run(config: &FloodConfig) -> Result<FloodReport> {
         }
     }
     socket.set_nonblocking(true)?;
+    started(&report);
 
     let start = Instant::now();
     let end = start + config.duration;

@@ -1,6 +1,7 @@
 //! `handshake-flood`: replays one valid handshake initiation (with the target's cookie once it
 //! has sent one) at a fixed rate against a WireGuard device, and prints what it sent. See
-//! `wgmesh_tests::flood`.
+//! `wgmesh_tests::flood`. Prints one line when the timed flood begins, and the report at
+//! the end.
 //!
 //! Usage: handshake-flood --target IP:PORT --peer-public-key BASE64 [--rate PER_SECOND]
 //! [--seconds N] [--source IP]
@@ -41,12 +42,24 @@ fn main() -> Result<()> {
         .map(|v| v.parse())
         .transpose()
         .context("--source must be an IP address")?;
-    let report = flood::run(&FloodConfig {
+    let config = FloodConfig {
         target,
         peer_public_key,
         rate,
         duration: Duration::from_secs(seconds),
         source,
+    };
+    let report = flood::run(&config, |primed| {
+        // One line when the timed flood begins, so a caller can wait for it.
+        println!(
+            "flooding {target} at {rate}/s for {seconds} s ({})",
+            if primed.had_cookie {
+                "with a cookie"
+            } else {
+                "no cookie came"
+            }
+        );
+        let _ = std::io::Write::flush(&mut std::io::stdout());
     })?;
     println!("{report}");
     Ok(())
