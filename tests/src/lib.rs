@@ -94,8 +94,12 @@ pub fn tool(name: &str) -> Result<PathBuf> {
 
 /// A client for the test control plane.
 pub async fn client() -> Result<kube::Client> {
-    let path = kubeconfig()?;
-    let kc = Kubeconfig::read_from(&path).with_context(|| format!("reading {}", path.display()))?;
+    client_for(&kubeconfig()?).await
+}
+
+/// A client from the kubeconfig at `path`.
+pub async fn client_for(path: &Path) -> Result<kube::Client> {
+    let kc = Kubeconfig::read_from(path).with_context(|| format!("reading {}", path.display()))?;
     let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
     Ok(kube::Client::try_from(config)?)
 }

@@ -56,10 +56,7 @@ async fn client_with_token(c: &Cluster, token: &str) -> Result<Client> {
 }
 
 async fn admin_client(c: &Cluster) -> Result<Client> {
-    let kubeconfig = Kubeconfig::read_from(c.kubeconfig()?)?;
-    let config =
-        kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
-    Ok(Client::try_from(config)?)
+    wgmesh_tests::client_for(std::path::Path::new(c.kubeconfig()?)).await
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
