@@ -419,9 +419,24 @@ impl<'a> ExternalPeer<'a> {
             public_key,
             wggo,
         };
-        wait_until("wireguard-go's socket", Duration::from_secs(10), || {
-            Path::new(&format!("/var/run/wireguard/{}.sock", ext.iface)).exists()
-        })?;
+        // Listening, not only bound: `wg` unlinks a socket that refuses its connection (the
+        // instant between wireguard-go's bind and listen) and falls back to the kernel.
+        let socket = format!("/var/run/wireguard/{}.sock", ext.iface);
+        wait_until(
+            "wireguard-go's socket to listen",
+            Duration::from_secs(10),
+            || {
+                mesh.exec(&ext.ns, &["cat", "/proc/net/unix"])
+                    .output()
+                    .is_ok_and(|o| {
+                        String::from_utf8_lossy(&o.stdout).lines().any(|l| {
+                            // Flags 00010000: __SO_ACCEPTCON, a listening socket.
+                            l.split_whitespace().nth(3) == Some("00010000")
+                                && l.ends_with(socket.as_str())
+                        })
+                    })
+            },
+        )?;
         ok(mesh.exec(
             &ext.ns,
             &[
