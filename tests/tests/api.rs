@@ -287,7 +287,9 @@ fn refused(object: &str) -> Result<String> {
     let dir = tempdir()?;
     let path = dir.join("object.yaml");
     std::fs::write(&path, object)?;
-    let out = kubectl(&["create", "-f", &path.to_string_lossy()])?;
+    let out = kubectl(&["create", "-f", &path.to_string_lossy()]);
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = out?;
     assert!(
         !out.status.success(),
         "the API server accepted an invalid object:\n{object}"
