@@ -1,4 +1,5 @@
-//! Go-style duration strings (`30s`, `15m`, `1h30m`, `1.5h`), as the `Mesh` spells them.
+//! Go-style duration strings (`30s`, `15m`, `1h30m`, `1.5h`), as the `Mesh` spells them,
+//! and the waits between retries.
 
 use std::time::Duration;
 
@@ -48,6 +49,13 @@ pub fn parse(text: &str) -> Result<Duration, DurationError> {
     Duration::try_from_secs_f64(total).map_err(|_| DurationError::Overflow)
 }
 
+/// How long to wait before retry number `failures` (1 for the first) of something that
+/// failed: `first`, doubling with each further failure, never more than `cap`.
+pub fn backoff(failures: u32, first: Duration, cap: Duration) -> Duration {
+    let doublings = failures.saturating_sub(1).min(31);
+    first.saturating_mul(1 << doublings).min(cap)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -67,5 +75,16 @@ mod tests {
         assert!(matches!(parse("5"), Err(DurationError::Unit(_))));
         assert!(matches!(parse("5d"), Err(DurationError::Unit(_))));
         assert!(matches!(parse("h"), Err(DurationError::Number(_))));
+    }
+
+    #[test]
+    fn doubles_from_the_first_wait_up_to_the_cap() {
+        let (first, cap) = (Duration::from_millis(500), Duration::from_secs(10));
+        let waits: Vec<u128> = (1..=7)
+            .map(|n| backoff(n, first, cap).as_millis())
+            .collect();
+        assert_eq!(waits, [500, 1000, 2000, 4000, 8000, 10_000, 10_000]);
+        assert_eq!(backoff(0, first, cap), first);
+        assert_eq!(backoff(u32::MAX, first, cap), cap);
     }
 }

@@ -48,12 +48,15 @@ use wgmesh_api::{
     consts::{AGENT_MANAGER, DEFAULT_MESH, condition, grant_reason},
     peer::{Connectivity, InstalledKey},
 };
+use wgmesh_core::duration::backoff;
 use wgmesh_core::topology::{self, LocalNode, NodePlan, Route};
 
 /// How often a pass runs without events: re-adds routes the kernel lost, refreshes stats.
 const RESYNC: Duration = Duration::from_secs(10);
 /// How often a pass runs while this node rotates its key: it watches its sessions move.
 const ROTATION_TICK: Duration = Duration::from_millis(500);
+/// The wait before retrying a status write that failed; it doubles up to `RESYNC`.
+const STATUS_RETRY_FIRST: Duration = Duration::from_millis(500);
 /// Connectivity (handshake times) is written at most this often.
 const CONNECTIVITY_INTERVAL: Duration = Duration::from_secs(60);
 /// A peer counts as connected if its last handshake is this recent.
@@ -163,6 +166,9 @@ struct Agent {
     masquerade_loaded: Option<String>,
     last_status: Option<serde_json::Value>,
     last_connectivity_write: Option<Instant>,
+    /// Status writes failed in a row: the next pass comes sooner than the resync, so an
+    /// acknowledgement a peer's rotation waits for is not held back by one refused write.
+    status_failures: u32,
     fallback_reported: bool,
     /// The last pass found the device up, every route installed and the CNI configuration
     /// written: what `/readyz` reports.
@@ -297,6 +303,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         masquerade_loaded: None,
         last_status: None,
         last_connectivity_write: None,
+        status_failures: 0,
         fallback_reported: false,
         ready: false,
         own_peer_missing_reported: false,
@@ -327,6 +334,10 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                 .min()
                 .and_then(|until| until.duration_since(SystemTime::now()).ok())
                 .map_or(RESYNC, |d| d.min(RESYNC) + Duration::from_millis(50))
+        };
+        let resync = match agent.status_failures {
+            0 => resync,
+            n => resync.min(backoff(n, STATUS_RETRY_FIRST, RESYNC)),
         };
         tokio::select! {
             _ = notify.notified() => tokio::time::sleep(Duration::from_millis(100)).await,
@@ -1301,13 +1312,19 @@ impl Agent {
             .await
         {
             Ok(_) => {
+                self.status_failures = 0;
                 self.metrics.status_writes.inc();
                 self.last_status = Some(comparable);
                 self.last_connectivity_write = Some(Instant::now());
             }
             Err(e) => {
                 self.metrics.error("status");
-                warn!(error = %e, "publishing status failed");
+                self.status_failures = self.status_failures.saturating_add(1);
+                warn!(
+                    error = %e,
+                    retry_in = ?backoff(self.status_failures, STATUS_RETRY_FIRST, RESYNC),
+                    "publishing status failed"
+                );
             }
         }
     }
