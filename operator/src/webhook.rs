@@ -3,19 +3,27 @@
 //! decision needs (the node an agent's pod runs on, whether a Node has a peer's name) and
 //! answers what `admission` decides.
 //!
+//! An agent's pod is read from a watch of the agents' namespace; what it is read for (its
+//! uid and the node it was bound to) never changes once set, so a cached copy is as good as
+//! a fresh one, and only a pod the cache does not hold yet costs a request to the API
+//! server while the API server waits on this answer.
+//!
 //! It must not decide anything itself, and it fails closed: anything it cannot read or look
 //! up is refused. The `ValidatingWebhookConfiguration` (in the Helm chart) says
 //! `failurePolicy: Fail`, so while no replica answers, the API server refuses too.
 
 use crate::admission::{self, Caller, Decision, Identities};
+use futures::StreamExt;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::Api;
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, ResourceExt};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -96,9 +104,11 @@ pub async fn serve(config: Config, client: kube::Client) -> Result<(), WebhookEr
             source,
         })?;
     info!(addr = %config.addr, path = PEER_PATH, "serving the MeshPeer admission webhook");
+    let pods = watch_pods(Api::namespaced(client.clone(), &config.ids.agent.namespace));
     let reviewer = Arc::new(Reviewer {
         ids: config.ids,
         client,
+        pods,
     });
     loop {
         let (tcp, peer) = match listener.accept().await {
@@ -134,9 +144,30 @@ pub async fn serve(config: Config, client: kube::Client) -> Result<(), WebhookEr
     }
 }
 
+/// A cache of the pods in the agents' namespace, kept by a watch for the process's life.
+fn watch_pods(api: Api<Pod>) -> Store<Pod> {
+    let (reader, writer) = reflector::store();
+    let stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        // Kept: the uid and the node; what a review never reads is not held.
+        .modify(|pod| {
+            pod.managed_fields_mut().clear();
+            pod.status = None;
+        })
+        .reflect(writer);
+    tokio::spawn(stream.for_each(|event| {
+        if let Err(e) = event {
+            warn!(error = %e, "watching the agents' pods failed; retrying");
+        }
+        futures::future::ready(())
+    }));
+    reader
+}
+
 struct Reviewer {
     ids: Identities,
     client: kube::Client,
+    pods: Store<Pod>,
 }
 
 impl std::fmt::Debug for Reviewer {
@@ -251,7 +282,9 @@ impl Reviewer {
 
     /// The node the agent's token was issued for: from the token itself where the API
     /// server puts it there (1.30+), else from its bound pod, whose uid must match (a pod
-    /// of the same name made later is another pod).
+    /// of the same name made later is another pod). A cached pod serves: the API server
+    /// accepts a pod-bound token only while that very pod exists, and a pod's uid and node
+    /// never change.
     async fn agent_node(
         &self,
         pod_name: &Option<String>,
@@ -264,12 +297,22 @@ impl Reviewer {
         let (Some(name), Some(uid)) = (pod_name, pod_uid) else {
             return None;
         };
+        let bound = |pod: &Pod| {
+            (pod.metadata.uid.as_deref() == Some(uid.as_str()))
+                .then(|| pod.spec.as_ref().and_then(|s| s.node_name.clone()))
+                .flatten()
+        };
+        let cached = self
+            .pods
+            .get(&ObjectRef::new(name).within(&self.ids.agent.namespace));
+        if let Some(node) = cached.as_deref().and_then(bound) {
+            return Some(node);
+        }
+        // Not in the cache yet (a pod made a moment ago), or not yet bound there.
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.ids.agent.namespace);
         match pods.get_opt(name).await {
-            Ok(Some(pod)) if pod.metadata.uid.as_deref() == Some(uid.as_str()) => {
-                pod.spec.and_then(|s| s.node_name)
-            }
-            Ok(_) => None,
+            Ok(Some(pod)) => bound(&pod),
+            Ok(None) => None,
             Err(e) => {
                 warn!(pod = %name, error = %e, "looking up an agent's pod failed");
                 None
