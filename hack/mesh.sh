@@ -173,10 +173,15 @@ start_agent() {
 	echo $! >"$dir/pids/agent-$node"
 }
 
+# One identity across restarts, as a container restarted in its pod keeps its pod's
+# name: a restarted operator renews its own lease at once instead of waiting for it to
+# expire, so the lease can keep the default duration. (A shorter one makes a loaded
+# machine's slow API answers look like a lost lease.)
 start_operator() {
 	mkdir -p "$dir/logs" "$dir/pids"
 	ip netns exec "$(ns_cp)" env KUBECONFIG="$dir/operator.kubeconfig" RUST_LOG=info,kube=warn \
-		"$MESH_BIN/wgmesh-operator" --metrics-addr "${MESH_NET}.2:9090" --lease-duration-seconds 5 \
+		"$MESH_BIN/wgmesh-operator" --metrics-addr "${MESH_NET}.2:9090" \
+		--identity "$RELEASE-operator-0" \
 		--lease-namespace "$SYSTEM_NS" --lease-name "$RELEASE-operator" \
 		--webhook-addr "0.0.0.0:$WEBHOOK_PORT" \
 		--webhook-cert "$dir/webhook/tls.crt" --webhook-key "$dir/webhook/tls.key" \
