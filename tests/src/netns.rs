@@ -16,6 +16,9 @@ pub struct Mesh {
     pub dir: PathBuf,
     pub id: String,
     pub net: String,
+    /// Set by [`Mesh::check`] on an error, like a panic: the logs are printed and
+    /// `WGMESH_E2E_KEEP` keeps the mesh.
+    failed: std::cell::Cell<bool>,
 }
 
 pub fn run(mut cmd: impl BorrowMut<Command>) -> Result<Output> {
@@ -61,6 +64,7 @@ impl Mesh {
             dir,
             id: String::new(),
             net: String::new(),
+            failed: std::cell::Cell::new(false),
         };
         if !out.status.success() {
             bail!(
@@ -104,6 +108,30 @@ impl Mesh {
 
     pub fn logs(&self) -> String {
         log_tails(&self.dir.join("logs"), 15)
+    }
+
+    /// Passes `result` through; an error first prints what a person would look at (the
+    /// logs, the peers, the Events) and marks the mesh failed, so that `WGMESH_E2E_KEEP`
+    /// keeps it running. A test that returns its error with `?` past this would tear the
+    /// mesh down without a word.
+    pub fn check<T>(&self, result: Result<T>) -> Result<T> {
+        if result.is_err() && !self.failed.replace(true) {
+            self.diagnose();
+        }
+        result
+    }
+
+    fn diagnose(&self) {
+        eprintln!("{}", self.logs());
+        for args in [
+            &["get", "meshpeers", "-o", "wide"][..],
+            &["get", "events", "-A", "--sort-by", ".lastTimestamp"],
+        ] {
+            match self.kubectl(args) {
+                Ok(out) => eprintln!("$ kubectl {}\n{out}", args.join(" ")),
+                Err(e) => eprintln!("$ kubectl {}\n{e:#}", args.join(" ")),
+            }
+        }
     }
 
     pub fn script(&self, args: &[&str]) -> Result<String> {
@@ -210,11 +238,10 @@ pub fn down_unless_kept(script: &str, dir: &Path, failed: bool) {
 
 impl Drop for Mesh {
     fn drop(&mut self) {
-        let failed = std::thread::panicking();
-        if failed {
-            eprintln!("{}", self.logs());
+        if std::thread::panicking() && !self.failed.replace(true) {
+            self.diagnose();
         }
-        down_unless_kept("mesh.sh", &self.dir, failed);
+        down_unless_kept("mesh.sh", &self.dir, self.failed.get());
     }
 }
 

@@ -20,6 +20,11 @@ fn a_three_node_mesh_end_to_end() -> Result<()> {
     // 1. Every pod reaches every other pod, across nodes (awaited by `up_with_pods`), and
     //    data moves.
     let (mesh, ips) = Mesh::up_with_pods(3)?;
+    mesh.check(steps(&mesh, &ips))
+}
+
+/// The test's steps, in order, on one mesh.
+fn steps(mesh: &Mesh, ips: &[String]) -> Result<()> {
     let _server = mesh
         .exec("pod-2", &["iperf3", "-s"])
         .stdout(Stdio::null())
@@ -31,7 +36,7 @@ fn a_three_node_mesh_end_to_end() -> Result<()> {
 
     // 2. + 3. A transfer while tcpdump watches the underlay: WireGuard only, no pod address.
     let cap = mesh.capture("wireguard")?;
-    let gbps = iperf(&mesh, "pod-1", &ips[1], 5)?;
+    let gbps = iperf(mesh, "pod-1", &ips[1], 5)?;
     let [pod_packets, wg_packets] = cap.stop(&[
         "net 10.244.0.0/16 or net fd00:10:244::/56",
         "udp port 51820",
@@ -125,7 +130,7 @@ fn a_three_node_mesh_end_to_end() -> Result<()> {
     // 5. A node joins: how long from its Node object to its pod answering; then it leaves.
     let joined = Instant::now();
     mesh.script(&["add-node", "node-4"])?;
-    let ip4 = wait_until_pod(&mesh, "node-4", "pod-4")?;
+    let ip4 = wait_until_pod(mesh, "node-4", "pod-4")?;
     wait_until("pod-4 <-> pod-1", Duration::from_secs(60), || {
         mesh.ping("pod-4", &ips[0]) && mesh.ping("pod-1", &ip4)
     })?;
@@ -216,7 +221,7 @@ fn a_three_node_mesh_end_to_end() -> Result<()> {
     );
 
     // 7. An external peer running wireguard-go, configured from what the mesh publishes.
-    external_peer(&mesh, &ips)?;
+    external_peer(mesh, ips)?;
     Ok(())
 }
 
