@@ -71,10 +71,13 @@ pub struct PeerState {
     pub tx_bytes: u64,
     /// Wall-clock time of the last handshake over all slots.
     pub handshake: HandshakeTime,
-    /// Start a handshake at the next timer tick, without waiting for traffic: set for a new
-    /// peer. A device that restarts (an agent upgrade) has no sessions while its peers still
-    /// hold theirs; they only give up on them after 15 s without an answer, so the new
-    /// device greets every peer that has an endpoint at once instead.
+    /// Start a handshake at the next timer tick, without waiting for traffic, unless the
+    /// active slot has a session: set for a new peer, and whenever this device's keys or
+    /// the peer's change. A device that restarts (an agent upgrade) has no sessions while
+    /// its peers still hold theirs; they only give up on them after 15 s without an answer,
+    /// so the new device greets every peer that has an endpoint at once instead. A key
+    /// rotation waits for a session under the new pair of keys with every peer; between idle
+    /// peers, whose sessions expired, nothing else would start one.
     pub greet: bool,
 }
 

@@ -179,8 +179,11 @@ impl State {
             // A peer with our own public key would be a loop; wireguard-go drops it too.
             self.remove_peer(id);
         }
+        // A new primary key is a new pair with every peer: greet them all under it. Keys
+        // that are only answered under change no pair the device sends on.
+        let greet = current.first() != publics.first();
         for id in self.peers.ids() {
-            self.reconcile(id);
+            self.reconcile(id, greet);
         }
         tracing::info!(
             public_key = %publics.first().map(b64).unwrap_or_default(),
@@ -189,8 +192,9 @@ impl State {
         );
     }
 
-    /// Brings peer `id`'s slots in line with the local keys and its own keys.
-    fn reconcile(&mut self, id: PeerId) {
+    /// Brings peer `id`'s slots in line with the local keys and its own keys; `greet`:
+    /// greets it (see [`PeerState::greet`]).
+    fn reconcile(&mut self, id: PeerId, greet: bool) {
         let Some(peer) = self.peers.get(id).cloned() else {
             return;
         };
@@ -198,6 +202,7 @@ impl State {
         let (remote, params) = (st.remote_keys(), st.tunn_params());
         st.slots
             .reconcile(&self.keys, remote, params, &mut self.peers.indices_for(id));
+        st.greet |= greet;
     }
 
     /// Removes a peer, its allowed IPs, keys and indices.
@@ -306,6 +311,7 @@ impl State {
             let (remote, params) = (st.remote_keys(), st.tunn_params());
             st.slots
                 .reconcile(&self.keys, remote, params, &mut self.peers.indices_for(id));
+            st.greet = true;
         }
         if (rebuild || keepalive_turned_on || (created && st.keepalive != 0))
             && let Some(endpoint) = st.endpoint
@@ -627,6 +633,63 @@ mod tests {
         assert_eq!(n[0].delivered.len(), 1);
     }
 
+    /// Two peers that have exchanged nothing for longer than a session lives: no session on
+    /// either side, the first greeting long done.
+    fn idle_pair() -> (Node, Node, PeerId, PeerId) {
+        let (mut a, mut b) = (mk_node(1, A0), mk_node(2, B0));
+        let b_on_a = mk_peer(&mut a, &b, public(&B0));
+        let a_on_b = mk_peer(&mut b, &a, public(&A0));
+        for node in [&a, &b] {
+            for peer in node.state.peers.iter() {
+                peer.lock().greet = false;
+            }
+        }
+        (a, b, b_on_a, a_on_b)
+    }
+
+    #[test]
+    fn idle_peers_handshake_under_a_new_key_without_traffic() {
+        let (mut a, mut b, _, a_on_b) = idle_pair();
+        let n = &mut [&mut a, &mut b];
+        assert_eq!(tick(n, 0) + tick(n, 1), 0, "idle: nothing is sent");
+
+        // A rotates: B learns A's next key and opens a session under it by itself.
+        n[0].state.set_raw_keys(None, Some(&[A1]));
+        assert_eq!(tick(n, 0), 0, "a key A only answers under starts nothing");
+        let mut u = PeerUpdate::new(public(&A0));
+        u.next_public_key = Some(Some(public(&A1)));
+        assert_eq!(n[1].state.apply_peer(&u, &mut no_send), Some(a_on_b));
+        assert_eq!(tick(n, 1), 2, "B handshakes with A's next key at once");
+        let (a1, b0) = (public(&A1), public(&B0));
+        assert!(
+            snapshot(n[0]).peers[0]
+                .sessions
+                .iter()
+                .any(|s| s.local_public_key == a1 && s.established.is_some()),
+            "A holds a session under its next key: B has moved"
+        );
+        assert_eq!(tick(n, 1), 0, "once");
+
+        // The same pair gone idle again, A switching: A opens the session itself.
+        let (mut a, mut b, _, a_on_b) = idle_pair();
+        let n = &mut [&mut a, &mut b];
+        n[0].state.set_raw_keys(None, Some(&[A1]));
+        let mut u = PeerUpdate::new(public(&A0));
+        u.next_public_key = Some(Some(public(&A1)));
+        n[1].state.apply_peer(&u, &mut no_send);
+        for peer in n[1].state.peers.iter() {
+            peer.lock().greet = false;
+        }
+        n[0].state.set_raw_keys(Some(A1), None);
+        assert_eq!(tick(n, 0), 2, "A handshakes under its new key at once");
+        assert!(
+            slots(n[0]).contains(&(a1, b0, true, true)),
+            "A sends under its new key: {:?}",
+            slots(n[0])
+        );
+        assert_eq!(n[1].state.peers.id_by_key(&a1), Some(a_on_b));
+    }
+
     #[test]
     fn a_rotation_moves_both_directions_to_the_new_key_and_keeps_the_peer() {
         let (mut a, mut b) = (mk_node(1, A0), mk_node(2, B0));
@@ -802,7 +865,7 @@ mod tests {
             .lock()
             .slots
             .clear(&mut n[1].state.peers.indices_for(c_peer.id));
-        n[1].state.reconcile(c_peer.id);
+        n[1].state.reconcile(c_peer.id, false);
         assert_eq!(send(n, 1, 0, 3), 1, "an initiation and no response");
         assert_eq!(n[0].delivered.len(), 1);
     }
