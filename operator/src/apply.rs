@@ -1,10 +1,12 @@
 //! The operator's apply step: performs a [`Plan`]'s writes, and nothing else.
 //!
-//! Every write is made only while this replica leads; the leader signal is checked before
-//! each one, so a replica that loses the lease mid-pass stops writing at once. Errors are
+//! Every write is made only while this replica leads; its acting deadline is checked before
+//! each one, so a replica that loses the lease mid-pass, or was frozen past its deadline,
+//! stops writing at once. Errors are
 //! counted and logged here, once, and the pass goes on: the next pass retries whatever
 //! did not happen.
 
+use crate::lease::Leadership;
 use crate::metrics::Metrics;
 use crate::plan::{EventSpec, EventTarget, Plan, RELEASE_FINALIZER};
 use futures::{StreamExt, stream};
@@ -16,7 +18,6 @@ use kube::{
 };
 use serde_json::json;
 use std::sync::Arc;
-use tokio::sync::watch;
 use tracing::{debug, info, warn};
 use wgmesh_api::{Mesh, MeshPeer, PodCIDRPool, consts::OPERATOR_MANAGER};
 
@@ -29,7 +30,7 @@ pub struct Writer {
     pools: Api<PodCIDRPool>,
     meshes: Api<Mesh>,
     recorder: Recorder,
-    leader: watch::Receiver<bool>,
+    leader: Leadership,
     metrics: Arc<Metrics>,
 }
 
@@ -50,12 +51,7 @@ pub struct Written {
 }
 
 impl Writer {
-    pub fn new(
-        client: Client,
-        identity: &str,
-        leader: watch::Receiver<bool>,
-        metrics: Arc<Metrics>,
-    ) -> Self {
+    pub fn new(client: Client, identity: &str, leader: Leadership, metrics: Arc<Metrics>) -> Self {
         let reporter = Reporter {
             controller: OPERATOR_MANAGER.into(),
             instance: Some(identity.to_owned()),
@@ -71,7 +67,7 @@ impl Writer {
     }
 
     fn leading(&self) -> bool {
-        *self.leader.borrow()
+        self.leader.leading()
     }
 
     fn failed(&self, kind: &str, name: &str, err: &kube::Error) {

@@ -7,6 +7,7 @@
 //! server returned for them overlay the caches until the watch catches up.
 
 use crate::apply::Writer;
+use crate::lease::Leadership;
 use crate::metrics::Metrics;
 use crate::plan::{self, Snapshot};
 use futures::{Stream, StreamExt};
@@ -26,7 +27,7 @@ use std::fmt::Debug;
 use std::hash::Hash;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
 use tracing::{error, info, instrument};
 use wgmesh_api::{Mesh, MeshPeer, PodCIDRPool, consts::DEFAULT_MESH};
 
@@ -119,12 +120,7 @@ impl Overlay {
 
 /// Runs the loop forever. `leader` says whether this replica may write.
 #[instrument(skip_all)]
-pub async fn run(
-    client: Client,
-    identity: String,
-    mut leader: watch::Receiver<bool>,
-    metrics: Arc<Metrics>,
-) {
+pub async fn run(client: Client, identity: String, mut leader: Leadership, metrics: Arc<Metrics>) {
     let notify = Arc::new(Notify::new());
     // Nodes are big; keep only what planning reads.
     let nodes = watcher(Api::<Node>::all(client.clone()), watcher::Config::default()).modify(|n| {
@@ -185,11 +181,11 @@ pub async fn run(
     let mut carry_over = BTreeMap::new();
     let mut was_leader = false;
     loop {
-        let is_leader = *leader.borrow_and_update();
+        let is_leader = leader.leading();
         metrics.leader.set(i64::from(is_leader));
         if !is_leader {
             was_leader = false;
-            if leader.changed().await.is_err() {
+            if leader.flipped(false).await.is_err() {
                 return;
             }
             continue;
@@ -285,7 +281,7 @@ pub async fn run(
         tokio::select! {
             _ = notify.notified() => {}
             _ = tokio::time::sleep(wait) => {}
-            _ = leader.changed() => {}
+            _ = leader.flipped(true) => {}
         }
         tokio::time::sleep(COALESCE).await;
     }

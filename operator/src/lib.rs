@@ -18,7 +18,6 @@ use anyhow::Context;
 use clap::Parser;
 use kube::Api;
 use std::{net::SocketAddr, sync::Arc, time::Duration};
-use tokio::sync::watch;
 
 /// Command-line and environment configuration.
 #[derive(Debug, Parser)]
@@ -108,7 +107,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         format!("{}-{}", host.trim(), std::process::id())
     });
     let metrics = Arc::new(metrics::Metrics::new());
-    let (leader_tx, leader_rx) = watch::channel(false);
+    let (leader_tx, leader_rx) = lease::Leadership::channel();
 
     let lease_duration = Duration::from_secs(args.lease_duration_seconds.max(3));
     let lease = lease::LeaseConfig {

@@ -303,6 +303,61 @@ async fn two_replicas_at_once_never_double_allocate() -> Result<()> {
     Ok(())
 }
 
+/// The leader frozen (SIGSTOP) for 30 s while 50 nodes join; the other replica takes over
+/// and allocates; the frozen one, resumed, finds its deadline long past and writes nothing:
+/// no subnet is given twice and none moves.
+#[tokio::test]
+async fn a_leader_frozen_past_its_deadline_writes_nothing_when_it_resumes() -> Result<()> {
+    const FROZEN: Duration = Duration::from_secs(30);
+    let _serial = SERIAL.lock().await;
+    let env = setup().await?;
+    env.pools
+        .create(
+            &PostParams::default(),
+            &mk_pool("frozen", &["10.203.0.0/16"], Some(26), None),
+        )
+        .await?;
+    let a = OperatorProcess::start(OPERATOR, &env.lease, &[])?;
+    wait_for(
+        "the first replica to lead",
+        Duration::from_secs(60),
+        || async { Ok(a.log_text().contains("became leader").then_some(())) },
+    )
+    .await?;
+    env.add_nodes((0..5).map(|i| format!("early{i}"))).await?;
+    let early = env.allocated(5, 1, Duration::from_secs(60)).await?;
+    let b = OperatorProcess::start(OPERATOR, &env.lease, &[])?;
+    a.freeze()?;
+    let frozen_at = Instant::now();
+    env.add_nodes((0..50).map(|i| format!("late{i:02}")))
+        .await?;
+    let during = env.allocated(55, 1, FROZEN * 4).await?;
+    assert!(
+        b.log_text().contains("became leader"),
+        "the second replica never led:\n{}",
+        b.log_text()
+    );
+    assert_disjoint(&during);
+    for (node, subnets) in &early {
+        assert_eq!(&during[node], subnets, "{node}'s subnet moved");
+    }
+    tokio::time::sleep(FROZEN.saturating_sub(frozen_at.elapsed())).await;
+    a.thaw()?;
+    // Time for the resumed replica to act on everything it missed, if it would.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let after = env.allocated(55, 1, Duration::from_secs(30)).await?;
+    assert_eq!(
+        after, during,
+        "subnets changed after the frozen leader resumed"
+    );
+    let resumed = a.log_text();
+    assert!(
+        resumed.matches("created node peer").count() <= early.len(),
+        "the resumed replica created peers:\n{resumed}"
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_deleted_nodes_subnet_is_reused_only_after_the_grace_period() -> Result<()> {
     let _serial = SERIAL.lock().await;

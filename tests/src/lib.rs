@@ -237,6 +237,25 @@ impl OperatorProcess {
         let _ = self.child.wait();
     }
 
+    /// Freezes the process (SIGSTOP), as a paused VM or a stalled node would.
+    pub fn freeze(&self) -> Result<()> {
+        self.signal(libc::SIGSTOP)
+    }
+
+    /// Resumes a frozen process (SIGCONT).
+    pub fn thaw(&self) -> Result<()> {
+        self.signal(libc::SIGCONT)
+    }
+
+    fn signal(&self, sig: libc::c_int) -> Result<()> {
+        let pid = libc::pid_t::try_from(self.child.id())?;
+        // SAFETY: kill has no memory preconditions; the pid is our own child's.
+        if unsafe { libc::kill(pid, sig) } != 0 {
+            bail!("signal {sig} to {pid}: {}", std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// The process's log so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
