@@ -158,6 +158,19 @@ impl Mesh {
             .args(args))
     }
 
+    /// Merges `spec` (JSON, the inside of `spec`) into the `default` Mesh.
+    pub fn patch_mesh(&self, spec: &str) -> Result<String> {
+        self.kubectl(&[
+            "patch",
+            "mesh",
+            "default",
+            "--type",
+            "merge",
+            "-p",
+            &format!(r#"{{"spec":{spec}}}"#),
+        ])
+    }
+
     pub fn pod(&self, node: &str, pod: &str) -> Result<String> {
         Ok(self.script(&["pod", node, pod])?.trim().to_owned())
     }

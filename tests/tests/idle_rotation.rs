@@ -49,15 +49,9 @@ fn rotate_all(mesh: &Mesh, nodes: &[String], title: &str) -> Result<String> {
             .as_secs(),
     )?)?;
     let started = Instant::now();
-    mesh.kubectl(&[
-        "patch",
-        "mesh",
-        "default",
-        "--type",
-        "merge",
-        "-p",
-        &format!(r#"{{"spec":{{"keyRotation":{{"requestedAt":"{requested}"}}}}}}"#),
-    ])?;
+    mesh.patch_mesh(&format!(
+        r#"{{"keyRotation":{{"requestedAt":"{requested}"}}}}"#
+    ))?;
     let mut laggards = None;
     // When each node was first seen completed, from the request (polled: a fraction of a
     // second late at most).

@@ -77,15 +77,7 @@ fn steps(mesh: &Mesh, ips: &[String]) -> Result<()> {
     }
 
     // 4. host-gw for on-link peers: pods still talk, in the clear, and not through WireGuard.
-    mesh.kubectl(&[
-        "patch",
-        "mesh",
-        "default",
-        "--type",
-        "merge",
-        "-p",
-        r#"{"spec":{"transport":{"hostGateway":"OnLink"}}}"#,
-    ])?;
+    mesh.patch_mesh(r#"{"transport":{"hostGateway":"OnLink"}}"#)?;
     let gw = mesh.node_ip("node-2");
     wait_until("host-gw routes", Duration::from_secs(30), || {
         run(mesh.exec("node-1", &["ip", "route", "get", &ips[1]]))
@@ -109,15 +101,7 @@ fn steps(mesh: &Mesh, ips: &[String]) -> Result<()> {
         "host-gw: pod addresses should be on the wire ({plain} packets)"
     );
     assert_eq!(wg, 0, "host-gw: WireGuard packets seen");
-    mesh.kubectl(&[
-        "patch",
-        "mesh",
-        "default",
-        "--type",
-        "merge",
-        "-p",
-        r#"{"spec":{"transport":{"hostGateway":"Never"}}}"#,
-    ])?;
+    mesh.patch_mesh(r#"{"transport":{"hostGateway":"Never"}}"#)?;
     wait_until(
         "routes back through the device",
         Duration::from_secs(30),

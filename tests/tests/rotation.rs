@@ -296,15 +296,7 @@ fn under_traffic(
 }
 
 fn set_rotation_policy(mesh: &Mesh, policy: &str) -> Result<()> {
-    mesh.kubectl(&[
-        "patch",
-        "mesh",
-        "default",
-        "--type",
-        "merge",
-        "-p",
-        &format!(r#"{{"spec":{{"keyRotation":{policy}}}}}"#),
-    ])?;
+    mesh.patch_mesh(&format!(r#"{{"keyRotation":{policy}}}"#))?;
     Ok(())
 }
 
