@@ -575,6 +575,8 @@ pub struct IperfServer {
 }
 
 impl IperfServer {
+    /// Starts the server and returns once it listens: a client started before that is
+    /// refused and exits at once.
     pub fn start(ns: &Netns, port: u16) -> Self {
         let child = ns
             .cmd("iperf3")
@@ -583,7 +585,15 @@ impl IperfServer {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        Self { child }
+        let server = Self { child };
+        let filter = format!("sport = :{port}");
+        wait_until("iperf3 to listen", Duration::from_secs(10), || {
+            ns.cmd("ss")
+                .args(["-Hltn", &filter])
+                .output()
+                .is_ok_and(|o| !o.stdout.is_empty())
+        });
+        server
     }
 }
 
