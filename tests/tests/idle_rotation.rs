@@ -73,8 +73,16 @@ fn rotate_all(mesh: &Mesh, nodes: &[String], title: &str) -> Result<String> {
                 laggards = Some(format!("{node}: {}", rotation["laggards"]));
                 return true;
             }
+            // The agent's phase, then the operator's condition, which follows it.
+            let reason = p["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|c| c["type"] == "Rotating")
+                .map(|c| c["reason"].clone());
             let done = p["status"]["keyGeneration"].as_i64().unwrap_or(0) > *gen0
-                && rotation["phase"] == "Completed";
+                && rotation["phase"] == "Completed"
+                && reason.is_some_and(|r| r == "Completed");
             if done && !completed.iter().any(|(n, _)| n == node) {
                 completed.push((node.clone(), started.elapsed().as_secs_f64()));
             }
