@@ -30,11 +30,12 @@ fn peers(mesh: &Mesh) -> Result<Vec<serde_json::Value>> {
 /// Requests a rotation of every node through the `Mesh` and waits until every node
 /// completed one more; fails at once if a node names a laggard. Returns the report line.
 fn rotate_all(mesh: &Mesh, nodes: &[String], title: &str) -> Result<String> {
+    let items = peers(mesh)?;
     let before: Vec<i64> = nodes
         .iter()
         .map(|n| {
-            let p = peers(mesh)?;
-            p.iter()
+            items
+                .iter()
                 .find(|p| p["metadata"]["name"] == n.as_str())
                 .and_then(|p| p["status"]["keyGeneration"].as_i64())
                 .with_context(|| format!("{n}'s key generation"))
