@@ -342,9 +342,17 @@ async fn a_leader_frozen_past_its_deadline_writes_nothing_when_it_resumes() -> R
         assert_eq!(&during[node], subnets, "{node}'s subnet moved");
     }
     tokio::time::sleep(FROZEN.saturating_sub(frozen_at.elapsed())).await;
+    let stepped_down = || a.log_text().matches("stepping down").count();
+    let before_thaw = stepped_down();
     a.thaw()?;
-    // Time for the resumed replica to act on everything it missed, if it would.
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    // The resumed replica has run once it says it stepped down (its deadline passed, or it
+    // saw the other holder); anything it would have written wrongly comes before that.
+    wait_for(
+        "the resumed replica to step down",
+        Duration::from_secs(30),
+        || async { Ok((stepped_down() > before_thaw).then_some(())) },
+    )
+    .await?;
     let after = env.allocated(55, 1, Duration::from_secs(30)).await?;
     assert_eq!(
         after, during,
