@@ -220,21 +220,24 @@ pub struct MeshKeyRotation {
     #[schemars(range(min = 1))]
     pub max_concurrent: Option<u32>,
 
-    /// How long a node keeps answering external peers under its old key after a rotation.
-    /// Default `24h`. Node peers learn the new key through the API and need no grace. A
-    /// revocation (`revoke`) gives none.
+    /// How long a node keeps answering under its old key after a rotation, for external
+    /// peers and for node peers that had not moved to the new key when it completed (its
+    /// laggards: their agent stopped, or they could not reach the API). Default `24h`. Node
+    /// peers that moved need no grace. A revocation (`revoke`) gives none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "duration_schema")]
     pub external_grace_period: Option<String>,
 
     /// How long a rotating node waits for every peer to install its next key before it
-    /// switches anyway, naming the laggards. Default `2m`.
+    /// switches anyway, naming the laggards. Default `2m`. Counted only while the node's
+    /// agent reaches the API server: an outage pauses it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "duration_schema")]
     pub acknowledge_timeout: Option<String>,
 
     /// How long a rotating node waits, after switching, for every peer to move its traffic
     /// to the next key before it retires the old one, naming the laggards. Default `2m`.
+    /// Counted only while the node's agent reaches the API server: an outage pauses it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "duration_schema")]
     pub move_timeout: Option<String>,

@@ -20,6 +20,7 @@
 //! - [`topology`]: the node agent's plan: device peers, routes (fail closed), host-gw, MTU.
 //! - [`duration`]: Go-style durations as the `Mesh` spells them.
 //! - [`rotation`]: key rotation decisions: which nodes are due, what a rotating node does next.
+//! - [`api_view`]: whether a view of the API server is current, and since when.
 //!
 //! Error and problem types implement `Display` with a complete sentence fit for a status
 //! condition or an event; where one error wraps another, the inner one is part of that text
@@ -28,6 +29,7 @@
 //! Times are [`std::time::SystemTime`] values supplied by the caller; creation times decide
 //! seniority (the older pool or peer keeps what two of them claim), names break ties.
 
+pub mod api_view;
 pub mod duration;
 pub mod ipam;
 pub mod keys;

@@ -204,6 +204,23 @@ pub struct Observation {
     pub acknowledged: BTreeSet<String>,
     /// Peers that completed a handshake with this node's next key.
     pub moved: BTreeSet<String>,
+    /// Since when the agent's view of the API has been current without a break (its last
+    /// request answered moments ago); `None` while it is not. Grants, approvals and
+    /// acknowledgements come through the API, so their absence means something only while
+    /// the view is current: the timeouts run only then, counted from the later of the phase's
+    /// start and this instant. An API outage of any length therefore never makes laggards,
+    /// abandons a key or retires one; the rotation goes on from where it was once the API is
+    /// back.
+    pub api_current_since: Option<SystemTime>,
+}
+
+/// Whether a wait that began at `since` has lasted `timeout`, counting only the time the
+/// API view has been current (see [`Observation::api_current_since`]).
+fn waited(since: SystemTime, obs: &Observation, timeout: Duration, now: SystemTime) -> bool {
+    obs.api_current_since.is_some_and(|api| {
+        now.duration_since(since.max(api))
+            .is_ok_and(|d| d >= timeout)
+    })
 }
 
 /// How long each wait may last before the rotation goes on without the laggards.
@@ -224,7 +241,13 @@ pub enum Action {
     Switch,
     /// Make the next key current with `generation`, and keep answering only the previous
     /// keys [`previous_after_retire`] returns for `revoke`; zero and delete the others.
-    Retire { generation: i64, revoke: bool },
+    /// `laggards`: some node peers never moved to the next key, so the retired key is still
+    /// needed to reach them (unless this is a revocation).
+    Retire {
+        generation: i64,
+        revoke: bool,
+        laggards: bool,
+    },
     /// The next key was never approved: stop publishing it and stay on the current key. An
     /// approval may have crossed this decision, so the key stays answered (as a previous
     /// key) for the acknowledge timeout before it is deleted.
@@ -272,9 +295,7 @@ pub fn step(
             revoke,
         } => {
             let waiting = missing(&obs.peers, &obs.acknowledged);
-            let timed_out = now
-                .duration_since(since)
-                .is_ok_and(|d| d >= timeouts.acknowledge);
+            let timed_out = waited(since, obs, timeouts.acknowledge, now);
             if !obs.next_approved {
                 if timed_out {
                     // No peer can know an unapproved key: switching would cut them all off.
@@ -318,9 +339,7 @@ pub fn step(
             revoke,
         } => {
             let waiting = missing(&obs.peers, &obs.moved);
-            let timed_out = now
-                .duration_since(since)
-                .is_ok_and(|d| d >= timeouts.move_over);
+            let timed_out = waited(since, obs, timeouts.move_over, now);
             let next = Phase::Steady {
                 generation: generation + 1,
             };
@@ -330,6 +349,7 @@ pub fn step(
                     vec![Action::Retire {
                         generation: generation + 1,
                         revoke,
+                        laggards: false,
                     }],
                 )
             } else if timed_out {
@@ -343,6 +363,7 @@ pub fn step(
                         Action::Retire {
                             generation: generation + 1,
                             revoke,
+                            laggards: true,
                         },
                     ],
                 )
@@ -413,15 +434,32 @@ pub fn device_keys(phase: Phase, has_previous: bool) -> (KeyRole, Vec<KeyRole>) 
     (initiating, answered)
 }
 
+/// Who may still need a key an ordinary rotation retires.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StillNeeded {
+    /// The mesh has external peers, which cannot learn the new key by themselves.
+    pub external_peers: bool,
+    /// Node peers never moved to the new key before the move timeout (the laggards): they
+    /// may not hold it yet (their agent stopped, or cut off from the API), and would lose
+    /// this node if the old key stopped being answered.
+    pub node_laggards: bool,
+}
+
+impl StillNeeded {
+    fn any(self) -> bool {
+        self.external_peers || self.node_laggards
+    }
+}
+
 /// Until when a key retired by an ordinary rotation is still answered: for the grace period
-/// if the mesh has external peers (which cannot learn the new key by themselves), else not
-/// at all. A revocation keeps no retired key: see [`previous_after_retire`].
+/// if anyone may still need it (see [`StillNeeded`]), else not at all. A revocation keeps no
+/// retired key: see [`previous_after_retire`].
 pub fn previous_key_until(
     retired_at: SystemTime,
     grace: Duration,
-    has_external_peers: bool,
+    needed: StillNeeded,
 ) -> Option<SystemTime> {
-    if !has_external_peers || grace.is_zero() {
+    if !needed.any() || grace.is_zero() {
         return None;
     }
     retired_at.checked_add(grace)
@@ -434,22 +472,22 @@ pub fn previous_key_until(
 /// `retired` until [`previous_key_until`]. A revocation keeps none: the retired key's
 /// deadline is the moment of completion, and every key retired or abandoned before it (in
 /// its grace period, or awaiting a crossed approval) stops being answered at that moment
-/// too, since whoever could read the retired key could read them. Node peers lose nothing:
-/// each has moved to the new key or was named a laggard. External peers that still use an
-/// old key lose the node until they are given the new one.
+/// too, since whoever could read the retired key could read them. Node peers that moved
+/// lose nothing; laggards and external peers that still use an old key lose the node until
+/// they are given the new one.
 pub fn previous_after_retire<K>(
     previous: Vec<(K, SystemTime)>,
     retired: K,
     revoke: bool,
     grace: Duration,
-    has_external_peers: bool,
+    needed: StillNeeded,
     now: SystemTime,
 ) -> Vec<(K, SystemTime)> {
     if revoke {
         return Vec::new();
     }
     let mut kept = previous;
-    if let Some(until) = previous_key_until(now, grace, has_external_peers) {
+    if let Some(until) = previous_key_until(now, grace, needed) {
         kept.push((retired, until));
     }
     kept
@@ -591,6 +629,7 @@ mod tests {
         let mut obs = Observation {
             granted: true,
             peers: peers.clone(),
+            api_current_since: Some(at(0)),
             ..Default::default()
         };
         let (phase, acts) = step(Phase::Steady { generation: 3 }, &obs, &T, at(0));
@@ -611,7 +650,8 @@ mod tests {
             acts,
             vec![Action::Retire {
                 generation: 4,
-                revoke: false
+                revoke: false,
+                laggards: false
             }]
         );
         assert_eq!(phase, Phase::Steady { generation: 4 });
@@ -626,6 +666,7 @@ mod tests {
             peers: set(&["fast", "slow"]),
             acknowledged: set(&["fast"]),
             moved: set(&["fast"]),
+            api_current_since: Some(at(0)),
         };
         let prepared = Phase::Prepared {
             generation: 0,
@@ -663,11 +704,98 @@ mod tests {
                 },
                 Action::Retire {
                     generation: 1,
-                    revoke: false
+                    revoke: false,
+                    laggards: true
                 }
             ]
         );
         assert_eq!(phase, Phase::Steady { generation: 1 });
+    }
+
+    #[test]
+    fn no_timeout_runs_while_the_api_view_is_not_current() {
+        // Nothing was acknowledged, approved or moved: the API went away mid-rotation.
+        let mut obs = Observation {
+            granted: true,
+            next_approved: false,
+            peers: set(&["p1", "p2"]),
+            api_current_since: None,
+            ..Default::default()
+        };
+        let prepared = Phase::Prepared {
+            generation: 0,
+            since: at(0),
+            revoke: false,
+        };
+        // An unapproved key is not abandoned, however long the outage.
+        assert_eq!(
+            step(prepared, &obs, &T, at(100_000)),
+            (prepared, vec![Action::PrepareNext])
+        );
+        // Approved before the outage, never acknowledged: no switch on a stale view.
+        obs.next_approved = true;
+        assert_eq!(step(prepared, &obs, &T, at(100_000)), (prepared, vec![]));
+        let switched = Phase::Switched {
+            generation: 0,
+            since: at(0),
+            revoke: false,
+        };
+        // Switched, nobody moved: the old key is not retired.
+        assert_eq!(
+            step(switched, &obs, &T, at(100_000)),
+            (switched, vec![Action::Switch])
+        );
+        // The API is back at 100 000: the timeouts count from then, not from the phase.
+        obs.api_current_since = Some(at(100_000));
+        assert_eq!(step(prepared, &obs, &T, at(100_059)), (prepared, vec![]));
+        assert!(matches!(
+            step(prepared, &obs, &T, at(100_060)).0,
+            Phase::Switched { .. }
+        ));
+        assert_eq!(
+            step(switched, &obs, &T, at(100_119)),
+            (switched, vec![Action::Switch])
+        );
+        assert!(matches!(
+            step(switched, &obs, &T, at(100_120)).1.last(),
+            Some(Action::Retire { laggards: true, .. })
+        ));
+        // Peers that move complete it, view or no view: moving is seen on the device.
+        obs.api_current_since = None;
+        obs.moved = obs.peers.clone();
+        assert_eq!(
+            step(switched, &obs, &T, at(100_200)).1,
+            vec![Action::Retire {
+                generation: 1,
+                revoke: false,
+                laggards: false
+            }]
+        );
+    }
+
+    #[test]
+    fn a_retired_key_stays_answered_while_laggards_or_external_peers_may_need_it() {
+        let grace = Duration::from_secs(3600);
+        let none = StillNeeded::default();
+        assert_eq!(previous_key_until(at(10), grace, none), None);
+        for needed in [
+            StillNeeded {
+                external_peers: true,
+                ..none
+            },
+            StillNeeded {
+                node_laggards: true,
+                ..none
+            },
+        ] {
+            assert_eq!(previous_key_until(at(10), grace, needed), Some(at(3610)));
+            assert_eq!(
+                previous_after_retire(vec![], "old", false, grace, needed, at(10)),
+                vec![("old", at(3610))]
+            );
+            // A revocation keeps nothing, whoever lags.
+            assert!(previous_after_retire(vec![], "old", true, grace, needed, at(10)).is_empty());
+        }
     }
 
     #[test]
@@ -677,6 +805,7 @@ mod tests {
         let waiting = Observation {
             granted: true,
             peers: set(&["p"]),
+            api_current_since: Some(at(0)),
             ..Default::default()
         };
         let prepared = Phase::Prepared {
@@ -752,6 +881,7 @@ mod tests {
                                     peers: set(&all),
                                     acknowledged: acked.clone(),
                                     moved: moved.clone(),
+                                    api_current_since: Some(at(0)),
                                 };
                                 let (next, acts) = step(phase, &obs, &T, now);
                                 let (r0, r1) = (rank(&phase), rank(&next));
@@ -770,7 +900,8 @@ mod tests {
                                     assert_eq!(generation(&next), generation(&phase) + 1);
                                     assert!(acts.contains(&Action::Retire {
                                         generation: 6,
-                                        revoke: false
+                                        revoke: false,
+                                        laggards: moved != &set(&all),
                                     }));
                                 } else {
                                     assert_eq!(generation(&next), generation(&phase));
@@ -858,6 +989,7 @@ mod tests {
             granted: true,
             revoke: true,
             peers: peers.clone(),
+            api_current_since: Some(at(0)),
             ..Default::default()
         };
         let (phase, acts) = step(Phase::Steady { generation: 0 }, &obs, &T, at(0));
@@ -881,7 +1013,8 @@ mod tests {
             acts,
             vec![Action::Retire {
                 generation: 1,
-                revoke: true
+                revoke: true,
+                laggards: false
             }]
         );
         assert_eq!(phase, Phase::Steady { generation: 1 });

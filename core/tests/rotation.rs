@@ -27,8 +27,8 @@ use std::time::{Duration, SystemTime};
 
 use wgmesh_core::rotation::{
     Action, Due, KeyRole, LaggardStep, MOVE_QUIET, NodeKeyView, Observation, Phase, Policy,
-    SessionView, Timeouts, device_keys, due, jitter, moved, next_due_at, previous_after_retire,
-    previous_key_until, schedule, step,
+    SessionView, StillNeeded, Timeouts, device_keys, due, jitter, moved, next_due_at,
+    previous_after_retire, previous_key_until, schedule, step,
 };
 
 fn at(secs: u64) -> SystemTime {
@@ -240,13 +240,20 @@ fn the_device_answers_every_key_a_peer_may_use_and_initiates_with_the_one_they_k
 #[test]
 fn a_retired_key_is_answered_only_for_external_peers_and_only_for_the_grace_period() {
     let retired = at(1000);
+    let external = StillNeeded {
+        external_peers: true,
+        node_laggards: false,
+    };
     assert_eq!(
-        previous_key_until(retired, secs(86_400), true),
+        previous_key_until(retired, secs(86_400), external),
         Some(at(1000 + 86_400))
     );
-    assert_eq!(previous_key_until(retired, secs(86_400), false), None);
-    assert_eq!(previous_key_until(retired, Duration::ZERO, true), None);
-    assert_eq!(previous_key_until(retired, Duration::MAX, true), None);
+    assert_eq!(
+        previous_key_until(retired, secs(86_400), StillNeeded::default()),
+        None
+    );
+    assert_eq!(previous_key_until(retired, Duration::ZERO, external), None);
+    assert_eq!(previous_key_until(retired, Duration::MAX, external), None);
 }
 
 #[test]
@@ -279,7 +286,11 @@ fn a_revocation_answers_no_earlier_key_once_it_completes_and_an_ordinary_rotatio
     ];
     for ((previous, revoke, grace, external), expected) in cases {
         let ctx = format!("{previous:?} revoke {revoke} grace {grace:?} external {external}");
-        let kept = previous_after_retire(previous, "old", revoke, grace, external, now);
+        let needed = StillNeeded {
+            external_peers: external,
+            node_laggards: false,
+        };
+        let kept = previous_after_retire(previous, "old", revoke, grace, needed, now);
         assert_eq!(kept, expected, "{ctx}");
         if revoke {
             // What a peer holding only an old key notices: no key but the new one answers
@@ -735,6 +746,7 @@ fn every_step_resumes_after_a_crash_and_ignores_a_grant_that_arrives_mid_rotatio
                                 peers: set(&peers),
                                 acknowledged: acked.clone(),
                                 moved: moved_peers.clone(),
+                                api_current_since: Some(SystemTime::UNIX_EPOCH),
                             };
                             let (p1, a1) = step(phase, &obs, &t, now);
                             cases += 1;
@@ -833,6 +845,7 @@ fn a_clock_that_steps_back_never_fires_a_timeout() {
         granted: true,
         next_approved: false,
         peers: set(&["a"]),
+        api_current_since: Some(SystemTime::UNIX_EPOCH),
         ..Default::default()
     };
     let prepared = Phase::Prepared {
@@ -1888,6 +1901,8 @@ impl Sim {
                 .map(|&p| self.names[p].clone())
                 .collect(),
             moved: moved_peers,
+            // The simulated API never goes away: its delays are the stale reads above.
+            api_current_since: Some(SystemTime::UNIX_EPOCH),
         }
     }
 
@@ -2024,15 +2039,16 @@ impl Sim {
                 let Phase::Switched { revoke, .. } = before else {
                     unreachable!()
                 };
+                let late = named(LaggardStep::MoveOver);
                 ensure!(
                     actions.last()
                         == Some(&Action::Retire {
                             generation: g1,
-                            revoke
+                            revoke,
+                            laggards: !late.is_empty(),
                         }),
-                    "{ctx}"
+                    "{ctx}: the retirement says whether laggards remain"
                 );
-                let late = named(LaggardStep::MoveOver);
                 if !late.is_empty() {
                     ensure!(
                         elapsed(a.switched_at)? >= t.move_over,
@@ -2106,7 +2122,13 @@ impl Sim {
                         });
                     }
                 }
-                Action::Retire { revoke, .. } => {
+                Action::Retire {
+                    revoke, laggards, ..
+                } => {
+                    let needed = StillNeeded {
+                        external_peers: grace.is_some(),
+                        node_laggards: *laggards,
+                    };
                     let next = disk
                         .next
                         .take()
@@ -2119,7 +2141,7 @@ impl Sim {
                         old,
                         *revoke,
                         grace.unwrap_or_default(),
-                        grace.is_some(),
+                        needed,
                         now,
                     );
                     if *revoke {

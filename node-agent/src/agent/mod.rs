@@ -48,6 +48,7 @@ use wgmesh_api::{
     consts::{AGENT_MANAGER, DEFAULT_MESH, condition, grant_reason},
     peer::{Connectivity, InstalledKey},
 };
+use wgmesh_core::api_view::ApiView;
 use wgmesh_core::duration::backoff;
 use wgmesh_core::topology::{self, LocalNode, NodePlan, Route};
 
@@ -59,6 +60,12 @@ const ROTATION_TICK: Duration = Duration::from_millis(500);
 const STATUS_RETRY_FIRST: Duration = Duration::from_millis(500);
 /// Connectivity (handshake times) is written at most this often.
 const CONNECTIVITY_INTERVAL: Duration = Duration::from_secs(60);
+/// The longest the agent waits for one API request in a pass: the pass (and with it the
+/// rotation's steps) goes on without the answer.
+const API_REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+/// During a rotation, how old the API's last answer may be before the agent asks again:
+/// the rotation's timeouts run only while the API answers.
+const API_PROBE_EVERY: Duration = Duration::from_secs(2);
 /// A peer counts as connected if its last handshake is this recent.
 const CONNECTED_WITHIN: Duration = Duration::from_secs(180);
 
@@ -175,6 +182,9 @@ struct Agent {
     ready: bool,
     /// Whether the missing own peer was reported (reset when it appears).
     own_peer_missing_reported: bool,
+    /// When the API last answered, and since when without a break: a rotation's timeouts
+    /// run only while this view is current.
+    api_view: ApiView,
 }
 
 fn decode_key(b64: &str) -> Option<Key> {
@@ -307,6 +317,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         fallback_reported: false,
         ready: false,
         own_peer_missing_reported: false,
+        api_view: ApiView::default(),
         args,
     };
     agent.start_device(&caches).await;
@@ -793,7 +804,13 @@ impl Agent {
             (Some(next), Some(a)) => a.next_public_key.as_deref() == Some(&next.public_base64()),
             _ => false,
         };
+        if rotation::Rotator::active(&self.keys)
+            && self.api_view.stale(SystemTime::now(), API_PROBE_EVERY)
+        {
+            self.probe_api().await;
+        }
         let inputs = rotation::Inputs {
+            api_current_since: self.api_view.current(SystemTime::now()),
             granted: grant.is_some(),
             revoke: grant.is_some_and(|g| g.reason == grant_reason::REVOKE),
             next_approved,
@@ -915,8 +932,8 @@ impl Agent {
                             .max()
                             .map(|until| {
                                 format!(
-                                    "; it is still answered for external peers until {}",
-                                    time(until).map(|t| t.0.to_string()).unwrap_or_default()
+                                    "; it is still answered until {}, for peers that may still use it",
+                                    time(until).map(|t| t.0.to_string()).unwrap_or_default(),
                                 )
                             })
                             .unwrap_or_else(|| "; its secret is deleted".into())
@@ -970,10 +987,30 @@ impl Agent {
                 }
                 rotation::Notice::PreviousKeyDeleted => {
                     info!("the retired key's grace period ended; it is deleted");
-                    (false, "PreviousKeyDeleted", "the retired key's grace period for external peers ended; it is no longer answered and is deleted".to_owned())
+                    (false, "PreviousKeyDeleted", "the retired key's grace period ended; it is no longer answered and is deleted".to_owned())
                 }
             };
             self.publish_event(warning, reason, "RotateKey", note).await;
+        }
+    }
+
+    /// Asks the API server for this node's `MeshPeer`, to learn whether it answers; bounded by
+    /// [`API_REQUEST_TIMEOUT`], so an unreachable server delays a pass, never stops it.
+    async fn probe_api(&mut self) {
+        let name = self.args.node_name.clone();
+        match tokio::time::timeout(API_REQUEST_TIMEOUT, self.peers_api.get_opt(&name)).await {
+            Ok(Ok(_)) => self.api_view.answered(SystemTime::now()),
+            Ok(Err(e)) => {
+                self.api_view.failed();
+                warn!(error = %e, "the API server did not answer; rotation timeouts are paused");
+            }
+            Err(_) => {
+                self.api_view.failed();
+                warn!(
+                    timeout = ?API_REQUEST_TIMEOUT,
+                    "the API server did not answer in time; rotation timeouts are paused"
+                );
+            }
         }
     }
 
@@ -997,9 +1034,18 @@ impl Agent {
             namespace: Some("default".into()),
             ..Default::default()
         };
-        if let Err(e) = self.recorder.publish(&ev, &reference).await {
-            self.metrics.error("event");
-            warn!(error = %e, "publishing an event failed");
+        match tokio::time::timeout(API_REQUEST_TIMEOUT, self.recorder.publish(&ev, &reference))
+            .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                self.metrics.error("event");
+                warn!(error = %e, reason, "publishing an event failed");
+            }
+            Err(_) => {
+                self.metrics.error("event");
+                warn!(reason, "publishing an event timed out");
+            }
         }
     }
 
@@ -1306,18 +1352,24 @@ impl Agent {
             "status": body,
         });
         let params = PatchParams::apply(AGENT_MANAGER).force();
-        match self
+        let patch = Patch::Apply(patch);
+        let write = self
             .peers_api
-            .patch_status(&self.args.node_name, &params, &Patch::Apply(patch))
-            .await
-        {
+            .patch_status(&self.args.node_name, &params, &patch);
+        let result = match tokio::time::timeout(API_REQUEST_TIMEOUT, write).await {
+            Ok(r) => r.map_err(anyhow::Error::from),
+            Err(_) => Err(anyhow::anyhow!("no answer within {API_REQUEST_TIMEOUT:?}")),
+        };
+        match result {
             Ok(_) => {
+                self.api_view.answered(SystemTime::now());
                 self.status_failures = 0;
                 self.metrics.status_writes.inc();
                 self.last_status = Some(comparable);
                 self.last_connectivity_write = Some(Instant::now());
             }
             Err(e) => {
+                self.api_view.failed();
                 self.metrics.error("status");
                 self.status_failures = self.status_failures.saturating_add(1);
                 warn!(

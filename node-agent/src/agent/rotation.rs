@@ -31,8 +31,12 @@ pub struct Inputs {
     pub acknowledged: BTreeSet<String>,
     /// Whether the mesh has external peers (a retired key is then kept for their grace).
     pub has_external_peers: bool,
-    /// How long a retired key stays answered for them.
+    /// How long a retired key stays answered for them, and for node peers that never
+    /// moved to the new key (laggards).
     pub external_grace: Duration,
+    /// Since when the agent's view of the API has been current (see
+    /// `wgmesh_core::rotation::Observation::api_current_since`).
+    pub api_current_since: Option<SystemTime>,
 }
 
 /// Something worth an Event or a log line.
@@ -159,6 +163,7 @@ impl Rotator {
             peers: inputs.peers.clone(),
             acknowledged: inputs.acknowledged.clone(),
             moved: rotation::moved(&sessions, now),
+            api_current_since: inputs.api_current_since,
         };
         self.waiting_for = match keys.phase {
             Phase::Prepared { .. } => obs.peers.difference(&obs.acknowledged).cloned().collect(),
@@ -182,6 +187,7 @@ impl Rotator {
         };
         let mut retire_to = None;
         let mut revoking = false;
+        let mut lagging = false;
         let mut abandoned = None;
         for action in &actions {
             match action {
@@ -189,9 +195,14 @@ impl Rotator {
                     next_key = Some(NodeKey::generate(now, keys.current.generation + 1));
                 }
                 Action::PrepareNext | Action::Switch => {}
-                Action::Retire { generation, revoke } => {
+                Action::Retire {
+                    generation,
+                    revoke,
+                    laggards,
+                } => {
                     retire_to = Some(*generation);
                     revoking = *revoke;
+                    lagging = *laggards;
                 }
                 Action::Abandon => abandoned = next_key.take(),
                 Action::Laggards { step, peers } => {
@@ -243,7 +254,10 @@ impl Rotator {
                 old,
                 revoking,
                 inputs.external_grace,
-                inputs.has_external_peers,
+                rotation::StillNeeded {
+                    external_peers: inputs.has_external_peers,
+                    node_laggards: lagging,
+                },
                 now,
             );
             candidate.revoked = revoking;
@@ -448,6 +462,7 @@ mod tests {
             granted: true,
             peers: ["p".to_string()].into(),
             external_grace: Duration::from_secs(60),
+            api_current_since: Some(at(0)),
             ..Default::default()
         };
         let none = BTreeMap::new();
@@ -518,6 +533,7 @@ mod tests {
         let inputs = Inputs {
             granted: true,
             peers: ["p".to_string()].into(),
+            api_current_since: Some(at(0)),
             ..Default::default()
         };
         let none = BTreeMap::new();
@@ -566,6 +582,7 @@ mod tests {
             next_approved: false,
             has_external_peers: true,
             external_grace: Duration::from_secs(86_400),
+            api_current_since: Some(at(0)),
             ..Default::default()
         };
         let none = BTreeMap::new();
