@@ -81,6 +81,11 @@ pub struct LocalNode {
     pub on_link: Vec<IpNet>,
     /// Whether the WireGuard device is up.
     pub device_up: bool,
+    /// The device cannot exist on this node (the kernel offers no TUN device), as opposed to
+    /// being down for a reason a retry may fix (a port in use, a failed start, a deleted
+    /// interface). Only then does the `Fallback` policy route on-link peers in the clear;
+    /// otherwise a down device fails closed.
+    pub device_unavailable: bool,
 }
 
 /// How a peer is reached.
@@ -190,7 +195,9 @@ pub fn plan_node(
             .filter(|ip| peer.is_node && on_link_and_trusted(local, policy, *ip));
         let transport = match (policy.host_gateway, gateway, local.device_up) {
             (HostGatewayPolicy::OnLink, Some(_), _) => Transport::HostGateway,
-            (HostGatewayPolicy::Fallback, Some(_), false) => Transport::FallbackHostGateway,
+            (HostGatewayPolicy::Fallback, Some(_), false) if local.device_unavailable => {
+                Transport::FallbackHostGateway
+            }
             (_, _, true) => Transport::WireGuard,
             (_, _, false) => Transport::Unreachable,
         };
@@ -310,6 +317,8 @@ mod tests {
             name: "me".into(),
             on_link: vec![net("192.168.1.10/24")],
             device_up,
+            // A down device in these tests is one this node cannot have.
+            device_unavailable: !device_up,
         }
     }
 
@@ -423,6 +432,18 @@ mod tests {
         assert_eq!(down.transports["far"], Transport::Unreachable);
         assert_eq!(routes_to(&down, "10.244.2.0/24"), vec![NextHop::Blackhole]);
         assert_eq!(down.fallback_peers().collect::<Vec<_>>(), vec!["near"]);
+        // Down for a reason a retry may fix (its port taken, a failed start): fail closed.
+        let retrying = plan_node(
+            &LocalNode {
+                device_unavailable: false,
+                ..mk_local(false)
+            },
+            &policy(HostGatewayPolicy::Fallback),
+            &peers,
+            &[],
+        );
+        assert_eq!(retrying.transports["near"], Transport::Unreachable);
+        assert!(retrying.routes.iter().all(|r| r.via == NextHop::Blackhole));
         // Without the fallback, a down device means nothing but blackholes.
         let never = plan_node(
             &mk_local(false),

@@ -8,11 +8,17 @@ use std::net::SocketAddr;
 use wgmesh_agent::device::config::{ConfigUpdate, PeerUpdate};
 use wgmesh_agent::device::{Device, DeviceConfig, DeviceError};
 
-/// Runs `f` on a thread in a new, empty network namespace (None if not root).
+/// Runs `f` on a thread in a new, empty network namespace. Not root, it fails, unless
+/// `WGMESH_SKIP_PRIVILEGED=1` asks to skip (then `None`, after saying so).
 fn in_fresh_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIPPED: device API tests need root (network namespaces, TUN)");
+        assert!(
+            std::env::var("WGMESH_SKIP_PRIVILEGED").is_ok_and(|v| v == "1"),
+            "the device API tests need root (network namespaces, TUN): run them as root, or set \
+             WGMESH_SKIP_PRIVILEGED=1 to skip them"
+        );
+        eprintln!("SKIPPED (WGMESH_SKIP_PRIVILEGED=1): this device API test needs root");
         return None;
     }
     Some(

@@ -1,20 +1,24 @@
 //! The HTTP endpoint every wgmesh process serves: `/metrics` (OpenMetrics text from a
-//! prometheus-client registry), `/healthz` (the process is alive) and `/readyz` (the
-//! process says it is ready). It owns the endpoint only; each process defines its metrics.
+//! prometheus-client registry), `/healthz` (the process is alive: its main loop, if it
+//! reports one with [`Telemetry::beat`], ran recently) and `/readyz` (the process says it is
+//! ready). It owns the endpoint only; each process defines its metrics.
 
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 use prometheus_client::{encoding::text::encode, registry::Registry};
 use std::net::SocketAddr;
 use std::sync::{
-    Arc,
+    Arc, Mutex,
     atomic::{AtomicBool, Ordering},
 };
+use std::time::{Duration, Instant};
 
-/// A registry and a readiness flag, served by [`serve`].
+/// A registry, a readiness flag and the main loop's heartbeat, served by [`serve`].
 #[derive(Debug, Default)]
 pub struct Telemetry {
     registry: Registry,
     ready: AtomicBool,
+    /// The last heartbeat and how old it may get before `/healthz` fails.
+    heartbeat: Mutex<Option<(Instant, Duration)>>,
 }
 
 impl Telemetry {
@@ -23,6 +27,26 @@ impl Telemetry {
         Telemetry {
             registry,
             ready: AtomicBool::new(false),
+            heartbeat: Mutex::new(None),
+        }
+    }
+
+    /// The main loop ran now; `/healthz` fails once no beat came for `within`. A process that
+    /// never beats is healthy while it serves.
+    pub fn beat(&self, within: Duration) {
+        *self.heartbeat.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), within));
+    }
+
+    /// Whether the main loop beat recently enough (always, if it never beat): what
+    /// `/healthz` answers.
+    pub fn live(&self) -> Result<(), String> {
+        match *self.heartbeat.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some((at, within)) if at.elapsed() > within => Err(format!(
+                "the main loop has not run for {:.0} s (limit {:.0} s)",
+                at.elapsed().as_secs_f64(),
+                within.as_secs_f64()
+            )),
+            _ => Ok(()),
         }
     }
 
@@ -50,7 +74,7 @@ impl Telemetry {
 pub async fn serve(addr: SocketAddr, telemetry: Arc<Telemetry>) -> std::io::Result<()> {
     let app = Router::new()
         .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(ready))
         .with_state(telemetry);
     let listener = tokio::net::TcpListener::bind(addr).await?;
@@ -69,6 +93,13 @@ async fn metrics(State(t): State<Arc<Telemetry>>) -> impl IntoResponse {
         )
             .into_response(),
         Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+async fn healthz(State(t): State<Arc<Telemetry>>) -> impl IntoResponse {
+    match t.live() {
+        Ok(()) => (StatusCode::OK, "ok".to_owned()),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
     }
 }
 
@@ -94,5 +125,16 @@ mod tests {
         let t = Telemetry::new(registry);
         let text = t.render().expect("render");
         assert!(text.contains("wgmesh_test_things_total 1"), "{text}");
+    }
+
+    #[test]
+    fn liveness_follows_the_heartbeat() {
+        let t = Telemetry::new(Registry::default());
+        assert!(t.live().is_ok(), "a process that never beats is live");
+        t.beat(Duration::from_secs(60));
+        assert!(t.live().is_ok());
+        t.beat(Duration::ZERO);
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(t.live().is_err(), "a beat older than its bound");
     }
 }

@@ -6,10 +6,11 @@
 //! convergence, the gap on agent restart) are printed and appended to
 //! `target/wgmesh-e2e-report.txt`.
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use wgmesh_tests::netns::*;
+use wgmesh_tests::ping::{PING_INTERVAL, PingResult, Pinger};
 
 #[test]
 fn a_three_node_mesh_end_to_end() -> Result<()> {
@@ -111,6 +112,10 @@ fn steps(mesh: &Mesh, ips: &[String]) -> Result<()> {
         },
     )?;
 
+    // 4b. listenPort and mtu changed on the running mesh: every device follows within a
+    //     pass, no agent restarts, and pods keep talking. Then back to the defaults.
+    settings_live(mesh, ips)?;
+
     // 5. A node joins: how long from its Node object to its pod answering; then it leaves.
     let joined = Instant::now();
     mesh.script(&["add-node", "node-4"])?;
@@ -206,6 +211,91 @@ fn steps(mesh: &Mesh, ips: &[String]) -> Result<()> {
 
     // 7. An external peer running wireguard-go, configured from what the mesh publishes.
     external_peer(mesh, ips)?;
+    Ok(())
+}
+
+/// Changes `listenPort` and `mtu` while pod-1 and pod-2 ping each other at 100 per second,
+/// waits until every device has both, checks no agent restarted and every pair still
+/// talks, reports what the change cost, and restores the defaults the same way.
+fn settings_live(mesh: &Mesh, ips: &[String]) -> Result<()> {
+    let nodes = ["node-1", "node-2", "node-3"];
+    let pids = |m: &Mesh| -> Vec<String> {
+        nodes
+            .iter()
+            .map(|n| {
+                std::fs::read_to_string(m.dir.join(format!("pids/agent-{n}"))).unwrap_or_default()
+            })
+            .collect()
+    };
+    let before = pids(mesh);
+    let link = ok(mesh.exec(
+        "node-1",
+        &["ip", "-o", "link", "show", &mesh.iface("node-1")],
+    ))?;
+    let auto: u32 = link
+        .split_whitespace()
+        .skip_while(|w| *w != "mtu")
+        .nth(1)
+        .and_then(|m| m.parse().ok())
+        .with_context(|| format!("the device's MTU in {link:?}"))?;
+    let pods: Vec<(&str, &str)> = vec![("pod-1", &ips[0]), ("pod-2", &ips[1]), ("pod-3", &ips[2])];
+    for (port, mtu, spec) in [
+        (51999, 1300, r#"{"listenPort":51999,"mtu":1300}"#),
+        (51820, auto, r#"{"listenPort":null,"mtu":null}"#),
+    ] {
+        let pingers = [(0, 1), (1, 0)]
+            .iter()
+            .map(|&(a, b)| {
+                Pinger::spawn(
+                    mesh.exec(
+                        pods[a].0,
+                        &["ping", "-D", "-i", PING_INTERVAL, "-W", "1", pods[b].1],
+                    ),
+                    format!("{} -> {}", pods[a].0, pods[b].0),
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        std::thread::sleep(Duration::from_secs(1));
+        mesh.patch_mesh(spec)?;
+        let took = wait_until(
+            &format!("every device on port {port} with MTU {mtu}"),
+            Duration::from_secs(60),
+            || {
+                nodes.iter().all(|n| {
+                    let listening =
+                        run(Command::new("wg").args(["show", &mesh.iface(n), "listen-port"]))
+                            .is_ok_and(|o| {
+                                String::from_utf8_lossy(&o.stdout).trim() == port.to_string()
+                            });
+                    let link = run(mesh.exec(n, &["ip", "-o", "link", "show", &mesh.iface(n)]))
+                        .is_ok_and(|o| {
+                            String::from_utf8_lossy(&o.stdout).contains(&format!(" mtu {mtu} "))
+                        });
+                    listening && link
+                })
+            },
+        )?;
+        let reach = wait_until(
+            "every pod to reach every other",
+            Duration::from_secs(30),
+            || all_pairs(mesh, &pods).is_empty(),
+        )
+        .map_err(|e| anyhow::anyhow!("{e}: failing {:?}", all_pairs(mesh, &pods)))?;
+        std::thread::sleep(Duration::from_secs(1));
+        let results: Vec<PingResult> = pingers
+            .into_iter()
+            .map(Pinger::stop)
+            .collect::<Result<_>>()?;
+        let sent: u64 = results.iter().map(|r| r.sent).sum();
+        let lost: usize = results.iter().map(|r| r.lost.len()).sum();
+        let gap = results.iter().map(|r| r.longest_gap).fold(0.0, f64::max);
+        report(&format!(
+            "e2e: settings changed live ({spec}): every device on port {port}, MTU {mtu} after {:.1} s, all pairs answering {:.1} s later; pod-1 <-> pod-2 at 100/s: sent {sent}, lost {lost}, longest gap {gap:.3} s",
+            took.as_secs_f64(),
+            reach.as_secs_f64()
+        ));
+        assert_eq!(pids(mesh), before, "an agent restarted");
+    }
     Ok(())
 }
 

@@ -60,6 +60,13 @@ const ROTATION_TICK: Duration = Duration::from_millis(500);
 const STATUS_RETRY_FIRST: Duration = Duration::from_millis(500);
 /// Connectivity (handshake times) is written at most this often.
 const CONNECTIVITY_INTERVAL: Duration = Duration::from_secs(60);
+/// How long the main loop may go without finishing a pass before `/healthz` fails (and the
+/// kubelet restarts the agent): passes come at least every `RESYNC`, and every API request
+/// in one is bounded.
+const LIVENESS: Duration = Duration::from_secs(90);
+/// The first and the longest wait before starting a device that failed to start again.
+const DEVICE_RETRY_FIRST: Duration = Duration::from_secs(1);
+const DEVICE_RETRY_MAX: Duration = Duration::from_secs(60);
 /// The longest the agent waits for one API request in a pass: the pass (and with it the
 /// rotation's steps) goes on without the answer.
 const API_REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
@@ -163,6 +170,12 @@ struct Agent {
     netlink: netlink::Netlink,
     device: Option<DeviceHandle>,
     device_error: Option<String>,
+    /// Device starts failed in a row, and when to try again (backoff from 1 s to 1 min).
+    device_failures: u32,
+    device_retry_at: Option<Instant>,
+    /// The last start failed because this node has no TUN device at all: the one case
+    /// where `hostGateway: Fallback` may route on-link peers in the clear.
+    device_unavailable: bool,
     _uapi: Option<UapiServer>,
     peers_api: Api<MeshPeer>,
     recorder: Recorder,
@@ -185,6 +198,21 @@ struct Agent {
     /// When the API last answered, and since when without a break: a rotation's timeouts
     /// run only while this view is current.
     api_view: ApiView,
+}
+
+/// Whether a device start failed because the kernel offers no TUN device (no
+/// `/dev/net/tun`, no driver), not for a reason a retry may fix.
+fn no_tun(e: &crate::device::DeviceError) -> bool {
+    match e {
+        crate::device::DeviceError::CreateTun { source, .. } => {
+            source.kind() == std::io::ErrorKind::NotFound
+                || matches!(
+                    source.raw_os_error(),
+                    Some(libc::ENODEV | libc::ENXIO | libc::ENOENT)
+                )
+        }
+        _ => false,
+    }
 }
 
 fn decode_key(b64: &str) -> Option<Key> {
@@ -305,6 +333,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         netlink,
         device: None,
         device_error: None,
+        device_failures: 0,
+        device_retry_at: None,
+        device_unavailable: false,
         _uapi: None,
         peers_api: Api::all(client.clone()),
         recorder: Recorder::new(client.clone(), reporter),
@@ -320,11 +351,10 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         api_view: ApiView::default(),
         args,
     };
-    agent.start_device(&caches).await;
-
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing a SIGTERM handler")?;
     loop {
+        agent.supervise_device(&caches).await?;
         if let Err(e) = agent.pass(&caches).await {
             agent.ready = false;
             error!(error = %format!("{e:#}"), "pass failed");
@@ -333,6 +363,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             forwarding = enable_forwarding();
         }
         metrics.set_readiness(agent.ready && forwarding);
+        metrics.telemetry().beat(LIVENESS);
         let resync = if rotation::Rotator::active(&agent.keys) {
             ROTATION_TICK
         } else {
@@ -349,6 +380,11 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         let resync = match agent.status_failures {
             0 => resync,
             n => resync.min(backoff(n, STATUS_RETRY_FIRST, RESYNC)),
+        };
+        // A device that failed to start is tried again on time.
+        let resync = match (&agent.device, agent.device_retry_at) {
+            (None, Some(at)) => resync.min(at.saturating_duration_since(Instant::now())),
+            _ => resync,
         };
         tokio::select! {
             _ = notify.notified() => tokio::time::sleep(Duration::from_millis(100)).await,
@@ -503,17 +539,52 @@ impl Agent {
                 }
                 self.device = Some(handle);
                 self.device_error = None;
+                self.device_failures = 0;
+                self.device_retry_at = None;
+                self.device_unavailable = false;
                 self.device_keys_applied = None;
                 self.apply_device_keys();
                 self.metrics.device_up.set(1);
             }
             Err(e) => {
-                error!(interface = %self.args.interface, error = %e, "the WireGuard device could not come up");
-                self.device_error = Some(e.to_string());
+                self.device_unavailable = no_tun(&e);
+                self.device_failures = self.device_failures.saturating_add(1);
+                let wait = backoff(self.device_failures, DEVICE_RETRY_FIRST, DEVICE_RETRY_MAX);
+                self.device_retry_at = Some(Instant::now() + wait);
+                error!(interface = %self.args.interface, error = %format!("{e:#}"), retry_in = ?wait, "the WireGuard device could not come up");
+                self.device_error = Some(format!("{:#}", anyhow::Error::from(e)));
                 self.metrics.device_up.set(0);
                 self.metrics.error("device");
             }
         }
+    }
+
+    /// Keeps the device running: a device whose datapath failed ends the agent (its pod
+    /// restarts it, rather than a half-dead datapath running on); a device that stopped
+    /// because its interface was deleted, or that never came up, is started again, with a
+    /// backoff between failed starts.
+    async fn supervise_device(&mut self, caches: &Caches) -> anyhow::Result<()> {
+        if let Some(device) = &self.device {
+            if let Some(why) = device.failure() {
+                self.metrics.device_up.set(0);
+                anyhow::bail!(
+                    "the WireGuard device failed ({why}); exiting so that the agent restarts"
+                );
+            }
+            if device.is_stopped() {
+                warn!(interface = %self.args.interface, "the WireGuard device stopped (its interface was deleted?); starting it again");
+                self.metrics.device_up.set(0);
+                self.device = None;
+                self._uapi = None;
+                self.device_names.clear();
+                self.endpoints_set.clear();
+                self.device_retry_at = None;
+            }
+        }
+        if self.device.is_none() && self.device_retry_at.is_none_or(|at| Instant::now() >= at) {
+            self.start_device(caches).await;
+        }
+        Ok(())
     }
 
     /// Says once when this node has no peer of its own yet, and whether a peer with its
@@ -598,11 +669,14 @@ impl Agent {
                 name: self.args.node_name.clone(),
                 on_link,
                 device_up,
+                device_unavailable: !device_up && self.device_unavailable,
             },
             &mesh.transport,
             &approved,
             &pools,
         );
+
+        self.apply_listen_port(mesh.listen_port).await;
 
         // Key rotation: step it, then give the device the keys its phase calls for.
         self.rotate(own.as_deref(), &peers, &approved, &mesh).await;
@@ -624,15 +698,26 @@ impl Agent {
             }
         }
         let routes_ok = self.apply_routes(&plan, device_index).await;
-        // The pods' MTU is the device's; without a device, what it would have been.
-        let mtu = match links.iter().find(|l| Some(l.index) == device_index) {
-            Some(l) => l.mtu,
-            None => topology::mtu(
-                mesh.mtu,
-                self.underlay_mtu(endpoint).await,
-                endpoint.is_some_and(|e| e.is_ipv6()),
-            ),
-        };
+        // The MTU the Mesh asks for (`auto`: from the underlay), on the device every pass,
+        // and for the pods.
+        let mtu = topology::mtu(
+            mesh.mtu,
+            self.underlay_mtu(endpoint).await,
+            endpoint.is_some_and(|e| e.is_ipv6()),
+        );
+        if let Some(link) = links.iter().find(|l| Some(l.index) == device_index)
+            && link.mtu != mtu
+        {
+            match self.netlink.set_mtu(link.index, mtu).await {
+                Ok(()) => {
+                    info!(interface = %link.name, from = link.mtu, to = mtu, "set the device's MTU")
+                }
+                Err(e) => {
+                    self.metrics.error("device");
+                    warn!(error = %e, "setting the device's MTU failed");
+                }
+            }
+        }
         let mut cni_ok = false;
         if !own_subnets.is_empty() {
             let body = cni::conflist(&cni::CniSettings {
@@ -994,6 +1079,39 @@ impl Agent {
         }
     }
 
+    /// Binds the device to the Mesh's `listenPort` if it listens elsewhere: a changed port
+    /// takes effect without a restart (peers follow the endpoint this node publishes, and
+    /// roam to the new source port as soon as a packet arrives from it).
+    async fn apply_listen_port(&mut self, port: u16) {
+        let Some(device) = &self.device else {
+            return;
+        };
+        let was = device.listen_port();
+        if was == port {
+            return;
+        }
+        match device.set_listen_port(port) {
+            Ok(now) => {
+                info!(
+                    from = was,
+                    to = now,
+                    "the device listens on the Mesh's new port"
+                );
+                self.publish_event(
+                    false,
+                    "ListenPortChanged",
+                    "Reconfigure",
+                    format!("the WireGuard device listens on UDP port {now} (was {was})"),
+                )
+                .await;
+            }
+            Err(e) => {
+                self.metrics.error("device");
+                warn!(error = %format!("{:#}", anyhow::Error::from(e)), from = was, to = port, "moving the device to the Mesh's listenPort failed; it stays on the old port and the agent retries every pass");
+            }
+        }
+    }
+
     /// Asks the API server for this node's `MeshPeer`, to learn whether it answers; bounded by
     /// [`API_REQUEST_TIMEOUT`], so an unreachable server delays a pass, never stops it.
     async fn probe_api(&mut self) {
@@ -1056,8 +1174,20 @@ impl Agent {
             return;
         };
         let publics = self.keys.device_public_keys();
-        if self.device_keys_applied.as_ref() == Some(&publics) {
+        // What the device holds, read every pass: a key set behind the agent's back (`wg set
+        // … private-key`) is put right.
+        let snapshot = device.snapshot();
+        let sorted = |mut keys: Vec<Key>| {
+            keys.sort_unstable();
+            keys
+        };
+        let holds = snapshot.public_key == Some(publics.0)
+            && sorted(snapshot.extra_public_keys) == sorted(publics.1.clone());
+        if holds && self.device_keys_applied.as_ref() == Some(&publics) {
             return;
+        }
+        if !holds && self.device_keys_applied.as_ref() == Some(&publics) {
+            warn!("the device's keys were changed outside the agent; setting them back");
         }
         let (primary, extras) = self.keys.device_keys();
         let update = ConfigUpdate {

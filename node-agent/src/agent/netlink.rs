@@ -10,7 +10,7 @@ use rtnetlink::packet_route::{
     link::{LinkAttribute, LinkFlags},
     route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteType},
 };
-use rtnetlink::{Handle, RouteMessageBuilder};
+use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 use std::net::IpAddr;
 use wgmesh_core::topology::{NextHop, Route};
 
@@ -111,6 +111,16 @@ impl Netlink {
             .into_iter()
             .find(|l| l.name == name)
             .ok_or_else(|| NetlinkError::NoSuchLink(name.to_owned()))
+    }
+
+    /// Sets the MTU of the link with index `index`.
+    pub async fn set_mtu(&self, index: u32, mtu: u32) -> Result<(), NetlinkError> {
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).mtu(mtu).build())
+            .execute()
+            .await
+            .map_err(req(format!("setting the MTU of link {index} to {mtu}")))
     }
 
     /// Deletes the link named `name`; a link that does not exist is not an error.

@@ -138,6 +138,36 @@ pub(crate) struct Shared {
     stop_lock: Mutex<bool>,
     stop_cv: Condvar,
     pub(crate) clock: Arc<dyn Clock>,
+    /// Why the device failed: a datapath thread ended (returned or panicked) while the
+    /// device was not stopping. A half-running datapath is never left running.
+    failure: Mutex<Option<String>>,
+}
+
+/// Held by every datapath thread: if the thread ends while the device is not stopping, the
+/// device records why and stops, so no part of it runs on without the others.
+struct ThreadWatch {
+    shared: Arc<Shared>,
+    name: String,
+}
+
+impl Drop for ThreadWatch {
+    fn drop(&mut self) {
+        if self.shared.stopping() {
+            return;
+        }
+        let why = if std::thread::panicking() {
+            format!("datapath thread {} panicked", self.name)
+        } else {
+            format!("datapath thread {} ended", self.name)
+        };
+        tracing::error!(interface = %self.shared.name, reason = %why, "the device failed; stopping it");
+        *self
+            .shared
+            .failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(why);
+        self.shared.stop();
+    }
 }
 
 impl Shared {
@@ -245,6 +275,7 @@ impl Device {
             stop_lock: Mutex::new(false),
             stop_cv: Condvar::new(),
             clock: config.clock.unwrap_or_else(|| Arc::new(SystemClock)),
+            failure: Mutex::new(None),
         });
         if let Some(key) = &config.private_key {
             shared.write_state().set_keys(Some(key), None);
@@ -253,9 +284,16 @@ impl Device {
         let tun = Arc::new(tun);
         let mut threads = Vec::new();
         let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
+            let watch = ThreadWatch {
+                shared: shared.clone(),
+                name: name.to_owned(),
+            };
             std::thread::Builder::new()
                 .name(name.to_owned())
-                .spawn(f)
+                .spawn(move || {
+                    let _watch = watch;
+                    f();
+                })
                 .map_err(DeviceError::Spawn)
         };
         let started = (|| {
@@ -481,6 +519,18 @@ impl DeviceHandle {
     /// Whether the device has stopped or is stopping.
     pub fn is_stopped(&self) -> bool {
         self.inner.shared.stopping()
+    }
+
+    /// Why the device failed, if it did: a datapath thread ended or panicked while it ran
+    /// (the device then stopped). A device stopped by [`DeviceHandle::shutdown`], or because
+    /// its interface was deleted, did not fail.
+    pub fn failure(&self) -> Option<String> {
+        self.inner
+            .shared
+            .failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 

@@ -3,8 +3,9 @@
 //! and `iperf3` driven from outside. Everything created is removed by Drop guards, also when a
 //! test panics.
 //!
-//! Tests skip (loudly) only when not root; a missing tool fails the test and names the script
-//! that installs it.
+//! Not root, a test fails, naming what it needs, unless `WGMESH_SKIP_PRIVILEGED=1` asks for
+//! the privileged tests to be skipped (each then says so); a missing tool fails the test and
+//! names the script that installs it.
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
@@ -29,14 +30,21 @@ pub fn unique(prefix: &str) -> String {
     name
 }
 
-/// True when the test may run; prints why not otherwise.
+/// The environment variable that skips the tests needing root, explicitly.
+pub const SKIP_PRIVILEGED: &str = "WGMESH_SKIP_PRIVILEGED";
+
+/// True when the test may run. Not root, it fails, unless [`SKIP_PRIVILEGED`] is `1`: then
+/// it returns false after saying that the test is skipped and why.
 pub fn privileged() -> bool {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
+        assert!(
+            std::env::var(SKIP_PRIVILEGED).is_ok_and(|v| v == "1"),
+            "the datapath tests need root (network namespaces, TUN): run them as root, or set \
+             {SKIP_PRIVILEGED}=1 to skip them"
+        );
         eprintln!(
-            "\n###########################################################\n\
-             SKIPPED: datapath tests need root (network namespaces, TUN)\n\
-             ###########################################################\n"
+            "SKIPPED ({SKIP_PRIVILEGED}=1): this datapath test needs root (network namespaces, TUN)"
         );
         return false;
     }
