@@ -167,7 +167,7 @@ start_agent() {
 	[[ -f $nd/kubeconfig ]] || agent_identity "$node"
 	ip netns exec "$(ns_node "$node")" env KUBECONFIG="$nd/kubeconfig" RUST_LOG=info,kube=warn \
 		"$MESH_BIN/wgmesh-agent" run --node-name "$node" --interface "$(iface "$node")" \
-		--state-dir "$nd/state" --cni-conf-dir "$nd/cni" --cni-ipam-data-dir "$nd/ipam" \
+		--state-dir "$nd/state" --cni-conf-dir "$nd/cni" --run-dir "$nd/run" --cni-ipam-data-dir "$nd/ipam" \
 		--metrics-addr "$(node_ip "$node"):9091" \
 		>>"$dir/logs/agent-$node.log" 2>&1 &
 	echo $! >"$dir/pids/agent-$node"

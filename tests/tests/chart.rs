@@ -272,6 +272,7 @@ fn defaults_agent_daemonset() -> Result<()> {
         ("/dev/net/tun", "CharDevice"),
         ("/var/lib/wgmesh", "DirectoryOrCreate"),
         ("/etc/cni/net.d", "DirectoryOrCreate"),
+        ("/run/wgmesh", "DirectoryOrCreate"),
         ("/opt/cni/bin", "DirectoryOrCreate"),
         ("/var/run/wireguard", "DirectoryOrCreate"),
         ("/var/lib/cni/wgmesh", "DirectoryOrCreate"),
@@ -380,6 +381,8 @@ fn defaults_agent_daemonset() -> Result<()> {
         ("dev-net-tun", "/dev/net/tun"),
         ("state", "/var/lib/wgmesh"),
         ("cni-conf", "/etc/cni/net.d"),
+        // The same path as on the host: the runtime follows the conflist's link on the host.
+        ("run", "/run/wgmesh"),
         ("wireguard-sockets", "/var/run/wireguard"),
         // The same path as on the host: the plugins, run by the runtime on the host, read
         // the conflist that names it.

@@ -209,6 +209,11 @@ fn steps(mesh: &Mesh, ips: &[String]) -> Result<()> {
         "pod packets in the clear while the agent was down"
     );
 
+    // 6b. node-3 "reboots" with the API server unreachable at first: no pod is plumbed
+    //     before the agent has its blackholes and nftables rules back, and nothing leaves in
+    //     the clear.
+    reboot(mesh, ips)?;
+
     // 7. An external peer running wireguard-go, configured from what the mesh publishes.
     external_peer(mesh, ips)?;
     Ok(())
@@ -296,6 +301,92 @@ fn settings_live(mesh: &Mesh, ips: &[String]) -> Result<()> {
         ));
         assert_eq!(pids(mesh), before, "an agent restarted");
     }
+    Ok(())
+}
+
+/// What a reboot of node-3 takes away (its agent and device, every route of ours, the
+/// nftables table, the tmpfs `/run`), then a pod plumbed through CNI before the agent runs,
+/// the agent started while the node cannot reach the API server, and the API server given
+/// back; tcpdump watches the underlay throughout. (node-3's old pod stays, idle: nothing
+/// pings it while its node is down.)
+fn reboot(mesh: &Mesh, ips: &[String]) -> Result<()> {
+    let node = "node-3";
+    let nd = mesh.dir.join(format!("nodes/{node}"));
+    let conf = nd.join("cni/10-wgmesh.conflist");
+    let cap = mesh.capture("reboot")?;
+    mesh.script(&["stop-agent", node, "KILL"])?;
+    for family in ["-4", "-6"] {
+        ok(mesh.exec(node, &["ip", family, "route", "flush", "proto", "87"]))?;
+    }
+    let _ = run(mesh.exec(node, &["nft", "delete", "table", "inet", "wgmesh"]));
+    let _ = run(mesh.exec(node, &["ip", "link", "del", &mesh.iface(node)]));
+    std::fs::remove_dir_all(nd.join("run"))?;
+    assert!(
+        std::fs::symlink_metadata(&conf).is_ok() && std::fs::metadata(&conf).is_err(),
+        "after the reboot the runtime's link must dangle: {}",
+        conf.display()
+    );
+    // What a runtime does with it: the ADD fails, nothing is plumbed.
+    let early = mesh.ns("pod-early");
+    ok(Command::new("ip").args(["netns", "add", &early]))?;
+    let add = run(mesh.exec(
+        node,
+        &[
+            env!("CARGO_BIN_EXE_cni-exec"),
+            "add",
+            &conf.to_string_lossy(),
+            &format!("/var/run/netns/{early}"),
+            "pod-early",
+            "eth0",
+        ],
+    ))?;
+    let _ = run(Command::new("ip").args(["netns", "del", &early]));
+    assert!(
+        !add.status.success(),
+        "a pod was plumbed before the agent ran: {}",
+        String::from_utf8_lossy(&add.stdout)
+    );
+
+    // The agent starts while the node cannot reach the API server.
+    let api = format!("{}.2", mesh.net);
+    let block = |verb: &str| -> Result<String> {
+        let rules = match verb {
+            "add" => format!(
+                "table inet wgmesh-e2e-block {{ chain out {{ type filter hook output priority 0; ip daddr {api} tcp dport 6443 drop; }} }}"
+            ),
+            _ => "delete table inet wgmesh-e2e-block".to_owned(),
+        };
+        ok(mesh.exec(node, &["nft", &rules]))
+    };
+    block("add")?;
+    let started = Instant::now();
+    mesh.script(&["start-agent", node])?;
+    std::thread::sleep(Duration::from_secs(8));
+    assert!(
+        std::fs::metadata(&conf).is_err(),
+        "the agent wrote the CNI configuration without the API server"
+    );
+    block("delete")?;
+    let unblocked = Instant::now();
+    let written = wait_until(
+        "node-3's CNI configuration once the API server is reachable",
+        Duration::from_secs(60),
+        || std::fs::metadata(&conf).is_ok(),
+    )?;
+    let ip = mesh.pod(node, "pod-boot")?;
+    let reach = wait_until("pod-boot <-> pod-1", Duration::from_secs(60), || {
+        mesh.ping("pod-boot", &ips[0]) && mesh.ping("pod-1", &ip)
+    })?;
+    let [plain] = cap.stop(&["net 10.244.0.0/16 or net fd00:10:244::/56"])?[..] else {
+        bail!("capture counts");
+    };
+    report(&format!(
+        "e2e: reboot of node-3 (API unreachable for the agent's first {:.1} s): CNI configuration written {:.1} s after the API came back, a new pod reached pod-1 {:.1} s later; {plain} pod-address packets on the underlay",
+        unblocked.duration_since(started).as_secs_f64(),
+        written.as_secs_f64(),
+        reach.as_secs_f64()
+    ));
+    assert_eq!(plain, 0, "pod packets in the clear around the reboot");
     Ok(())
 }
 

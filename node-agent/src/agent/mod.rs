@@ -91,6 +91,12 @@ pub struct AgentArgs {
     /// Directory the CNI conflist is written to.
     #[arg(long, env = "WGMESH_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
     pub cni_conf_dir: PathBuf,
+    /// Where the agent keeps what must not outlive a reboot (a tmpfs): the CNI conflist
+    /// itself, which `--cni-conf-dir` links to, so that after a reboot no pod is plumbed
+    /// before the agent has put its blackhole routes and nftables rules back. The runtime
+    /// follows the link on the host: mount it at the same path as on the host.
+    #[arg(long, env = "WGMESH_RUN_DIR", default_value = "/run/wgmesh")]
+    pub run_dir: PathBuf,
     /// File name of the CNI conflist.
     #[arg(
         long,
@@ -639,6 +645,24 @@ impl Agent {
             .flat_map(|p| p.spec.cidrs.iter().filter_map(|c| c.parse::<IpNet>().ok()))
             .map(|n| n.trunc())
             .collect();
+        // Blackholed as a whole besides every pool: every node's subnets the API shows,
+        // approved or not yet, so a subnet outside every pool (`ipam.source: NodeSpec`) is
+        // never routed to the default gateway either.
+        let mut fences = pools.clone();
+        fences.extend(
+            peers
+                .iter()
+                .filter(|p| p.name_any() != self.args.node_name)
+                .flat_map(|p| {
+                    p.spec
+                        .pod_cidrs
+                        .iter()
+                        .filter_map(|c| c.parse::<IpNet>().ok())
+                })
+                .map(|n| n.trunc()),
+        );
+        fences.sort();
+        fences.dedup();
 
         // Observe the kernel.
         let links = self.netlink.links().await?;
@@ -673,7 +697,7 @@ impl Agent {
             },
             &mesh.transport,
             &approved,
-            &pools,
+            &fences,
         );
 
         self.apply_listen_port(mesh.listen_port).await;
@@ -697,7 +721,7 @@ impl Agent {
                 }
             }
         }
-        let routes_ok = self.apply_routes(&plan, device_index).await;
+        let (routes_ok, fenced) = self.apply_routes(&plan, device_index).await;
         // The MTU the Mesh asks for (`auto`: from the underlay), on the device every pass,
         // and for the pods.
         let mtu = topology::mtu(
@@ -718,8 +742,23 @@ impl Agent {
                 }
             }
         }
+        // The masquerade rules, then the CNI configuration: a pod is plumbed only once the
+        // blackholes and the rules that keep its packets inside the mesh are in place.
+        let mut mesh_space = pools.clone();
+        mesh_space.extend(approved.iter().flat_map(|p| p.allowed_ips.iter().copied()));
+        let rules = masquerade::ruleset(mesh.masquerade, &own_subnets, &mesh_space);
+        if self.masquerade_loaded.as_deref() != Some(rules.as_str()) {
+            match masquerade::load(&rules) {
+                Ok(()) => self.masquerade_loaded = Some(rules.clone()),
+                Err(e) => {
+                    self.metrics.error("masquerade");
+                    warn!(error = %e, "loading the masquerade rules failed");
+                }
+            }
+        }
+        let masquerading = self.masquerade_loaded.as_deref() == Some(rules.as_str());
         let mut cni_ok = false;
-        if !own_subnets.is_empty() {
+        if !own_subnets.is_empty() && fenced && masquerading {
             let body = cni::conflist(&cni::CniSettings {
                 network: cni::NETWORK.into(),
                 bridge: self.args.cni_bridge.clone(),
@@ -728,10 +767,15 @@ impl Agent {
                 ipam_data_dir: self.args.cni_ipam_data_dir.clone(),
             });
             let text = serde_json::to_string_pretty(&body)?;
-            match cni::write_atomic(&self.args.cni_conf_dir, &self.args.cni_conf_name, &text) {
+            match cni::install(
+                &self.args.cni_conf_dir,
+                &self.args.run_dir,
+                &self.args.cni_conf_name,
+                &text,
+            ) {
                 Ok(true) => {
                     cni_ok = true;
-                    info!(dir = %self.args.cni_conf_dir.display(), subnets = ?own_subnets, "wrote the CNI configuration")
+                    info!(dir = %self.args.cni_conf_dir.display(), file = %self.args.run_dir.join(&self.args.cni_conf_name).display(), subnets = ?own_subnets, "wrote the CNI configuration")
                 }
                 Ok(false) => cni_ok = true,
                 Err(e) => {
@@ -739,20 +783,14 @@ impl Agent {
                     warn!(error = %e, "writing the CNI configuration failed");
                 }
             }
+        } else if !own_subnets.is_empty() {
+            warn!(
+                blackholes = fenced,
+                masquerade = masquerading,
+                "not writing the CNI configuration until the blackhole routes and the nftables rules are in place"
+            );
         }
         self.ready = device_up && routes_ok && cni_ok;
-        let mut mesh_space = pools.clone();
-        mesh_space.extend(approved.iter().flat_map(|p| p.allowed_ips.iter().copied()));
-        let rules = masquerade::ruleset(mesh.masquerade, &own_subnets, &mesh_space);
-        if self.masquerade_loaded.as_deref() != Some(rules.as_str()) {
-            match masquerade::load(&rules) {
-                Ok(()) => self.masquerade_loaded = Some(rules),
-                Err(e) => {
-                    self.metrics.error("masquerade");
-                    warn!(error = %e, "loading the masquerade rules failed");
-                }
-            }
-        }
 
         self.report_fallback(&plan).await;
         self.update_peer_metrics();
@@ -1215,6 +1253,7 @@ impl Agent {
     async fn clean_node(&mut self) {
         let files = uninstall::NodeFiles::new(
             &self.args.cni_conf_dir,
+            &self.args.run_dir,
             &self.args.cni_conf_name,
             self.args.cni_ipam_data_dir.as_deref(),
             cni::NETWORK,
@@ -1226,6 +1265,10 @@ impl Agent {
             Err(e) => warn!(path = %path.display(), error = %e, "could not remove"),
         };
         remove(&files.conflist, std::fs::remove_file(&files.conflist));
+        remove(
+            &files.runtime_conflist,
+            std::fs::remove_file(&files.runtime_conflist),
+        );
         if let Err(e) = self.netlink.delete_link(&self.args.cni_bridge).await {
             warn!(error = %e, "could not delete the pod bridge");
         }
@@ -1254,13 +1297,15 @@ impl Agent {
         remove(&files.key, std::fs::remove_file(&files.key));
     }
 
-    async fn apply_routes(&self, plan: &NodePlan, device_index: Option<u32>) -> bool {
+    /// Brings the routes to the plan; returns (every route is as planned, every blackhole
+    /// is installed).
+    async fn apply_routes(&self, plan: &NodePlan, device_index: Option<u32>) -> (bool, bool) {
         let installed = match self.netlink.owned_routes(device_index).await {
             Ok(r) => r,
             Err(e) => {
                 self.metrics.error("routes");
                 warn!(error = %e, "reading routes failed");
-                return false;
+                return (false, false);
             }
         };
         let desired: Vec<Route> = plan
@@ -1271,6 +1316,7 @@ impl Agent {
             .collect();
         let (add, remove) = topology::diff_routes(&installed, &desired);
         let mut ok = true;
+        let mut fenced = true;
         // Blackholes first and removals last, so no destination is ever left without a
         // route of ours in between.
         let mut add = add;
@@ -1278,6 +1324,7 @@ impl Agent {
         for r in &add {
             if let Err(e) = self.netlink.add_route(r, device_index).await {
                 ok = false;
+                fenced &= r.via != topology::NextHop::Blackhole;
                 self.metrics.error("routes");
                 warn!(error = %e, "adding a route failed");
             }
@@ -1292,7 +1339,7 @@ impl Agent {
         if !add.is_empty() || !remove.is_empty() {
             info!(added = add.len(), removed = remove.len(), "routes updated");
         }
-        ok
+        (ok, fenced)
     }
 
     async fn report_fallback(&mut self, plan: &NodePlan) {

@@ -37,7 +37,10 @@ pub fn gone(owner: Owner) -> bool {
 /// Nothing else in those directories is touched.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeFiles {
+    /// The runtime's link to the conflist.
     pub conflist: PathBuf,
+    /// The conflist itself, in the run directory.
+    pub runtime_conflist: PathBuf,
     pub ipam_dir: PathBuf,
     pub key: PathBuf,
 }
@@ -45,6 +48,7 @@ pub struct NodeFiles {
 impl NodeFiles {
     pub fn new(
         cni_conf_dir: &Path,
+        run_dir: &Path,
         cni_conf_name: &str,
         ipam_data_dir: Option<&Path>,
         network: &str,
@@ -52,6 +56,7 @@ impl NodeFiles {
     ) -> NodeFiles {
         NodeFiles {
             conflist: cni_conf_dir.join(cni_conf_name),
+            runtime_conflist: run_dir.join(cni_conf_name),
             // host-local keeps one directory per network under its data dir.
             ipam_dir: ipam_data_dir
                 .unwrap_or(Path::new("/var/lib/cni/networks"))
@@ -81,6 +86,7 @@ mod tests {
     fn the_files_removed_are_ours_only() {
         let files = NodeFiles::new(
             Path::new("/etc/cni/net.d"),
+            Path::new("/run/wgmesh"),
             "10-wgmesh.conflist",
             Some(Path::new("/var/lib/cni/wgmesh")),
             "wgmesh",
@@ -90,11 +96,19 @@ mod tests {
             files,
             NodeFiles {
                 conflist: PathBuf::from("/etc/cni/net.d/10-wgmesh.conflist"),
+                runtime_conflist: PathBuf::from("/run/wgmesh/10-wgmesh.conflist"),
                 ipam_dir: PathBuf::from("/var/lib/cni/wgmesh/wgmesh"),
                 key: PathBuf::from("/var/lib/wgmesh/wireguard-key.json"),
             }
         );
-        let default = NodeFiles::new(Path::new("/c"), "x", None, "wgmesh", Path::new("/s"));
+        let default = NodeFiles::new(
+            Path::new("/c"),
+            Path::new("/r"),
+            "x",
+            None,
+            "wgmesh",
+            Path::new("/s"),
+        );
         assert_eq!(
             default.ipam_dir,
             PathBuf::from("/var/lib/cni/networks/wgmesh")
