@@ -172,42 +172,11 @@ fn steps(mesh: &Mesh, ips: &[String]) -> Result<()> {
         back.as_secs_f64()
     ));
 
-    // 6. The agent is killed mid-transfer: nothing in the clear, and traffic comes back.
-    let cap = mesh.capture("restart")?;
-    let transfer = mesh
-        .exec("pod-1", &["iperf3", "-c", &ips[1], "-t", "8"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let pinger = mesh
-        .exec("pod-1", &["ping", "-D", "-i", "0.05", "-W", "1", &ips[1]])
-        .stdout(Stdio::piped())
-        .spawn()?;
-    std::thread::sleep(Duration::from_secs(2));
-    mesh.script(&["stop-agent", "node-1", "KILL"])?;
-    std::thread::sleep(Duration::from_secs(1));
-    mesh.script(&["start-agent", "node-1"])?;
-    wait_until(
-        "pings answered after the restart",
-        Duration::from_secs(60),
-        || mesh.ping("pod-1", &ips[1]),
-    )?;
-    std::thread::sleep(Duration::from_secs(1));
-    signal(&pinger, "INT");
-    let out = pinger.wait_with_output()?;
-    let gap = longest_gap(&String::from_utf8_lossy(&out.stdout));
-    // The TCP stream may or may not survive the gap; either way it must not leak.
-    let _ = transfer.wait_with_output();
-    let [plain] = cap.stop(&["net 10.244.0.0/16 or net fd00:10:244::/56"])?[..] else {
-        bail!("capture counts");
-    };
-    report(&format!(
-        "e2e: agent SIGKILL + restart: longest gap between ping replies {gap:.2} s"
-    ));
-    assert_eq!(
-        plain, 0,
-        "pod packets in the clear while the agent was down"
-    );
+    // 6. The agent is restarted under traffic, as an upgrade does (SIGTERM, then a new
+    //    process) and as a crash does (SIGKILL): what each costs, and nothing in the clear.
+    for signal in ["TERM", "KILL"] {
+        restart(mesh, ips, signal)?;
+    }
 
     // 6b. node-3 "reboots" with the API server unreachable at first: no pod is plumbed
     //     before the agent has its blackholes and nftables rules back, and nothing leaves in
@@ -301,6 +270,80 @@ fn settings_live(mesh: &Mesh, ips: &[String]) -> Result<()> {
         ));
         assert_eq!(pids(mesh), before, "an agent restarted");
     }
+    Ok(())
+}
+
+/// Restarts node-1's agent with `signal`, then starts a new one, while pod-1 and pod-2 ping
+/// each other at 100 per second and an iperf3 stream flows from pod-1 to pod-2; reports the
+/// pings lost and the longest gap, and checks that tcpdump saw no pod address on the
+/// underlay.
+fn restart(mesh: &Mesh, ips: &[String], signal: &str) -> Result<()> {
+    let cap = mesh.capture(&format!("restart-{signal}"))?;
+    let pingers = [(0, 1), (1, 0)]
+        .iter()
+        .map(|&(a, b)| {
+            Pinger::spawn(
+                mesh.exec(
+                    &format!("pod-{}", a + 1),
+                    &["ping", "-D", "-i", PING_INTERVAL, "-W", "1", &ips[b]],
+                ),
+                format!("pod-{} -> pod-{}", a + 1, b + 1),
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let transfer = mesh
+        .exec(
+            "pod-1",
+            &["iperf3", "-c", &ips[1], "-t", "10", "-b", "100M", "-J"],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_secs(3));
+    let stopped = Instant::now();
+    mesh.script(&["stop-agent", "node-1", signal])?;
+    let stop_took = stopped.elapsed();
+    mesh.script(&["start-agent", "node-1"])?;
+    std::thread::sleep(Duration::from_secs(4));
+    wait_until(
+        "pings answered after the restart",
+        Duration::from_secs(60),
+        || mesh.ping("pod-1", &ips[1]),
+    )?;
+    let results: Vec<PingResult> = pingers
+        .into_iter()
+        .map(Pinger::stop)
+        .collect::<Result<_>>()?;
+    // The TCP stream may or may not survive the gap; either way it must not leak.
+    let out = transfer.wait_with_output()?;
+    let iperf: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let retransmits = iperf["end"]["sum_sent"]["retransmits"]
+        .as_i64()
+        .unwrap_or(-1);
+    let [plain] = cap.stop(&["net 10.244.0.0/16 or net fd00:10:244::/56"])?[..] else {
+        bail!("capture counts");
+    };
+    let sent: u64 = results.iter().map(|r| r.sent).sum();
+    let lost: usize = results.iter().map(|r| r.lost.len()).sum();
+    let gap = results.iter().map(|r| r.longest_gap).fold(0.0, f64::max);
+    let what = if signal == "TERM" {
+        "upgrade (SIGTERM, then a new agent)"
+    } else {
+        "crash (SIGKILL, then a new agent)"
+    };
+    report(&format!(
+        "e2e: agent {what} on node-1: stopped in {:.2} s; pod-1 <-> pod-2 at 100/s sent {sent}, lost {lost}, longest gap between replies {gap:.3} s; iperf3 through it: {} retransmits{}; {plain} pod-address packets on the underlay",
+        stop_took.as_secs_f64(),
+        retransmits,
+        iperf["error"]
+            .as_str()
+            .map(|e| format!(" (iperf3: {e})"))
+            .unwrap_or_default()
+    ));
+    assert_eq!(
+        plain, 0,
+        "pod packets in the clear around the agent's {what}"
+    );
     Ok(())
 }
 

@@ -11,6 +11,7 @@ pub mod masquerade;
 pub mod metrics;
 pub mod netlink;
 pub mod observe;
+pub mod resume;
 pub mod rotation;
 pub mod uninstall;
 
@@ -201,6 +202,8 @@ struct Agent {
     ready: bool,
     /// Whether the missing own peer was reported (reset when it appears).
     own_peer_missing_reported: bool,
+    /// The device as last saved for a restart (`resume`).
+    last_saved: Option<resume::Saved>,
     /// When the API last answered, and since when without a break: a rotation's timeouts
     /// run only while this view is current.
     api_view: ApiView,
@@ -280,52 +283,6 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let netlink = netlink::Netlink::connect(args.route_protocol)?;
     let metrics = Arc::new(Metrics::new());
     let notify = Arc::new(Notify::new());
-    let caches = Caches {
-        peers: cache(
-            Api::all(client.clone()),
-            watcher::Config::default(),
-            notify.clone(),
-        ),
-        meshes: cache(
-            Api::all(client.clone()),
-            watcher::Config::default().fields(&format!("metadata.name={DEFAULT_MESH}")),
-            notify.clone(),
-        ),
-        pools: cache(
-            Api::all(client.clone()),
-            watcher::Config::default(),
-            notify.clone(),
-        ),
-        nodes: cache(
-            Api::all(client.clone()),
-            watcher::Config::default().fields(&format!("metadata.name={}", args.node_name)),
-            notify.clone(),
-        ),
-    };
-    let http = tokio::spawn(wgmesh_telemetry::serve(
-        args.metrics_addr,
-        metrics.telemetry(),
-    ));
-    for ready in [
-        caches.peers.wait_until_ready().await,
-        caches.meshes.wait_until_ready().await,
-        caches.pools.wait_until_ready().await,
-        caches.nodes.wait_until_ready().await,
-    ] {
-        ready.map_err(|_| anyhow::anyhow!("a cache stopped before it was ready"))?;
-    }
-    info!("caches synced");
-    // The agent's own DaemonSet, to tell an uninstall from a restart at SIGTERM. Not waited
-    // for: without it (no DaemonSet configured, or no permission) the node is never cleaned.
-    let owner = match (&args.pod_namespace, &args.daemonset) {
-        (Some(ns), Some(name)) => Some(cache(
-            Api::<DaemonSet>::namespaced(client.clone(), ns),
-            watcher::Config::default().fields(&format!("metadata.name={name}")),
-            Arc::new(Notify::new()),
-        )),
-        _ => None,
-    };
-
     let reporter = Reporter {
         controller: AGENT_MANAGER.into(),
         instance: Some(args.node_name.clone()),
@@ -354,11 +311,71 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         fallback_reported: false,
         ready: false,
         own_peer_missing_reported: false,
+        last_saved: None,
         api_view: ApiView::default(),
         args,
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing a SIGTERM handler")?;
+    // The datapath first, from what the last run saved: the API server may be slow or away.
+    agent.resume().await;
+
+    let caches = Caches {
+        peers: cache(
+            Api::all(client.clone()),
+            watcher::Config::default(),
+            notify.clone(),
+        ),
+        meshes: cache(
+            Api::all(client.clone()),
+            watcher::Config::default().fields(&format!("metadata.name={DEFAULT_MESH}")),
+            notify.clone(),
+        ),
+        pools: cache(
+            Api::all(client.clone()),
+            watcher::Config::default(),
+            notify.clone(),
+        ),
+        nodes: cache(
+            Api::all(client.clone()),
+            watcher::Config::default().fields(&format!("metadata.name={}", agent.args.node_name)),
+            notify.clone(),
+        ),
+    };
+    let http = tokio::spawn(wgmesh_telemetry::serve(
+        agent.args.metrics_addr,
+        metrics.telemetry(),
+    ));
+    let synced = async {
+        for ready in [
+            caches.peers.wait_until_ready().await,
+            caches.meshes.wait_until_ready().await,
+            caches.pools.wait_until_ready().await,
+            caches.nodes.wait_until_ready().await,
+        ] {
+            ready.map_err(|_| anyhow::anyhow!("a cache stopped before it was ready"))?;
+        }
+        anyhow::Ok(())
+    };
+    tokio::select! {
+        r = synced => r?,
+        _ = term.recv() => {
+            agent.stop_for_restart();
+            return Ok(());
+        }
+    }
+    info!("caches synced");
+    // The agent's own DaemonSet, to tell an uninstall from a restart at SIGTERM. Not waited
+    // for: without it (no DaemonSet configured, or no permission) the node is never cleaned.
+    let owner = match (&agent.args.pod_namespace, &agent.args.daemonset) {
+        (Some(ns), Some(name)) => Some(cache(
+            Api::<DaemonSet>::namespaced(client.clone(), ns),
+            watcher::Config::default().fields(&format!("metadata.name={name}")),
+            Arc::new(Notify::new()),
+        )),
+        _ => None,
+    };
+
     loop {
         agent.supervise_device(&caches).await?;
         if let Err(e) = agent.pass(&caches).await {
@@ -415,11 +432,11 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     if clean {
         info!("this agent's DaemonSet is gone: removing wgmesh from the node");
         agent.clean_node().await;
+        if let Some(d) = &agent.device {
+            d.shutdown();
+        }
     } else {
-        info!("shutting down; routes through the device go with it, the blackholes stay");
-    }
-    if let Some(d) = &agent.device {
-        d.shutdown();
+        agent.stop_for_restart();
     }
     Ok(())
 }
@@ -526,17 +543,81 @@ impl Agent {
             self.underlay_mtu(endpoint).await,
             endpoint.is_some_and(|e| e.is_ipv6()),
         );
+        self.start_device_with(mesh.listen_port, mtu).await;
+    }
+
+    /// Stops for a restart (an upgrade, a rescheduling): the interface stays, with its
+    /// addresses and routes, for the next agent to attach to; packets routed to it meanwhile
+    /// are dropped, and the blackholes, the nftables rules and the CNI configuration stay.
+    fn stop_for_restart(&self) {
+        if let Some(d) = &self.device {
+            match d.keep_interface() {
+                Ok(()) => {
+                    info!(interface = %self.args.interface, "shutting down; the interface and its routes stay for the next agent")
+                }
+                Err(e) => {
+                    warn!(error = %e, "shutting down; the interface could not be kept, its routes go with it (the blackholes stay)")
+                }
+            }
+            d.shutdown();
+        } else {
+            info!("shutting down");
+        }
+    }
+
+    /// Brings the datapath back from what the last pass saved, before the API has answered:
+    /// the device with its peers (handshakes start at once) and the routes through it. A node
+    /// with nothing saved starts as before, once the API has answered.
+    async fn resume(&mut self) {
+        let Some(saved) = resume::load(&self.args.state_dir) else {
+            return;
+        };
+        let started = Instant::now();
+        self.start_device_with(saved.listen_port, saved.mtu).await;
+        let Some(device) = self.device.clone() else {
+            return;
+        };
+        self.apply_device(device, &saved.device_plan(), &BTreeMap::new());
+        let index = self
+            .netlink
+            .link(&self.args.interface)
+            .await
+            .ok()
+            .map(|l| l.index);
+        let mut routed = 0;
+        for dst in &saved.routes {
+            let route = topology::Route {
+                dst: *dst,
+                via: topology::NextHop::Device,
+                metric: topology::ROUTE_METRIC,
+            };
+            // A route the kept interface still has is fine; the first pass reconciles.
+            if self.netlink.add_route(&route, index).await.is_ok() {
+                routed += 1;
+            }
+        }
+        info!(
+            peers = saved.peers.len(),
+            routes_added = routed,
+            routes = saved.routes.len(),
+            took = ?started.elapsed(),
+            "resumed the device from its saved state, before hearing from the API server"
+        );
+        self.last_saved = Some(saved);
+    }
+
+    async fn start_device_with(&mut self, listen_port: u16, mtu: u32) {
         let (primary, _) = self.keys.device_keys();
         let config = DeviceConfig {
             mtu: Some(mtu),
             up: true,
-            listen_port: mesh.listen_port,
+            listen_port,
             private_key: Some(primary),
             ..DeviceConfig::new(self.args.interface.clone())
         };
         match Device::start(config) {
             Ok(handle) => {
-                info!(interface = %self.args.interface, mtu, port = mesh.listen_port, "WireGuard device up");
+                info!(interface = %self.args.interface, mtu, port = listen_port, "WireGuard device up");
                 match UapiServer::start(handle.clone(), &self.args.socket_dir) {
                     Ok(s) => self._uapi = Some(s),
                     Err(e) => {
@@ -558,6 +639,19 @@ impl Agent {
                 let wait = backoff(self.device_failures, DEVICE_RETRY_FIRST, DEVICE_RETRY_MAX);
                 self.device_retry_at = Some(Instant::now() + wait);
                 error!(interface = %self.args.interface, error = %format!("{e:#}"), retry_in = ?wait, "the WireGuard device could not come up");
+                // An interface of that name that cannot be attached to (kept by an agent
+                // whose device had other settings) is removed, so the next try creates it.
+                if matches!(e, crate::device::DeviceError::CreateTun { .. })
+                    && !self.device_unavailable
+                    && self.netlink.link(&self.args.interface).await.is_ok()
+                {
+                    match self.netlink.delete_link(&self.args.interface).await {
+                        Ok(()) => {
+                            warn!(interface = %self.args.interface, "removed an interface of the device's name that could not be attached to")
+                        }
+                        Err(d) => warn!(error = %d, "could not remove the interface in the way"),
+                    }
+                }
                 self.device_error = Some(format!("{:#}", anyhow::Error::from(e)));
                 self.metrics.device_up.set(0);
                 self.metrics.error("device");
@@ -791,6 +885,20 @@ impl Agent {
             );
         }
         self.ready = device_up && routes_ok && cni_ok;
+
+        // What a restarted agent brings back before the API answers (`resume`).
+        if let Some(device) = &self.device {
+            let saved = resume::Saved::of(&plan, device.listen_port(), mtu);
+            if self.last_saved.as_ref() != Some(&saved) {
+                match resume::store(&self.args.state_dir, &saved) {
+                    Ok(()) => self.last_saved = Some(saved),
+                    Err(e) => {
+                        self.metrics.error("state");
+                        warn!(error = %e, "saving the device's state for a restart failed");
+                    }
+                }
+            }
+        }
 
         self.report_fallback(&plan).await;
         self.update_peer_metrics();
@@ -1295,6 +1403,10 @@ impl Agent {
         }
         remove(&files.ipam_dir, std::fs::remove_dir_all(&files.ipam_dir));
         remove(&files.key, std::fs::remove_file(&files.key));
+        remove(
+            &files.saved_device,
+            std::fs::remove_file(&files.saved_device),
+        );
     }
 
     /// Brings the routes to the plan; returns (every route is as planned, every blackhole

@@ -43,6 +43,8 @@ pub struct NodeFiles {
     pub runtime_conflist: PathBuf,
     pub ipam_dir: PathBuf,
     pub key: PathBuf,
+    /// The device's state saved for a restart.
+    pub saved_device: PathBuf,
 }
 
 impl NodeFiles {
@@ -62,6 +64,7 @@ impl NodeFiles {
                 .unwrap_or(Path::new("/var/lib/cni/networks"))
                 .join(network),
             key: state_dir.join(crate::key::KEY_FILE),
+            saved_device: state_dir.join(super::resume::FILE),
         }
     }
 }
@@ -99,6 +102,7 @@ mod tests {
                 runtime_conflist: PathBuf::from("/run/wgmesh/10-wgmesh.conflist"),
                 ipam_dir: PathBuf::from("/var/lib/cni/wgmesh/wgmesh"),
                 key: PathBuf::from("/var/lib/wgmesh/wireguard-key.json"),
+                saved_device: PathBuf::from("/var/lib/wgmesh/device.json"),
             }
         );
         let default = NodeFiles::new(

@@ -242,6 +242,11 @@ impl Device {
             }
         })?;
         let name = tun.name().to_owned();
+        // An interface a previous device kept for its successor is ours now: it goes with
+        // this device unless this one keeps it too (`DeviceHandle::keep_interface`).
+        if let Err(e) = tun.set_persist(false) {
+            tracing::warn!(interface = %name, error = %e, "could not clear the interface's persistence");
+        }
         let configure = |source| DeviceError::ConfigureInterface {
             name: name.clone(),
             source,
@@ -503,6 +508,16 @@ impl DeviceHandle {
                 .iter()
                 .map(|p| state.peer_snapshot(p, wall))
                 .collect(),
+        }
+    }
+
+    /// Makes the interface outlive this device, with its addresses and routes, for the next
+    /// device of the same name to attach to: packets routed to it meanwhile are dropped, never
+    /// sent elsewhere. Call before [`DeviceHandle::shutdown`].
+    pub fn keep_interface(&self) -> io::Result<()> {
+        match &*self.inner.tun.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(tun) => tun.set_persist(true),
+            None => Ok(()),
         }
     }
 

@@ -14,6 +14,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
 const IFF_VNET_HDR: libc::c_int = 0x4000;
 const TUN_F_CSUM: libc::c_ulong = 0x01;
 const TUN_F_TSO4: libc::c_ulong = 0x02;
@@ -114,6 +115,19 @@ impl Tun {
     /// The interface name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Makes the interface outlive its descriptor (`true`: it stays, with its addresses and
+    /// routes, until a process attaches to it again or it is deleted), or not.
+    pub fn set_persist(&self, persist: bool) -> io::Result<()> {
+        // SAFETY: TUNSETPERSIST takes a flag by value.
+        cvt(unsafe {
+            libc::ioctl(
+                self.fd.as_raw_fd(),
+                TUNSETPERSIST,
+                libc::c_ulong::from(persist),
+            )
+        })
     }
 
     /// Sets the MTU.
