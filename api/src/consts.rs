@@ -31,21 +31,6 @@ pub const ENDPOINT_ANNOTATION: &str = "wgmesh.dev/endpoint";
 /// The WireGuard port when the `Mesh` does not set one.
 pub const DEFAULT_LISTEN_PORT: u16 = 51820;
 
-/// Reasons of a rotation grant (`MeshPeer.status.rotationGrant.reason`), which are also the
-/// reasons of the `Rotating` condition while the grant is in force. The agent reads
-/// [`grant_reason::REVOKE`] to retire the old key as a revocation.
-pub mod grant_reason {
-    /// A request with `revoke: true` (the peer's or the `Mesh`'s): when the rotation
-    /// completes, no earlier key of the node is answered.
-    pub const REVOKE: &str = "Revoke";
-    /// The peer's own `spec.keyRotation.requestedAt`.
-    pub const NODE_REQUEST: &str = "NodeRequest";
-    /// The `Mesh`'s `spec.keyRotation.requestedAt`.
-    pub const MESH_REQUEST: &str = "MeshRequest";
-    /// The key reached the `Mesh`'s `spec.keyRotation.interval`.
-    pub const INTERVAL: &str = "Interval";
-}
-
 /// Condition types. Each is owned by one component; see `docs/conditions.md`.
 pub mod condition {
     /// Peer (operator): the peer's key and addresses are approved and agents configure it.

@@ -217,7 +217,95 @@ pub struct RotationGrant {
     /// `revoke: true`: the old key stops being answered when the rotation completes),
     /// `NodeRequest` (this peer's `spec.keyRotation`), `MeshRequest` (the `Mesh`'s), or
     /// `Interval` (the key reached the mesh's rotation interval).
-    pub reason: String,
+    pub reason: GrantReason,
+}
+
+/// Why a node may rotate its key: a rotation grant's `reason`, which is also the `Rotating`
+/// condition's reason while the grant is in force.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum GrantReason {
+    /// A request with `revoke: true` (the peer's or the `Mesh`'s): when the rotation
+    /// completes, no earlier key of the node is answered.
+    Revoke,
+    /// The peer's own `spec.keyRotation.requestedAt`.
+    #[default]
+    NodeRequest,
+    /// The `Mesh`'s `spec.keyRotation.requestedAt`.
+    MeshRequest,
+    /// The key reached the `Mesh`'s `spec.keyRotation.interval`.
+    Interval,
+}
+
+impl GrantReason {
+    /// The name as written in the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GrantReason::Revoke => "Revoke",
+            GrantReason::NodeRequest => "NodeRequest",
+            GrantReason::MeshRequest => "MeshRequest",
+            GrantReason::Interval => "Interval",
+        }
+    }
+}
+
+/// Where a node's own rotation is (`status.rotation.phase`), as its agent reports it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum RotationPhase {
+    /// The next key is published; peers are installing it.
+    #[default]
+    Prepared,
+    /// The node initiates with the next key and still answers under the old one.
+    Switched,
+    /// The old key is retired (the last rotation's outcome).
+    Completed,
+    /// The next key was never approved and was discarded; the node stays on its key.
+    Abandoned,
+}
+
+impl RotationPhase {
+    /// The name as written in the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RotationPhase::Prepared => "Prepared",
+            RotationPhase::Switched => "Switched",
+            RotationPhase::Completed => "Completed",
+            RotationPhase::Abandoned => "Abandoned",
+        }
+    }
+}
+
+/// The reasons of a node peer's `Rotating` condition (owned by the operator).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RotatingReason {
+    /// A grant is in force, for this reason (the condition is True).
+    Granted(GrantReason),
+    /// Due, waiting for a slot (`maxConcurrent`).
+    Queued,
+    /// The last rotation was abandoned.
+    Abandoned,
+    /// The last rotation completed as a revocation.
+    Revoked,
+    /// The last rotation completed without some peers.
+    CompletedWithLaggards,
+    /// The last rotation completed.
+    Completed,
+    /// No rotation requested.
+    Idle,
+}
+
+impl RotatingReason {
+    /// The condition's `reason`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RotatingReason::Granted(g) => g.as_str(),
+            RotatingReason::Queued => "Queued",
+            RotatingReason::Abandoned => "Abandoned",
+            RotatingReason::Revoked => "Revoked",
+            RotatingReason::CompletedWithLaggards => "CompletedWithLaggards",
+            RotatingReason::Completed => "Completed",
+            RotatingReason::Idle => "Idle",
+        }
+    }
 }
 
 /// Where a node's own rotation is.
@@ -225,9 +313,9 @@ pub struct RotationGrant {
 #[serde(rename_all = "camelCase")]
 pub struct KeyRotationStatus {
     /// `Prepared` (the next key is published, peers are installing it), `Switched` (the
-    /// node initiates with the next key and still answers under the old one), or
-    /// `Completed` (the old key is retired).
-    pub phase: String,
+    /// node initiates with the next key and still answers under the old one), `Completed`
+    /// (the old key is retired) or `Abandoned` (the next key was never approved).
+    pub phase: RotationPhase,
     /// The generation being rotated away from; after `Completed`, the new generation.
     #[serde(default)]
     pub generation: i64,

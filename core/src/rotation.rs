@@ -167,6 +167,19 @@ pub fn schedule(nodes: &[NodeKeyView], policy: &Policy, now: SystemTime) -> Vec<
         .collect()
 }
 
+/// Whether a rotation grant is in force for a node: a grant is for one key (the generation it
+/// names), and a grant given before that key's last rotation was abandoned is spent, so only
+/// a new request (a new grant) starts another. The agent reads its grant with this, and the
+/// operator keeps a grant only while it holds.
+pub fn grant_in_force(
+    grant_generation: i64,
+    granted_at: Option<SystemTime>,
+    generation: i64,
+    abandoned_at: Option<SystemTime>,
+) -> bool {
+    grant_generation == generation && abandoned_at.is_none_or(|a| granted_at.is_some_and(|t| t > a))
+}
+
 /// Where a node is in its own rotation; persisted with its keys. `revoke`: the rotation is
 /// a revocation (its grant said so when it started), and retires accordingly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1018,6 +1031,21 @@ mod tests {
             }]
         );
         assert_eq!(phase, Phase::Steady { generation: 1 });
+    }
+
+    #[test]
+    fn a_grant_is_for_one_key_and_spent_by_an_abandonment_after_it() {
+        assert!(grant_in_force(3, Some(at(10)), 3, None));
+        assert!(!grant_in_force(2, Some(at(10)), 3, None), "another key's");
+        assert!(!grant_in_force(3, Some(at(10)), 3, Some(at(20))), "spent");
+        assert!(
+            grant_in_force(3, Some(at(30)), 3, Some(at(20))),
+            "a new one"
+        );
+        assert!(
+            !grant_in_force(3, None, 3, Some(at(20))),
+            "undated, after an abandonment"
+        );
     }
 
     #[test]

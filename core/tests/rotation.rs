@@ -27,8 +27,8 @@ use std::time::{Duration, SystemTime};
 
 use wgmesh_core::rotation::{
     Action, Due, KeyRole, LaggardStep, MOVE_QUIET, NodeKeyView, Observation, Phase, Policy,
-    SessionView, StillNeeded, Timeouts, device_keys, due, jitter, moved, next_due_at,
-    previous_after_retire, previous_key_until, schedule, step,
+    SessionView, StillNeeded, Timeouts, device_keys, due, grant_in_force, jitter, moved,
+    next_due_at, previous_after_retire, previous_key_until, schedule, step,
 };
 
 fn at(secs: u64) -> SystemTime {
@@ -1064,7 +1064,7 @@ impl Grant {
     /// Whether the node, at `generation` and abandoned at `abandoned_at`, may still use it:
     /// a grant older than an abandonment of the same key is spent.
     fn live(&self, generation: i64, abandoned_at: Option<SystemTime>) -> bool {
-        self.generation == generation && abandoned_at.is_none_or(|a| self.at > a)
+        grant_in_force(self.generation, Some(self.at), generation, abandoned_at)
     }
 }
 

@@ -447,7 +447,7 @@ mod tests {
                 s.rotation_grant = Some(RotationGrant {
                     generation: 0,
                     granted_at: None,
-                    reason: "NodeRequest".into(),
+                    reason: wgmesh_api::peer::GrantReason::NodeRequest,
                 })
             }),
             ("conditions[type=Ready]", |s| {

@@ -245,7 +245,7 @@ pub async fn run(client: Client, identity: String, mut leader: Leadership, metri
             metrics
                 .rotations_granted
                 .get_or_create(&crate::metrics::ReasonLabels {
-                    reason: reason.to_owned(),
+                    reason: reason.as_str().to_owned(),
                 })
                 .inc();
         }

@@ -24,9 +24,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use wgmesh_api::{
     Mesh, MeshPeer, MeshPeerSpec, MeshPeerStatus, PodCIDRPool, PodCIDRPoolStatus,
-    consts::{self, condition, grant_reason},
+    consts::{self, condition},
     mesh::{IpamSource, MeshStatus},
-    peer::{ApprovedPeer, RotationGrant},
+    peer::{ApprovedPeer, GrantReason, RotatingReason, RotationGrant, RotationPhase},
     pool::PoolCounts,
 };
 use wgmesh_core as core;
@@ -538,7 +538,7 @@ pub fn plan(snap: &Snapshot) -> Plan {
                     if let Some(due) = granted.get(name) {
                         out.rotations_granted.push((name.to_owned(), *due));
                     }
-                    let revoke = g.reason == grant_reason::REVOKE;
+                    let revoke = g.reason == GrantReason::Revoke;
                     out.events.push(EventSpec {
                         kind: EventTarget::Peer,
                         name: name.to_owned(),
@@ -554,7 +554,7 @@ pub fn plan(snap: &Snapshot) -> Plan {
                             "key {} of generation {} granted ({})",
                             if revoke { "revocation" } else { "rotation" },
                             g.generation,
-                            due_text(&g.reason)
+                            due_text(g.reason)
                         ),
                     });
                 }
@@ -858,13 +858,16 @@ fn rotation_views(
         let abandoned_at = status
             .rotation
             .as_ref()
-            .filter(|r| r.phase == "Abandoned" && r.generation == generation)
+            .filter(|r| r.phase == RotationPhase::Abandoned && r.generation == generation)
             .and_then(|r| r.since.as_ref())
             .map(system_time);
         let grant = status.rotation_grant.clone().filter(|g| {
-            g.generation == generation
-                && abandoned_at
-                    .is_none_or(|a| g.granted_at.as_ref().is_some_and(|t| system_time(t) > a))
+            core::rotation::grant_in_force(
+                g.generation,
+                g.granted_at.as_ref().map(system_time),
+                generation,
+                abandoned_at,
+            )
         });
         let rotating = grant.is_some() || status.next_public_key.is_some();
         if let Some(g) = grant {
@@ -889,25 +892,25 @@ fn rotation_views(
 }
 
 /// The `reason` a grant carries for `due`.
-pub fn due_reason(due: core::rotation::Due) -> &'static str {
+pub fn due_reason(due: core::rotation::Due) -> GrantReason {
     match due {
-        core::rotation::Due::Revoke => grant_reason::REVOKE,
-        core::rotation::Due::NodeRequest => grant_reason::NODE_REQUEST,
-        core::rotation::Due::MeshRequest => grant_reason::MESH_REQUEST,
-        core::rotation::Due::Interval => grant_reason::INTERVAL,
+        core::rotation::Due::Revoke => GrantReason::Revoke,
+        core::rotation::Due::NodeRequest => GrantReason::NodeRequest,
+        core::rotation::Due::MeshRequest => GrantReason::MeshRequest,
+        core::rotation::Due::Interval => GrantReason::Interval,
     }
 }
 
-fn due_text(reason: &str) -> &'static str {
+fn due_text(reason: GrantReason) -> &'static str {
     match reason {
-        grant_reason::REVOKE => {
+        GrantReason::Revoke => {
             "a revocation requested by spec.keyRotation.revoke (this peer's or the Mesh's): when it completes, the old key and every key retired before it stop being answered, with no grace period for external peers"
         }
-        grant_reason::MESH_REQUEST => {
+        GrantReason::MeshRequest => {
             "requested for every node by the Mesh's spec.keyRotation.requestedAt"
         }
-        grant_reason::INTERVAL => "the key reached the Mesh's spec.keyRotation.interval",
-        _ => "requested by this peer's spec.keyRotation.requestedAt",
+        GrantReason::Interval => "the key reached the Mesh's spec.keyRotation.interval",
+        GrantReason::NodeRequest => "requested by this peer's spec.keyRotation.requestedAt",
     }
 }
 
@@ -930,34 +933,39 @@ fn rotation_state(
             granted_at: k8s_openapi::jiff::Timestamp::try_from(now)
                 .ok()
                 .map(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time),
-            reason: due_reason(due).to_owned(),
+            reason: due_reason(due),
         })
     });
     let Some(view) = view else {
         return (None, None);
     };
     let cond = if let Some(g) = &grant {
-        let progress =
-            match agent.filter(|a| a.generation == g.generation && a.phase != "Completed") {
-                Some(a) if a.waiting_for.is_empty() => format!("; {}", a.phase),
-                Some(a) => format!("; {}, waiting for {}", a.phase, a.waiting_for.join(", ")),
-                None => "; waiting for the node's agent to publish its next key".to_owned(),
-            };
+        let progress = match agent
+            .filter(|a| a.generation == g.generation && a.phase != RotationPhase::Completed)
+        {
+            Some(a) if a.waiting_for.is_empty() => format!("; {}", a.phase.as_str()),
+            Some(a) => format!(
+                "; {}, waiting for {}",
+                a.phase.as_str(),
+                a.waiting_for.join(", ")
+            ),
+            None => "; waiting for the node's agent to publish its next key".to_owned(),
+        };
         Desired::new(
             condition::ROTATING,
             true,
-            &g.reason,
+            RotatingReason::Granted(g.reason).as_str(),
             format!(
                 "rotating key generation {}: {}{progress}",
                 g.generation,
-                due_text(&g.reason)
+                due_text(g.reason)
             ),
         )
     } else if let Some(due) = core::rotation::due(view, policy, now) {
         Desired::new(
             condition::ROTATING,
             false,
-            "Queued",
+            RotatingReason::Queued.as_str(),
             format!(
                 "due ({}); waiting for a rotation slot (spec.keyRotation.maxConcurrent is {})",
                 due_text(due_reason(due)),
@@ -965,13 +973,15 @@ fn rotation_state(
             ),
         )
     } else {
-        if let Some(a) = agent.filter(|a| a.phase == "Abandoned" && a.generation == generation) {
+        if let Some(a) =
+            agent.filter(|a| a.phase == RotationPhase::Abandoned && a.generation == generation)
+        {
             return (
                 None,
                 Some(Desired::new(
                     condition::ROTATING,
                     false,
-                    "Abandoned",
+                    RotatingReason::Abandoned.as_str(),
                     format!(
                         "the rotation of key generation {} was abandoned: its next key was not approved in time (see the Ready condition's message and the operator's Events); set spec.keyRotation.requestedAt to retry",
                         a.generation
@@ -979,7 +989,7 @@ fn rotation_state(
                 )),
             );
         }
-        match agent.filter(|a| a.phase == "Completed") {
+        match agent.filter(|a| a.phase == RotationPhase::Completed) {
             Some(a) if a.revoke => {
                 let mut msg = format!(
                     "key generation {} in use; the previous key was revoked: since the rotation completed, neither it nor any key retired before it is answered (external peers need the new key)",
@@ -991,12 +1001,17 @@ fn rotation_state(
                         a.laggards.join(", ")
                     ));
                 }
-                Desired::new(condition::ROTATING, false, "Revoked", msg)
+                Desired::new(
+                    condition::ROTATING,
+                    false,
+                    RotatingReason::Revoked.as_str(),
+                    msg,
+                )
             }
             Some(a) if !a.laggards.is_empty() => Desired::new(
                 condition::ROTATING,
                 false,
-                "CompletedWithLaggards",
+                RotatingReason::CompletedWithLaggards.as_str(),
                 format!(
                     "key generation {} in use; the rotation went on without {}",
                     a.generation,
@@ -1017,12 +1032,17 @@ fn rotation_state(
                         a.external_peers_on_old_key.join(", ")
                     ));
                 }
-                Desired::new(condition::ROTATING, false, "Completed", msg)
+                Desired::new(
+                    condition::ROTATING,
+                    false,
+                    RotatingReason::Completed.as_str(),
+                    msg,
+                )
             }
             None => Desired::new(
                 condition::ROTATING,
                 false,
-                "Idle",
+                RotatingReason::Idle.as_str(),
                 format!("key generation {generation}; no rotation requested"),
             ),
         }

@@ -550,7 +550,7 @@ fn set_key_state(
     name: &str,
     generation: i64,
     created: u64,
-    phase: Option<&str>,
+    phase: Option<RotationPhase>,
 ) {
     for p in &mut snap.peers {
         if p.metadata.name.as_deref() == Some(name) {
@@ -559,7 +559,7 @@ fn set_key_state(
             status.key_generation = Some(generation);
             status.key_created_at = Some(time(created));
             status.rotation = phase.map(|ph| wgmesh_api::peer::KeyRotationStatus {
-                phase: ph.into(),
+                phase: ph,
                 generation,
                 ..Default::default()
             });
@@ -648,13 +648,13 @@ fn a_mesh_request_rotates_nodes_one_slot_at_a_time_and_a_grant_lasts_until_the_g
     assert_eq!(grant(peer(&snap, "b")), None);
 
     // The grant survives passes while the node rotates, and no second node starts.
-    set_key_state(&mut snap, "a", 0, 10, Some("Switched"));
+    set_key_state(&mut snap, "a", 0, 10, Some(RotationPhase::Switched));
     converge(&mut snap);
     assert_eq!(grant(peer(&snap, "a")), Some(0));
     assert_eq!(grant(peer(&snap, "b")), None);
 
     // The node reports the next generation: its grant goes, the next node's comes.
-    set_key_state(&mut snap, "a", 1, 1001, Some("Completed"));
+    set_key_state(&mut snap, "a", 1, 1001, Some(RotationPhase::Completed));
     snap.now = at(1002);
     converge(&mut snap);
     assert_eq!(grant(peer(&snap, "a")), None);
@@ -684,11 +684,11 @@ fn a_node_request_rotates_only_that_node_and_a_bad_interval_is_reported() {
     assert!(text.contains("keyRotation.interval"), "{text}");
 }
 
-fn grant_reason_of(p: &MeshPeer) -> Option<String> {
+fn grant_reason_of(p: &MeshPeer) -> Option<GrantReason> {
     p.status
         .as_ref()
         .and_then(|s| s.rotation_grant.as_ref())
-        .map(|g| g.reason.clone())
+        .map(|g| g.reason)
 }
 
 #[test]
@@ -716,13 +716,10 @@ fn a_revocation_is_granted_as_one_ahead_of_older_keys_and_reported_as_revoked() 
     assert_eq!(started.reason, "RevocationStarted");
     assert!(started.note.contains("revocation"), "{}", started.note);
     converge(&mut snap);
-    assert_eq!(
-        grant_reason_of(peer(&snap, "c")).as_deref(),
-        Some(grant_reason::REVOKE)
-    );
+    assert_eq!(grant_reason_of(peer(&snap, "c")), Some(GrantReason::Revoke));
     assert_eq!(
         rotating(peer(&snap, "c")),
-        (true, grant_reason::REVOKE.into())
+        (true, GrantReason::Revoke.as_str().into())
     );
     assert_eq!(rotating(peer(&snap, "a")), (false, "Queued".into()));
     assert_eq!(grant(peer(&snap, "a")), None);
@@ -734,7 +731,7 @@ fn a_revocation_is_granted_as_one_ahead_of_older_keys_and_reported_as_revoked() 
             status.key_generation = Some(1);
             status.key_created_at = Some(time(1001));
             status.rotation = Some(wgmesh_api::peer::KeyRotationStatus {
-                phase: "Completed".into(),
+                phase: RotationPhase::Completed,
                 generation: 1,
                 revoke: true,
                 ..Default::default()
@@ -753,8 +750,8 @@ fn a_revocation_is_granted_as_one_ahead_of_older_keys_and_reported_as_revoked() 
     assert!(message.contains("revoked"), "{message}");
     // Its slot goes to the oldest key, for the Mesh's ordinary request.
     assert_eq!(
-        grant_reason_of(peer(&snap, "a")).as_deref(),
-        Some(grant_reason::MESH_REQUEST)
+        grant_reason_of(peer(&snap, "a")),
+        Some(GrantReason::MeshRequest)
     );
 }
 
@@ -769,10 +766,7 @@ fn a_mesh_revocation_revokes_every_node_one_slot_at_a_time() {
     });
     snap.mesh = Some(Arc::new(mesh));
     converge(&mut snap);
-    assert_eq!(
-        grant_reason_of(peer(&snap, "a")).as_deref(),
-        Some(grant_reason::REVOKE)
-    );
+    assert_eq!(grant_reason_of(peer(&snap, "a")), Some(GrantReason::Revoke));
     assert_eq!(grant(peer(&snap, "b")), None, "maxConcurrent 1 holds");
     let (queued, reason) = rotating(peer(&snap, "b"));
     assert_eq!((queued, reason.as_str()), (false, "Queued"));

@@ -46,8 +46,8 @@ use tokio::sync::Notify;
 use tracing::{error, info, warn};
 use wgmesh_api::{
     Condition, ConditionStatus, Mesh, MeshPeer, MeshPeerStatus, PodCIDRPool,
-    consts::{AGENT_MANAGER, DEFAULT_MESH, condition, grant_reason},
-    peer::{Connectivity, InstalledKey},
+    consts::{AGENT_MANAGER, DEFAULT_MESH, condition},
+    peer::{Connectivity, GrantReason, InstalledKey},
 };
 use wgmesh_core::api_view::ApiView;
 use wgmesh_core::duration::backoff;
@@ -1024,12 +1024,12 @@ impl Agent {
         // A grant older than an abandonment of this key is spent: only a new request (a new
         // grant) starts another rotation.
         let grant = status.and_then(|s| s.rotation_grant.as_ref()).filter(|g| {
-            g.generation == self.keys.current.generation
-                && self.keys.abandoned_at.is_none_or(|a| {
-                    g.granted_at
-                        .as_ref()
-                        .is_some_and(|t| SystemTime::from(t.0) > a)
-                })
+            wgmesh_core::rotation::grant_in_force(
+                g.generation,
+                g.granted_at.as_ref().map(|t| SystemTime::from(t.0)),
+                self.keys.current.generation,
+                self.keys.abandoned_at,
+            )
         });
         let next_approved = match (&self.keys.next, status.and_then(|s| s.approved.as_ref())) {
             (Some(next), Some(a)) => a.next_public_key.as_deref() == Some(&next.public_base64()),
@@ -1043,7 +1043,7 @@ impl Agent {
         let inputs = rotation::Inputs {
             api_current_since: self.api_view.current(SystemTime::now()),
             granted: grant.is_some(),
-            revoke: grant.is_some_and(|g| g.reason == grant_reason::REVOKE),
+            revoke: grant.is_some_and(|g| g.reason == GrantReason::Revoke),
             next_approved,
             peers: approved
                 .iter()

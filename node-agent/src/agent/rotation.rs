@@ -12,7 +12,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::{Duration, SystemTime};
-use wgmesh_api::peer::KeyRotationStatus;
+use wgmesh_api::peer::{KeyRotationStatus, RotationPhase};
 use wgmesh_core::rotation::{self, Action, LaggardStep, Observation, Phase, SessionView, Timeouts};
 
 /// What one tick observed, besides the device.
@@ -333,9 +333,9 @@ impl Rotator {
                 revoke,
             } => Some(KeyRotationStatus {
                 phase: if matches!(keys.phase, Phase::Prepared { .. }) {
-                    "Prepared".into()
+                    RotationPhase::Prepared
                 } else {
-                    "Switched".into()
+                    RotationPhase::Switched
                 },
                 generation,
                 started_at: keys.next.as_ref().and_then(|k| t(k.created_at)),
@@ -348,7 +348,7 @@ impl Rotator {
             }),
             Phase::Steady { generation } if keys.abandoned_at.is_some() => {
                 Some(KeyRotationStatus {
-                    phase: "Abandoned".into(),
+                    phase: RotationPhase::Abandoned,
                     generation,
                     started_at: None,
                     since: keys.abandoned_at.and_then(t),
@@ -361,7 +361,7 @@ impl Rotator {
             }
             Phase::Steady { generation } if generation > 0 || !keys.previous.is_empty() => {
                 Some(KeyRotationStatus {
-                    phase: "Completed".into(),
+                    phase: RotationPhase::Completed,
                     generation,
                     started_at: t(keys.current.created_at),
                     since: None,
@@ -555,7 +555,7 @@ mod tests {
         );
         assert_eq!(keys.device_keys().1.len(), 1, "still answered");
         let status = r.status(&keys, &BTreeMap::new()).expect("status");
-        assert_eq!(status.phase, "Abandoned");
+        assert_eq!(status.phase, RotationPhase::Abandoned);
         // After the acknowledge timeout it is deleted, on disk too.
         let n = r
             .tick(&mut keys, &Inputs::default(), &T, &none, &dir, at(61))
@@ -639,7 +639,7 @@ mod tests {
             })
         );
         let status = r.status(&keys, &BTreeMap::new()).expect("status");
-        assert_eq!(status.phase, "Completed");
+        assert_eq!(status.phase, RotationPhase::Completed);
         assert!(status.revoke && status.old_key_answered_until.is_none());
         // On disk too: a restart does not bring a revoked key back.
         let (disk, _) = KeyState::load_or_generate(&dir, at(5)).expect("reload");
