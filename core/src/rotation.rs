@@ -387,6 +387,152 @@ pub fn step(
     }
 }
 
+/// A node's keys as its rotation keeps them, persisted together with the phase in one atomic
+/// write: the agent's key file (`K` holds the secret) and the simulation's disk (`K` an id)
+/// are both this. [`Keyring::advance`] is the one place a step's actions change it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keyring<K> {
+    /// The key of the current generation.
+    pub current: K,
+    /// The next key, from `Prepared` until it is retired into `current`.
+    pub next: Option<K>,
+    /// Keys no longer the node's but still answered, each until its deadline.
+    pub previous: Vec<(K, SystemTime)>,
+    /// The rotation's phase.
+    pub phase: Phase,
+    /// Peers the last rotation went on without.
+    pub laggards: Vec<String>,
+    /// The last completed rotation was a revocation.
+    pub revoked: bool,
+    /// When the last rotation of the current key was abandoned.
+    pub abandoned_at: Option<SystemTime>,
+}
+
+/// How long keys the rotation no longer initiates with stay answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// An abandoned next key: for the acknowledge timeout (an approval may have crossed).
+    pub acknowledge: Duration,
+    /// A retired key, while external peers or laggards may need it ([`previous_key_until`]).
+    pub grace: Duration,
+    /// The mesh has external peers.
+    pub external_peers: bool,
+}
+
+/// What [`Keyring::advance`] did, besides the keyring it returned.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Advanced {
+    /// The old key was retired and the next one made current.
+    pub retired: bool,
+    /// The retired key is still answered, for its grace period.
+    pub retired_kept: bool,
+    /// Keys retired or abandoned before that a revocation stopped answering.
+    pub dropped: usize,
+    /// The next key was abandoned.
+    pub abandoned: bool,
+}
+
+/// A step's actions that the keyring cannot carry out: the phase they came from implies a
+/// next key, and there is none (a keyring that was not persisted with its phase).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum KeyringError {
+    #[error("the rotation retires its old key, but there is no next key to take its place")]
+    RetireWithoutNext,
+    #[error("the rotation abandons its next key, but there is none")]
+    AbandonWithoutNext,
+}
+
+impl<K: Clone> Keyring<K> {
+    /// The keyring after [`step`] returned `phase` and `actions` at `now`, to persist in one
+    /// write before the caller acts on the device. `new_key(generation)` makes the next key
+    /// (only if there is none yet: after a crash the persisted one is published again);
+    /// `promote(key, generation)` gives a retiring rotation's next key its generation.
+    pub fn advance(
+        &self,
+        phase: Phase,
+        actions: &[Action],
+        now: SystemTime,
+        retention: &Retention,
+        new_key: impl FnOnce(i64) -> K,
+        promote: impl FnOnce(&mut K, i64),
+    ) -> Result<(Keyring<K>, Advanced), KeyringError> {
+        let mut ring = self.clone();
+        let mut done = Advanced::default();
+        if matches!(self.phase, Phase::Steady { .. }) && !matches!(phase, Phase::Steady { .. }) {
+            // A new rotation of the key: the last one's outcome is history.
+            ring.abandoned_at = None;
+            ring.laggards.clear();
+            ring.revoked = false;
+        }
+        let mut new_key = Some(new_key);
+        let mut promote = Some(promote);
+        for action in actions {
+            match action {
+                Action::PrepareNext => {
+                    if ring.next.is_none()
+                        && let Some(make) = new_key.take()
+                    {
+                        ring.next = Some(make(generation_of(phase) + 1));
+                    }
+                }
+                Action::Switch => {}
+                Action::Laggards { peers, .. } => {
+                    for p in peers {
+                        if !ring.laggards.contains(p) {
+                            ring.laggards.push(p.clone());
+                        }
+                    }
+                }
+                Action::Abandon => {
+                    let key = ring.next.take().ok_or(KeyringError::AbandonWithoutNext)?;
+                    ring.previous.push((key, now + retention.acknowledge));
+                    ring.abandoned_at = Some(now);
+                    done.abandoned = true;
+                }
+                Action::Retire {
+                    generation,
+                    revoke,
+                    laggards,
+                } => {
+                    let mut next = ring.next.take().ok_or(KeyringError::RetireWithoutNext)?;
+                    if let Some(promote) = promote.take() {
+                        promote(&mut next, *generation);
+                    }
+                    let old = std::mem::replace(&mut ring.current, next);
+                    let earlier = std::mem::take(&mut ring.previous);
+                    let held = earlier.len();
+                    ring.previous = previous_after_retire(
+                        earlier,
+                        old,
+                        *revoke,
+                        retention.grace,
+                        StillNeeded {
+                            external_peers: retention.external_peers,
+                            node_laggards: *laggards,
+                        },
+                        now,
+                    );
+                    done.retired = true;
+                    done.retired_kept = !revoke && ring.previous.len() > held;
+                    done.dropped = if *revoke { held } else { 0 };
+                    ring.revoked = *revoke;
+                }
+            }
+        }
+        ring.phase = phase;
+        Ok((ring, done))
+    }
+}
+
+/// The key generation a phase is at.
+pub fn generation_of(phase: Phase) -> i64 {
+    match phase {
+        Phase::Steady { generation }
+        | Phase::Prepared { generation, .. }
+        | Phase::Switched { generation, .. } => generation,
+    }
+}
+
 /// How long a peer must send nothing under the old key, once a session under the next key
 /// is up, before it counts as moved: packets already in flight under the old key land.
 pub const MOVE_QUIET: Duration = Duration::from_secs(2);
@@ -1031,6 +1177,113 @@ mod tests {
             }]
         );
         assert_eq!(phase, Phase::Steady { generation: 1 });
+    }
+
+    #[test]
+    fn the_keyring_follows_the_steps_actions() {
+        let ring = Keyring {
+            current: (0, "k0"),
+            next: None,
+            previous: vec![],
+            phase: Phase::Steady { generation: 0 },
+            laggards: vec!["stale".into()],
+            revoked: true,
+            abandoned_at: Some(at(1)),
+        };
+        let keep = Retention {
+            acknowledge: Duration::from_secs(60),
+            grace: Duration::from_secs(3600),
+            external_peers: false,
+        };
+        let promote = |k: &mut (i64, &str), g: i64| k.0 = g;
+        let prepared = Phase::Prepared {
+            generation: 0,
+            since: at(10),
+            revoke: false,
+        };
+        let (r, done) = ring
+            .advance(
+                prepared,
+                &[Action::PrepareNext],
+                at(10),
+                &keep,
+                |g| (g, "k1"),
+                promote,
+            )
+            .expect("prepare");
+        assert_eq!(r.next, Some((1, "k1")));
+        assert!(
+            r.laggards.is_empty() && !r.revoked && r.abandoned_at.is_none(),
+            "{r:?}"
+        );
+        assert_eq!(done, Advanced::default());
+        // Re-issued after a crash: the persisted next key stays.
+        let (again, _) = r
+            .advance(
+                prepared,
+                &[Action::PrepareNext],
+                at(11),
+                &keep,
+                |g| (g, "other"),
+                promote,
+            )
+            .expect("again");
+        assert_eq!(again.next, Some((1, "k1")));
+        // Retired with a laggard: the old key stays answered for the grace period.
+        let (done_ring, done) = r
+            .advance(
+                Phase::Steady { generation: 1 },
+                &[
+                    Action::Laggards {
+                        step: LaggardStep::MoveOver,
+                        peers: vec!["slow".into()],
+                    },
+                    Action::Retire {
+                        generation: 1,
+                        revoke: false,
+                        laggards: true,
+                    },
+                ],
+                at(20),
+                &keep,
+                |g| (g, "unused"),
+                promote,
+            )
+            .expect("retire");
+        assert_eq!(done_ring.current, (1, "k1"));
+        assert_eq!(done_ring.previous, vec![((0, "k0"), at(3620))]);
+        assert_eq!(done_ring.laggards, vec!["slow".to_string()]);
+        assert!(done.retired && done.retired_kept);
+        // Abandoned: the next key is answered for the acknowledge timeout.
+        let (ab, done) = r
+            .advance(
+                Phase::Steady { generation: 0 },
+                &[Action::Abandon],
+                at(70),
+                &keep,
+                |g| (g, "unused"),
+                promote,
+            )
+            .expect("abandon");
+        assert_eq!(ab.previous, vec![((1, "k1"), at(130))]);
+        assert_eq!(ab.abandoned_at, Some(at(70)));
+        assert!(done.abandoned && ab.next.is_none());
+        // A phase that implies a next key without one is refused, not guessed at.
+        assert_eq!(
+            ring.advance(
+                Phase::Steady { generation: 1 },
+                &[Action::Retire {
+                    generation: 1,
+                    revoke: false,
+                    laggards: false
+                }],
+                at(5),
+                &keep,
+                |g| (g, "x"),
+                promote
+            ),
+            Err(KeyringError::RetireWithoutNext)
+        );
     }
 
     #[test]

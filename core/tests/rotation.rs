@@ -26,9 +26,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, SystemTime};
 
 use wgmesh_core::rotation::{
-    Action, Due, KeyRole, LaggardStep, MOVE_QUIET, NodeKeyView, Observation, Phase, Policy,
-    SessionView, StillNeeded, Timeouts, device_keys, due, grant_in_force, jitter, moved,
-    next_due_at, previous_after_retire, previous_key_until, schedule, step,
+    Action, Due, KeyRole, Keyring, LaggardStep, MOVE_QUIET, NodeKeyView, Observation, Phase,
+    Policy, Retention, SessionView, StillNeeded, Timeouts, device_keys, due, grant_in_force,
+    jitter, moved, next_due_at, previous_after_retire, previous_key_until, schedule, step,
 };
 
 fn at(secs: u64) -> SystemTime {
@@ -1009,18 +1009,9 @@ struct Key {
     created: SystemTime,
 }
 
-/// What an agent persisted, in one atomic write: the phase and its keys.
-#[derive(Debug, Clone)]
-struct Disk {
-    phase: Phase,
-    current: Key,
-    next: Option<Key>,
-    /// Keys still answered until a deadline: abandoned next keys an approval may have
-    /// crossed, and retired keys in the external grace period.
-    previous: Vec<(Key, SystemTime)>,
-    /// When the last rotation of the current key was abandoned.
-    abandoned_at: Option<SystemTime>,
-}
+/// What an agent persisted, in one atomic write: the phase and its keys (the agent's own
+/// keyring, with ids for keys).
+type Disk = Keyring<Key>;
 
 /// A node's WireGuard device: survives agent crashes.
 #[derive(Debug, Clone)]
@@ -1283,6 +1274,8 @@ impl Sim {
                     current: keys[i],
                     next: None,
                     previous: Vec::new(),
+                    laggards: Vec::new(),
+                    revoked: false,
                     abandoned_at: None,
                 },
                 device: Device {
@@ -2100,71 +2093,40 @@ impl Sim {
         Ok(())
     }
 
-    /// The atomic write: the phase with the keys the actions imply.
+    /// The atomic write: the phase with the keys the actions imply, as the agent makes it
+    /// (`Keyring::advance`).
     fn persist(&mut self, i: usize, phase: Phase, actions: &[Action]) -> Result<(), String> {
         let now = self.now;
         let when = self.when();
-        let acknowledge = self.cfg.timeouts.acknowledge;
-        let grace = self.cfg.external_grace;
-        let disk = &mut self.agents[i].disk;
-        if is_steady(disk.phase) && !is_steady(phase) {
-            // A new rotation of the key: the abandonment of the last one is history.
-            disk.abandoned_at = None;
+        let retention = Retention {
+            acknowledge: self.cfg.timeouts.acknowledge,
+            grace: self.cfg.external_grace.unwrap_or_default(),
+            external_peers: self.cfg.external_grace.is_some(),
+        };
+        let id = self.key_ids + 1;
+        let (disk, done) = self.agents[i]
+            .disk
+            .advance(
+                phase,
+                actions,
+                now,
+                &retention,
+                |_| Key { id, created: now },
+                |_, _| {},
+            )
+            .map_err(|e| format!("{when}: {e}"))?;
+        if disk.current.id == id || disk.next.is_some_and(|k| k.id == id) {
+            self.key_ids = id;
         }
-        for action in actions {
-            match action {
-                Action::PrepareNext => {
-                    if disk.next.is_none() {
-                        self.key_ids += 1;
-                        disk.next = Some(Key {
-                            id: self.key_ids,
-                            created: now,
-                        });
-                    }
-                }
-                Action::Retire {
-                    revoke, laggards, ..
-                } => {
-                    let needed = StillNeeded {
-                        external_peers: grace.is_some(),
-                        node_laggards: *laggards,
-                    };
-                    let next = disk
-                        .next
-                        .take()
-                        .ok_or_else(|| format!("{when}: retires without a next key"))?;
-                    let old = std::mem::replace(&mut disk.current, next);
-                    let earlier = std::mem::take(&mut disk.previous);
-                    let held = earlier.len();
-                    disk.previous = previous_after_retire(
-                        earlier,
-                        old,
-                        *revoke,
-                        grace.unwrap_or_default(),
-                        needed,
-                        now,
-                    );
-                    if *revoke {
-                        self.stats.revocations += 1;
-                        self.stats.revocations_dropping_earlier_keys += u64::from(held > 0);
-                    } else if disk.previous.iter().any(|(k, _)| k.id == old.id) {
-                        self.stats.retired_keys_kept += 1;
-                    }
-                }
-                Action::Abandon => {
-                    // Stop publishing it, but keep answering it: an approval may have crossed
-                    // this decision, and peers drop it once the operator drops the approval.
-                    let key = disk
-                        .next
-                        .take()
-                        .ok_or_else(|| format!("{when}: abandons without a next key"))?;
-                    disk.previous.push((key, now + acknowledge));
-                    disk.abandoned_at = Some(now);
-                }
-                Action::Switch | Action::Laggards { .. } => {}
+        if done.retired {
+            if disk.revoked {
+                self.stats.revocations += 1;
+                self.stats.revocations_dropping_earlier_keys += u64::from(done.dropped > 0);
+            } else if done.retired_kept {
+                self.stats.retired_keys_kept += 1;
             }
         }
-        disk.phase = phase;
+        self.agents[i].disk = disk;
         Ok(())
     }
 

@@ -250,6 +250,32 @@ fn from_secs(s: u64) -> SystemTime {
 }
 
 impl KeyState {
+    /// A copy of the keys as the rotation's keyring (`wgmesh_core::rotation::Keyring`).
+    pub fn ring(&self) -> rotation::Keyring<NodeKey> {
+        rotation::Keyring {
+            current: self.current.clone(),
+            next: self.next.clone(),
+            previous: self.previous.clone(),
+            phase: self.phase,
+            laggards: self.laggards.clone(),
+            revoked: self.revoked,
+            abandoned_at: self.abandoned_at,
+        }
+    }
+
+    /// The keys a keyring holds.
+    pub fn from_ring(ring: rotation::Keyring<NodeKey>) -> KeyState {
+        KeyState {
+            current: ring.current,
+            next: ring.next,
+            previous: ring.previous,
+            phase: ring.phase,
+            laggards: ring.laggards,
+            revoked: ring.revoked,
+            abandoned_at: ring.abandoned_at,
+        }
+    }
+
     /// Loads the keys from `state_dir`, or generates and stores a first key if there is
     /// none. Returns the state and whether a key was generated now. A key file that is a
     /// symlink, not a regular file, or readable by group or others is refused.

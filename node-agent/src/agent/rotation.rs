@@ -177,91 +177,41 @@ impl Rotator {
             return Ok(notices);
         }
         let before = keys.phase;
-        // Build the next state, store it, and only then let it replace the one in memory:
-        // a failed write changes nothing.
-        let mut next_key = keys.next.clone();
-        let mut laggards = if matches!(before, Phase::Steady { .. }) {
-            Vec::new()
-        } else {
-            keys.laggards.clone()
+        // The keys the step implies, stored before they replace the ones in memory: a failed
+        // write changes nothing.
+        let retention = rotation::Retention {
+            acknowledge: timeouts.acknowledge,
+            grace: inputs.external_grace,
+            external_peers: inputs.has_external_peers,
         };
-        let mut retire_to = None;
-        let mut revoking = false;
-        let mut lagging = false;
-        let mut abandoned = None;
+        let (ring, done) = match keys.ring().advance(
+            phase,
+            &actions,
+            now,
+            &retention,
+            |generation| NodeKey::generate(now, generation),
+            |key, generation| key.generation = generation,
+        ) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, ?before, ?phase, "the rotation state on disk does not fit its phase; not changing it");
+                return Ok(notices);
+            }
+        };
         for action in &actions {
-            match action {
-                Action::PrepareNext if next_key.is_none() => {
-                    next_key = Some(NodeKey::generate(now, keys.current.generation + 1));
-                }
-                Action::PrepareNext | Action::Switch => {}
-                Action::Retire {
-                    generation,
-                    revoke,
-                    laggards,
-                } => {
-                    retire_to = Some(*generation);
-                    revoking = *revoke;
-                    lagging = *laggards;
-                }
-                Action::Abandon => abandoned = next_key.take(),
-                Action::Laggards { step, peers } => {
-                    for p in peers {
-                        if !laggards.contains(p) {
-                            laggards.push(p.clone());
-                        }
-                    }
-                    notices.push(Notice::Laggards {
-                        step: *step,
-                        peers: peers.clone(),
-                    });
-                }
+            if let Action::Laggards { step, peers } = action {
+                notices.push(Notice::Laggards {
+                    step: *step,
+                    peers: peers.clone(),
+                });
             }
         }
-        let starting = matches!(before, Phase::Steady { .. });
-        let mut candidate = KeyState {
-            current: keys.current.clone(),
-            next: next_key,
-            previous: keys.previous.clone(),
-            phase,
-            laggards,
-            revoked: !starting && keys.revoked,
-            abandoned_at: if starting { None } else { keys.abandoned_at },
+        let candidate = KeyState::from_ring(ring);
+        let took = if done.retired {
+            now.duration_since(candidate.current.created_at).ok()
+        } else {
+            None
         };
-        let abandoned_now = abandoned.is_some();
-        if let Some(key) = abandoned {
-            // An approval may have crossed the decision: keep answering the key until any
-            // such approval is gone, then delete it.
-            candidate.abandoned_at = Some(now);
-            candidate.previous.push((key, now + timeouts.acknowledge));
-        }
-        let mut took = None;
-        let mut dropped = 0;
-        if let Some(generation) = retire_to {
-            let Some(mut next) = candidate.next.take() else {
-                return Ok(notices); // the phase implies a next key; never retire without one
-            };
-            next.generation = generation;
-            took = now.duration_since(next.created_at).ok();
-            let old = std::mem::replace(&mut candidate.current, next);
-            // The secrets left out are dropped (and zeroed): the retired one unless external
-            // peers need it, and for a revocation every earlier one too. The caller gives the
-            // device the keys that remain, so it stops answering the others.
-            let earlier = std::mem::take(&mut candidate.previous);
-            dropped = if revoking { earlier.len() } else { 0 };
-            candidate.previous = rotation::previous_after_retire(
-                earlier,
-                old,
-                revoking,
-                inputs.external_grace,
-                rotation::StillNeeded {
-                    external_peers: inputs.has_external_peers,
-                    node_laggards: lagging,
-                },
-                now,
-            );
-            candidate.revoked = revoking;
-        }
         candidate.store(state_dir)?;
         *keys = candidate;
         match phase {
@@ -273,17 +223,17 @@ impl Rotator {
             Phase::Switched { generation, .. } if before != phase => {
                 notices.push(Notice::Switched { generation });
             }
-            Phase::Steady { generation } if retire_to.is_some() => {
+            Phase::Steady { generation } if done.retired => {
                 notices.push(Notice::Completed {
                     generation,
                     took,
                     laggards: keys.laggards.clone(),
                     revoked: keys.revoked,
-                    dropped,
+                    dropped: done.dropped,
                 });
                 self.old_key_data.clear();
             }
-            Phase::Steady { generation } if abandoned_now => {
+            Phase::Steady { generation } if done.abandoned => {
                 notices.push(Notice::Abandoned { generation });
             }
             _ => {}
