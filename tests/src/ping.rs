@@ -91,3 +91,54 @@ impl Pinger {
         })
     }
 }
+
+/// Several pingers' results together.
+#[derive(Debug)]
+pub struct Summary {
+    pub results: Vec<PingResult>,
+    /// Echo requests sent, by all.
+    pub sent: u64,
+    /// Echo requests never answered, by all.
+    pub lost: usize,
+    /// The longest gap between replies of any one pinger, seconds.
+    pub gap: f64,
+    /// The rate of the slowest pinger, per second.
+    pub slowest: f64,
+}
+
+impl Summary {
+    /// Stops every pinger and sums up what they saw.
+    pub fn stop(pingers: Vec<Pinger>) -> Result<Summary> {
+        let results: Vec<PingResult> = pingers
+            .into_iter()
+            .map(Pinger::stop)
+            .collect::<Result<_>>()?;
+        Ok(Summary {
+            sent: results.iter().map(|r| r.sent).sum(),
+            lost: results.iter().map(|r| r.lost.len()).sum(),
+            gap: results.iter().map(|r| r.longest_gap).fold(0.0, f64::max),
+            slowest: results.iter().map(|r| r.rate).fold(f64::MAX, f64::min),
+            results,
+        })
+    }
+
+    /// Panics, naming `title`, unless every pinger ran at 100 or more per second and lost
+    /// nothing.
+    pub fn assert_nothing_lost(&self, title: &str) {
+        assert!(
+            self.slowest >= 100.0,
+            "{title}: a pinger managed only {:.0} echo requests per second",
+            self.slowest
+        );
+        for r in &self.results {
+            assert!(
+                r.lost.is_empty(),
+                "{title}: {} lost {} of {} pings: {:?}",
+                r.label,
+                r.lost.len(),
+                r.sent,
+                &r.lost[..r.lost.len().min(20)]
+            );
+        }
+    }
+}

@@ -13,7 +13,7 @@
 use anyhow::{Context, Result, bail};
 use std::time::{Duration, Instant};
 use wgmesh_tests::netns::*;
-use wgmesh_tests::ping::{PING_INTERVAL, PingResult, Pinger};
+use wgmesh_tests::ping::{PING_INTERVAL, Pinger, Summary};
 
 /// How long the API server stays frozen.
 const OUTAGE: Duration = Duration::from_secs(180);
@@ -145,38 +145,19 @@ fn outage(mesh: &Mesh, ips: &[String]) -> Result<()> {
     )?;
     // Traffic goes on a little after the completion: the retired key must not be missed.
     std::thread::sleep(Duration::from_secs(3));
-    let results: Vec<PingResult> = pingers
-        .into_iter()
-        .map(Pinger::stop)
-        .collect::<Result<_>>()?;
+    let pings = Summary::stop(pingers)?;
     let p: serde_json::Value =
         serde_json::from_str(&mesh.kubectl(&["get", "meshpeer", "node-1", "-o", "json"])?)?;
     let laggards = p["status"]["rotation"]["laggards"].clone();
-    let sent: u64 = results.iter().map(|r| r.sent).sum();
-    let lost: usize = results.iter().map(|r| r.lost.len()).sum();
-    let gap = results.iter().map(|r| r.longest_gap).fold(0.0, f64::max);
-    let slowest = results.iter().map(|r| r.rate).fold(f64::MAX, f64::min);
+    let (sent, lost, gap, slowest) = (pings.sent, pings.lost, pings.gap, pings.slowest);
     report(&format!(
         "api outage: API server frozen {} s with node-1 {stopped_in} (phases seen during the outage: {}); rotation completed {:.1} s after it was back; {} pingers (each at least {slowest:.0}/s) sent {sent}, lost {lost}, longest gap between replies {gap:.3} s; laggards {laggards}",
         OUTAGE.as_secs(),
         phases.join(" -> "),
         done.as_secs_f64(),
-        results.len()
+        pings.results.len()
     ));
-    assert!(
-        slowest >= 100.0,
-        "a pinger managed only {slowest:.0} echo requests per second"
-    );
-    for r in &results {
-        assert!(
-            r.lost.is_empty(),
-            "{} lost {} of {} pings: {:?}",
-            r.label,
-            r.lost.len(),
-            r.sent,
-            &r.lost[..r.lost.len().min(20)]
-        );
-    }
+    pings.assert_nothing_lost("api outage");
     assert!(
         laggards.as_array().is_none_or(Vec::is_empty),
         "the outage made laggards: {laggards}"

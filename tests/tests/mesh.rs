@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use wgmesh_tests::netns::*;
-use wgmesh_tests::ping::{PING_INTERVAL, PingResult, Pinger};
+use wgmesh_tests::ping::{PING_INTERVAL, Pinger, Summary};
 
 #[test]
 fn a_three_node_mesh_end_to_end() -> Result<()> {
@@ -256,13 +256,9 @@ fn settings_live(mesh: &Mesh, ips: &[String]) -> Result<()> {
         )
         .map_err(|e| anyhow::anyhow!("{e}: failing {:?}", all_pairs(mesh, &pods)))?;
         std::thread::sleep(Duration::from_secs(1));
-        let results: Vec<PingResult> = pingers
-            .into_iter()
-            .map(Pinger::stop)
-            .collect::<Result<_>>()?;
-        let sent: u64 = results.iter().map(|r| r.sent).sum();
-        let lost: usize = results.iter().map(|r| r.lost.len()).sum();
-        let gap = results.iter().map(|r| r.longest_gap).fold(0.0, f64::max);
+        let Summary {
+            sent, lost, gap, ..
+        } = Summary::stop(pingers)?;
         report(&format!(
             "e2e: settings changed live ({spec}): every device on port {port}, MTU {mtu} after {:.1} s, all pairs answering {:.1} s later; pod-1 <-> pod-2 at 100/s: sent {sent}, lost {lost}, longest gap {gap:.3} s",
             took.as_secs_f64(),
@@ -310,10 +306,9 @@ fn restart(mesh: &Mesh, ips: &[String], signal: &str) -> Result<()> {
         Duration::from_secs(60),
         || mesh.ping("pod-1", &ips[1]),
     )?;
-    let results: Vec<PingResult> = pingers
-        .into_iter()
-        .map(Pinger::stop)
-        .collect::<Result<_>>()?;
+    let Summary {
+        sent, lost, gap, ..
+    } = Summary::stop(pingers)?;
     // The TCP stream may or may not survive the gap; either way it must not leak.
     let out = transfer.wait_with_output()?;
     let iperf: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
@@ -323,9 +318,6 @@ fn restart(mesh: &Mesh, ips: &[String], signal: &str) -> Result<()> {
     let [plain] = cap.stop(&["net 10.244.0.0/16 or net fd00:10:244::/56"])?[..] else {
         bail!("capture counts");
     };
-    let sent: u64 = results.iter().map(|r| r.sent).sum();
-    let lost: usize = results.iter().map(|r| r.lost.len()).sum();
-    let gap = results.iter().map(|r| r.longest_gap).fold(0.0, f64::max);
     let what = if signal == "TERM" {
         "upgrade (SIGTERM, then a new agent)"
     } else {

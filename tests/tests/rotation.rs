@@ -14,7 +14,7 @@ use anyhow::{Context, Result, bail};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 use wgmesh_tests::netns::*;
-use wgmesh_tests::ping::{PING_INTERVAL, PingResult, Pinger};
+use wgmesh_tests::ping::{PING_INTERVAL, Pinger, Summary};
 
 /// How long a rotation may take before the test gives up on it: a bound for a stuck
 /// rotation, not a measure (the times are reported). Each step is a status write through
@@ -256,38 +256,19 @@ fn under_traffic(
     // Traffic goes on a little after the rotation: the retired key must not be missed.
     std::thread::sleep(Duration::from_secs(3));
     let (stall, weakest, mean, weak) = stream.finish()?;
-    let results: Vec<PingResult> = pingers
-        .into_iter()
-        .map(Pinger::stop)
-        .collect::<Result<_>>()?;
-    let sent: u64 = results.iter().map(|r| r.sent).sum();
-    let lost: usize = results.iter().map(|r| r.lost.len()).sum();
-    let gap = results.iter().map(|r| r.longest_gap).fold(0.0, f64::max);
-    let slowest = results.iter().map(|r| r.rate).fold(f64::MAX, f64::min);
+    let pings = Summary::stop(pingers)?;
+    let (sent, lost, gap, slowest) = (pings.sent, pings.lost, pings.gap, pings.slowest);
     report(&format!(
         "rotation: {title}: completed in {:.1} s; {} pingers (each at least {slowest:.0}/s) sent {sent}, lost {lost}, longest gap between replies {gap:.3} s; iperf3 {source} -> {sink}: longest stall {stall:.1} s, weakest 0.5 s interval {weakest:.0} Mbit/s, mean {mean:.0} Mbit/s",
         took.as_secs_f64(),
-        results.len()
+        pings.results.len()
     ));
     if !weak.is_empty() {
         report(&format!(
             "rotation: {title}: intervals under a tenth of the mean (rotation from {window_start} to {window_end}): {weak:?}"
         ));
     }
-    assert!(
-        slowest >= 100.0,
-        "{title}: a pinger managed only {slowest:.0} echo requests per second"
-    );
-    for r in &results {
-        assert!(
-            r.lost.is_empty(),
-            "{title}: {} lost {} of {} pings: {:?}",
-            r.label,
-            r.lost.len(),
-            r.sent,
-            &r.lost[..r.lost.len().min(20)]
-        );
-    }
+    pings.assert_nothing_lost(title);
     assert_eq!(
         stall, 0.0,
         "{title}: the iperf3 stream stalled; weak intervals: {weak:?}"
