@@ -197,9 +197,12 @@ stop_pid() {
 	local pid
 	pid=$(cat "$pidf")
 	kill -"$sig" "$pid" 2>/dev/null || true
-	for _ in $(seq 50); do
+	# Gone, or a zombie: it has exited (its descriptors are closed) and only waits to be
+	# reaped by whichever process adopted it, which may take a while.
+	for _ in $(seq 250); do
 		kill -0 "$pid" 2>/dev/null || break
-		sleep 0.1
+		[[ $(sed -n 's/^State:[[:space:]]*\(.\).*/\1/p' "/proc/$pid/status" 2>/dev/null) == Z ]] && break
+		sleep 0.02
 	done
 	kill -KILL "$pid" 2>/dev/null || true
 	rm -f "$pidf"

@@ -384,16 +384,26 @@ fn reboot(mesh: &Mesh, ips: &[String]) -> Result<()> {
 
     // The agent starts while the node cannot reach the API server.
     let api = format!("{}.2", mesh.net);
-    let block = |verb: &str| -> Result<String> {
-        let rules = match verb {
-            "add" => format!(
-                "table inet wgmesh-e2e-block {{ chain out {{ type filter hook output priority 0; ip daddr {api} tcp dport 6443 drop; }} }}"
-            ),
-            _ => "delete table inet wgmesh-e2e-block".to_owned(),
-        };
-        ok(mesh.exec(node, &["nft", &rules]))
-    };
-    block("add")?;
+    let table = "wgmesh-e2e-block";
+    for rule in [
+        &["add", "table", "inet", table][..],
+        &[
+            "add",
+            "chain",
+            "inet",
+            table,
+            "out",
+            "{ type filter hook output priority 0 ; }",
+        ],
+        &[
+            "add", "rule", "inet", table, "out", "ip", "daddr", &api, "tcp", "dport", "6443",
+            "drop",
+        ],
+    ] {
+        let mut args = vec!["nft"];
+        args.extend(rule);
+        ok(mesh.exec(node, &args))?;
+    }
     let started = Instant::now();
     mesh.script(&["start-agent", node])?;
     std::thread::sleep(Duration::from_secs(8));
@@ -401,7 +411,7 @@ fn reboot(mesh: &Mesh, ips: &[String]) -> Result<()> {
         std::fs::metadata(&conf).is_err(),
         "the agent wrote the CNI configuration without the API server"
     );
-    block("delete")?;
+    ok(mesh.exec(node, &["nft", "delete", "table", "inet", table]))?;
     let unblocked = Instant::now();
     let written = wait_until(
         "node-3's CNI configuration once the API server is reachable",

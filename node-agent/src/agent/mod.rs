@@ -739,9 +739,9 @@ impl Agent {
             .flat_map(|p| p.spec.cidrs.iter().filter_map(|c| c.parse::<IpNet>().ok()))
             .map(|n| n.trunc())
             .collect();
-        // Blackholed as a whole besides every pool: every node's subnets the API shows,
-        // approved or not yet, so a subnet outside every pool (`ipam.source: NodeSpec`) is
-        // never routed to the default gateway either.
+        // Blackholed as a whole besides every pool: every node subnet the API shows outside
+        // all pools (`ipam.source: NodeSpec`), approved or not yet, so it is never routed to
+        // the default gateway either.
         let mut fences = pools.clone();
         fences.extend(
             peers
@@ -753,7 +753,8 @@ impl Agent {
                         .iter()
                         .filter_map(|c| c.parse::<IpNet>().ok())
                 })
-                .map(|n| n.trunc()),
+                .map(|n| n.trunc())
+                .filter(|n| !pools.iter().any(|pool| pool.contains(n))),
         );
         fences.sort();
         fences.dedup();
