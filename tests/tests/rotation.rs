@@ -465,13 +465,16 @@ fn steps(mesh: &Mesh, ips: &[String]) -> Result<()> {
                 "{node}'s key file keeps {leftover}: {k}"
             );
         }
-        let files: Vec<String> = std::fs::read_dir(mesh.dir.join(format!("nodes/{node}/state")))?
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
+        let mut files: Vec<String> =
+            std::fs::read_dir(mesh.dir.join(format!("nodes/{node}/state")))?
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+        files.sort();
+        // The key, and the device saved for a restart: no temporary file, no retired key.
         assert_eq!(
             files,
-            vec!["wireguard-key.json"],
+            vec!["device.json", "wireguard-key.json"],
             "{node}'s state directory"
         );
     }

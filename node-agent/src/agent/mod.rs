@@ -28,7 +28,7 @@ use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::{
     Api, ResourceExt,
-    api::{Patch, PatchParams},
+    api::{ListParams, Patch, PatchParams},
     runtime::{
         WatchStreamExt,
         events::{Event, EventType, Recorder, Reporter},
@@ -207,6 +207,13 @@ struct Agent {
     /// When the API last answered, and since when without a break: a rotation's timeouts
     /// run only while this view is current.
     api_view: ApiView,
+}
+
+/// Whether the API server answered a request that failed: it refused it (a 4xx status), so
+/// the agent's view of the API is current. Transport errors, timeouts and server errors (5xx:
+/// the server may be cut off from etcd) mean it is not.
+fn answered(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(status) if status.code < 500)
 }
 
 /// Whether a device start failed because the kernel offers no TUN device (no
@@ -1259,12 +1266,19 @@ impl Agent {
         }
     }
 
-    /// Asks the API server for this node's `MeshPeer`, to learn whether it answers; bounded by
-    /// [`API_REQUEST_TIMEOUT`], so an unreachable server delays a pass, never stops it.
+    /// Asks the API server for this node's `MeshPeer` (a list narrowed to it: the agent may
+    /// list, not get), to learn whether it answers; bounded by [`API_REQUEST_TIMEOUT`], so
+    /// an unreachable server delays a pass, never stops it.
     async fn probe_api(&mut self) {
-        let name = self.args.node_name.clone();
-        match tokio::time::timeout(API_REQUEST_TIMEOUT, self.peers_api.get_opt(&name)).await {
+        let params = ListParams::default()
+            .fields(&format!("metadata.name={}", self.args.node_name))
+            .limit(1);
+        match tokio::time::timeout(API_REQUEST_TIMEOUT, self.peers_api.list(&params)).await {
             Ok(Ok(_)) => self.api_view.answered(SystemTime::now()),
+            Ok(Err(e)) if answered(&e) => {
+                self.api_view.answered(SystemTime::now());
+                warn!(error = %e, "the API server refused the agent's probe");
+            }
             Ok(Err(e)) => {
                 self.api_view.failed();
                 warn!(error = %e, "the API server did not answer; rotation timeouts are paused");
@@ -1646,20 +1660,31 @@ impl Agent {
         let write = self
             .peers_api
             .patch_status(&self.args.node_name, &params, &patch);
-        let result = match tokio::time::timeout(API_REQUEST_TIMEOUT, write).await {
-            Ok(r) => r.map_err(anyhow::Error::from),
-            Err(_) => Err(anyhow::anyhow!("no answer within {API_REQUEST_TIMEOUT:?}")),
+        // A refusal (4xx) is an answer: the view of the API stays current.
+        let (result, reached) = match tokio::time::timeout(API_REQUEST_TIMEOUT, write).await {
+            Ok(Err(e)) => {
+                let reached = answered(&e);
+                (Err(anyhow::Error::from(e)), reached)
+            }
+            Ok(Ok(p)) => (Ok(p), true),
+            Err(_) => (
+                Err(anyhow::anyhow!("no answer within {API_REQUEST_TIMEOUT:?}")),
+                false,
+            ),
         };
+        if reached {
+            self.api_view.answered(SystemTime::now());
+        } else {
+            self.api_view.failed();
+        }
         match result {
             Ok(_) => {
-                self.api_view.answered(SystemTime::now());
                 self.status_failures = 0;
                 self.metrics.status_writes.inc();
                 self.last_status = Some(comparable);
                 self.last_connectivity_write = Some(Instant::now());
             }
             Err(e) => {
-                self.api_view.failed();
                 self.metrics.error("status");
                 self.status_failures = self.status_failures.saturating_add(1);
                 warn!(
