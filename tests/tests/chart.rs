@@ -807,8 +807,8 @@ fn agent_privileged() -> Result<()> {
         // The API server refuses privileged with allowPrivilegeEscalation: false.
         assert!(sc["allowPrivilegeEscalation"].is_null(), "{name}");
     }
-    // Still no broader host access: six host paths and the API token.
-    assert_eq!(pod_spec(ds)["volumes"].as_array().map(Vec::len), Some(7));
+    // Still no broader host access: seven host paths and the API token.
+    assert_eq!(pod_spec(ds)["volumes"].as_array().map(Vec::len), Some(8));
     Ok(())
 }
 
