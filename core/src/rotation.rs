@@ -1010,11 +1010,6 @@ mod tests {
             Phase::Prepared { .. } => 1,
             Phase::Switched { .. } => 2,
         };
-        let generation = |p: &Phase| match p {
-            Phase::Steady { generation }
-            | Phase::Prepared { generation, .. }
-            | Phase::Switched { generation, .. } => *generation,
-        };
         for phase in [
             Phase::Steady { generation: 5 },
             Phase::Prepared {
@@ -1054,16 +1049,16 @@ mod tests {
                                     // Only an unapproved key, only after the timeout.
                                     assert!(!approved && now >= at(60), "{obs:?} at {now:?}");
                                     assert_eq!(acts, vec![Action::Abandon]);
-                                    assert_eq!(generation(&next), generation(&phase));
+                                    assert_eq!(generation_of(next), generation_of(phase));
                                 } else if wrapped {
-                                    assert_eq!(generation(&next), generation(&phase) + 1);
+                                    assert_eq!(generation_of(next), generation_of(phase) + 1);
                                     assert!(acts.contains(&Action::Retire {
                                         generation: 6,
                                         revoke: false,
                                         laggards: moved != &set(&all),
                                     }));
                                 } else {
-                                    assert_eq!(generation(&next), generation(&phase));
+                                    assert_eq!(generation_of(next), generation_of(phase));
                                 }
                                 // The old key is retired only after switching.
                                 if acts.iter().any(|a| matches!(a, Action::Retire { .. })) {

@@ -27,8 +27,9 @@ use std::time::{Duration, SystemTime};
 
 use wgmesh_core::rotation::{
     Action, Due, KeyRole, Keyring, LaggardStep, MOVE_QUIET, NodeKeyView, Observation, Phase,
-    Policy, Retention, SessionView, StillNeeded, Timeouts, device_keys, due, grant_in_force,
-    jitter, moved, next_due_at, previous_after_retire, previous_key_until, schedule, step,
+    Policy, Retention, SessionView, StillNeeded, Timeouts, device_keys, due, generation_of,
+    grant_in_force, jitter, moved, next_due_at, previous_after_retire, previous_key_until,
+    schedule, step,
 };
 
 fn at(secs: u64) -> SystemTime {
@@ -47,14 +48,6 @@ const MS: Duration = Duration::from_millis(1);
 
 fn set(names: &[&str]) -> BTreeSet<String> {
     names.iter().map(|s| s.to_string()).collect()
-}
-
-fn generation(p: Phase) -> i64 {
-    match p {
-        Phase::Steady { generation }
-        | Phase::Prepared { generation, .. }
-        | Phase::Switched { generation, .. } => generation,
-    }
 }
 
 fn is_steady(p: Phase) -> bool {
@@ -793,7 +786,7 @@ fn every_step_resumes_after_a_crash_and_ignores_a_grant_that_arrives_mid_rotatio
                             // `a1`, restarts, observes the same (its grant is stale once the
                             // generation moved) and steps again, now or later.
                             let after = Observation {
-                                granted: granted && generation(p1) == generation(phase),
+                                granted: granted && generation_of(p1) == generation_of(phase),
                                 ..obs.clone()
                             };
                             for later in [now, now + secs(1), now + secs(3600)] {
@@ -802,8 +795,8 @@ fn every_step_resumes_after_a_crash_and_ignores_a_grant_that_arrives_mid_rotatio
                                     "{phase:?} {obs:?} {now:?}: {p1:?} {a1:?} -> {p2:?} {a2:?}"
                                 );
                                 // One rotation retires once.
-                                assert!(generation(p2) - generation(phase) <= 1, "{ctx}");
-                                if generation(p1) > generation(phase) {
+                                assert!(generation_of(p2) - generation_of(phase) <= 1, "{ctx}");
+                                if generation_of(p1) > generation_of(phase) {
                                     assert_eq!((p2, a2.clone()), (p1, vec![]), "{ctx}");
                                 }
                                 // What was lost is issued again, unless the rotation moved on.
@@ -817,7 +810,7 @@ fn every_step_resumes_after_a_crash_and_ignores_a_grant_that_arrives_mid_rotatio
                                     assert_eq!(a2, vec![Action::PrepareNext], "{ctx}");
                                 }
                                 // A re-run never goes back, except by abandoning an unapproved key.
-                                if rank(p2) < rank(p1) && generation(p2) == generation(p1) {
+                                if rank(p2) < rank(p1) && generation_of(p2) == generation_of(p1) {
                                     assert_eq!(a2, vec![Action::Abandon], "{ctx}");
                                     assert!(!approved, "{ctx}");
                                 }
@@ -1466,7 +1459,7 @@ impl Sim {
         for m in (0..self.n()).filter(|m| self.cfg.refused_forever(*m)) {
             let a = &self.agents[m];
             ensure!(
-                generation(a.disk.phase) == 0 && !matches!(a.disk.phase, Phase::Switched { .. }),
+                generation_of(a.disk.phase) == 0 && !matches!(a.disk.phase, Phase::Switched { .. }),
                 "{}: {} switched or retired without an approved key",
                 self.when(),
                 self.names[m]
@@ -1882,7 +1875,7 @@ impl Sim {
             // A grant given before this key's rotation was abandoned is spent.
             granted: self.api.approved[i]
                 .grant
-                .is_some_and(|g| g.live(generation(a.disk.phase), a.disk.abandoned_at)),
+                .is_some_and(|g| g.live(generation_of(a.disk.phase), a.disk.abandoned_at)),
             revoke: self.api.approved[i].grant.is_some_and(|g| g.revoke),
             next_approved: next.is_some() && self.api.approved[i].next == next,
             peers: others.iter().map(|&p| self.names[p].clone()).collect(),
@@ -1934,7 +1927,7 @@ impl Sim {
                 .and_then(|s| now.duration_since(s).ok())
                 .ok_or_else(|| format!("{ctx}: no record of when the phase began"))
         };
-        let (g0, g1) = (generation(before), generation(after));
+        let (g0, g1) = (generation_of(before), generation_of(after));
         match (before, after) {
             (Phase::Steady { .. }, Phase::Steady { .. }) => {
                 ensure!(actions.is_empty() && g0 == g1, "{ctx}");
@@ -2169,7 +2162,7 @@ impl Sim {
         let status = Status {
             public: a.disk.current.id,
             created: a.disk.current.created,
-            generation: generation(a.disk.phase),
+            generation: generation_of(a.disk.phase),
             next: if is_steady(a.disk.phase) {
                 None
             } else {
@@ -2247,7 +2240,7 @@ fn run(cfg: &Config) -> Result<Stats, String> {
     let generations: Vec<i64> = sim
         .agents
         .iter()
-        .map(|a| generation(a.disk.phase))
+        .map(|a| generation_of(a.disk.phase))
         .collect();
     for _ in 0..STABLE_TICKS {
         sim.tick()?;
@@ -2260,7 +2253,7 @@ fn run(cfg: &Config) -> Result<Stats, String> {
         let now: Vec<i64> = sim
             .agents
             .iter()
-            .map(|a| generation(a.disk.phase))
+            .map(|a| generation_of(a.disk.phase))
             .collect();
         ensure!(
             now == generations,
