@@ -123,20 +123,25 @@ pub struct Route {
     pub metric: u32,
 }
 
-/// A WireGuard peer to configure on the device.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A WireGuard peer to configure on the device. Serializable: the agent saves the peers it
+/// configured, to bring its device back at a restart before the API answers.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct DevicePeer {
     /// The `MeshPeer` name (the device's peer identity).
     pub name: String,
     /// Public key, base64.
     pub public_key: String,
     /// The peer's next key during its rotation, base64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_public_key: Option<String>,
     /// Allowed IPs, sorted.
     pub allowed_ips: Vec<IpNet>,
     /// Endpoint, if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<SocketAddr>,
     /// Keepalive seconds; 0 for none.
+    #[serde(default)]
     pub persistent_keepalive: u16,
 }
 

@@ -11,28 +11,11 @@
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::Path;
 use wgmesh_core::topology::{DevicePeer, NextHop, NodePlan};
 
 /// The file's name in the state directory.
 pub const FILE: &str = "device.json";
-
-/// One device peer as last applied.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct SavedPeer {
-    pub name: String,
-    pub public_key: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub next_public_key: Option<String>,
-    pub allowed_ips: Vec<IpNet>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub endpoint: Option<SocketAddr>,
-    #[serde(default)]
-    pub persistent_keepalive: u16,
-}
 
 /// The device as the last pass left it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,7 +23,7 @@ pub struct SavedPeer {
 pub struct Saved {
     pub listen_port: u16,
     pub mtu: u32,
-    pub peers: Vec<SavedPeer>,
+    pub peers: Vec<DevicePeer>,
     /// Destinations routed through the device.
     pub routes: Vec<IpNet>,
 }
@@ -51,18 +34,7 @@ impl Saved {
         Saved {
             listen_port,
             mtu,
-            peers: plan
-                .device_peers
-                .values()
-                .map(|p| SavedPeer {
-                    name: p.name.clone(),
-                    public_key: p.public_key.clone(),
-                    next_public_key: p.next_public_key.clone(),
-                    allowed_ips: p.allowed_ips.clone(),
-                    endpoint: p.endpoint,
-                    persistent_keepalive: p.persistent_keepalive,
-                })
-                .collect(),
+            peers: plan.device_peers.values().cloned().collect(),
             routes: plan
                 .routes
                 .iter()
@@ -79,20 +51,8 @@ impl Saved {
             device_peers: self
                 .peers
                 .iter()
-                .map(|p| {
-                    (
-                        p.name.clone(),
-                        DevicePeer {
-                            name: p.name.clone(),
-                            public_key: p.public_key.clone(),
-                            next_public_key: p.next_public_key.clone(),
-                            allowed_ips: p.allowed_ips.clone(),
-                            endpoint: p.endpoint,
-                            persistent_keepalive: p.persistent_keepalive,
-                        },
-                    )
-                })
-                .collect::<BTreeMap<_, _>>(),
+                .map(|p| (p.name.clone(), p.clone()))
+                .collect(),
             ..NodePlan::default()
         }
     }
