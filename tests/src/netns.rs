@@ -171,6 +171,14 @@ impl Mesh {
         ])
     }
 
+    /// A node's key file (its keys and rotation phase), as its agent last wrote it.
+    pub fn key_file(&self, node: &str) -> Result<serde_json::Value> {
+        let path = self
+            .dir
+            .join(format!("nodes/{node}/state/wireguard-key.json"));
+        Ok(serde_json::from_str(&std::fs::read_to_string(path)?)?)
+    }
+
     pub fn pod(&self, node: &str, pod: &str) -> Result<String> {
         Ok(self.script(&["pod", node, pod])?.trim().to_owned())
     }

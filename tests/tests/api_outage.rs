@@ -45,13 +45,6 @@ impl Drop for Frozen {
     }
 }
 
-fn key_file(mesh: &Mesh, node: &str) -> Result<serde_json::Value> {
-    let path = mesh
-        .dir
-        .join(format!("nodes/{node}/state/wireguard-key.json"));
-    Ok(serde_json::from_str(&std::fs::read_to_string(path)?)?)
-}
-
 /// The phase a key file records: `steady` when it records none.
 fn phase(key: &serde_json::Value) -> String {
     key["phase"]["name"].as_str().unwrap_or("steady").to_owned()
@@ -69,9 +62,7 @@ fn a_three_minute_api_outage_mid_rotation_loses_nothing_and_the_rotation_complet
 
 fn outage(mesh: &Mesh, ips: &[String]) -> Result<()> {
     mesh.patch_mesh(r#"{"keyRotation":{"acknowledgeTimeout":"20s","moveTimeout":"20s"}}"#)?;
-    let generation0 = key_file(mesh, "node-1")?["generation"]
-        .as_i64()
-        .unwrap_or(0);
+    let generation0 = mesh.key_file("node-1")?["generation"].as_i64().unwrap_or(0);
     let mut pingers = Vec::new();
     for i in 1..=3 {
         for (j, ip) in ips.iter().enumerate() {
@@ -106,7 +97,7 @@ fn outage(mesh: &Mesh, ips: &[String]) -> Result<()> {
         "node-1 to begin its rotation",
         Duration::from_secs(60),
         || {
-            key = key_file(mesh, "node-1").unwrap_or_default();
+            key = mesh.key_file("node-1").unwrap_or_default();
             phase(&key) != "steady"
         },
     )?;
@@ -117,12 +108,12 @@ fn outage(mesh: &Mesh, ips: &[String]) -> Result<()> {
     let mut phases = vec![stopped_in.clone()];
     while frozen_at.elapsed() < OUTAGE {
         std::thread::sleep(Duration::from_secs(1));
-        let p = phase(&key_file(mesh, "node-1")?);
+        let p = phase(&mesh.key_file("node-1")?);
         if phases.last() != Some(&p) {
             phases.push(p);
         }
     }
-    let during = key_file(mesh, "node-1")?;
+    let during = mesh.key_file("node-1")?;
     drop(frozen);
     if !during["abandonedAt"].is_null() {
         bail!("node-1 abandoned its next key during the outage: {during}");

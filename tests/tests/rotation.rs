@@ -281,13 +281,6 @@ fn set_rotation_policy(mesh: &Mesh, policy: &str) -> Result<()> {
     Ok(())
 }
 
-fn key_file(mesh: &Mesh, node: &str) -> Result<serde_json::Value> {
-    let path = mesh
-        .dir
-        .join(format!("nodes/{node}/state/wireguard-key.json"));
-    Ok(serde_json::from_str(&std::fs::read_to_string(path)?)?)
-}
-
 #[test]
 fn key_rotation_end_to_end() -> Result<()> {
     assert!(
@@ -388,7 +381,10 @@ fn steps(mesh: &Mesh, ips: &[String]) -> Result<()> {
         wait_until(
             &format!("node-2's key file to say {phase}"),
             Duration::from_secs(60),
-            || key_file(mesh, "node-2").is_ok_and(|k| k["phase"]["name"] == phase),
+            || {
+                mesh.key_file("node-2")
+                    .is_ok_and(|k| k["phase"]["name"] == phase)
+            },
         )?;
         mesh.script(&["stop-agent", "node-2", "KILL"])?;
         if phase == "prepared" {
@@ -458,7 +454,7 @@ fn steps(mesh: &Mesh, ips: &[String]) -> Result<()> {
     for (node, before) in nodes.iter().zip(&routes_before) {
         let now = ok(mesh.exec(node, &["ip", "route", "show", "proto", "87"]))?;
         assert_eq!(&now, before, "{node}'s routes changed");
-        let k = key_file(mesh, node)?;
+        let k = mesh.key_file(node)?;
         for leftover in ["next", "previous", "phase"] {
             assert!(
                 k[leftover].is_null(),
