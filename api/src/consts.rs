@@ -24,6 +24,15 @@ pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 /// Value of [`MANAGED_BY_LABEL`].
 pub const MANAGED_BY: &str = "wgmesh";
 
+/// Label on subnet claims: `Lease`s in the operator's namespace, one per allocated pod
+/// subnet, named by `wgmesh_core::claim_name`, holder the node. Creating one is the
+/// create-only lock that keeps two writers from giving one subnet to two nodes.
+pub const CLAIM_LABEL: &str = "wgmesh.dev/claim";
+/// Value of [`CLAIM_LABEL`].
+pub const CLAIM_SUBNET: &str = "subnet";
+/// Annotation on a subnet claim: the subnet, as written in `spec.podCIDRs`.
+pub const CLAIM_SUBNET_ANNOTATION: &str = "wgmesh.dev/subnet";
+
 /// Node annotation overriding the WireGuard endpoint a node publishes (`ip:port` or `ip`),
 /// for nodes behind NAT or reached across clouds.
 pub const ENDPOINT_ANNOTATION: &str = "wgmesh.dev/endpoint";

@@ -29,7 +29,12 @@
 //!    `spec.podCIDRs`, then reclaimed subnets, then the pools. A family a node got any of these
 //!    for is settled; a node's own `spec.podCIDRs` entry that cannot be used is reported and not
 //!    replaced from a pool, since the node's CNI would use it anyway.
-//! 6. **Determinism**: the same input gives the same plan whatever the order of its lists. Nodes
+//! 6. **Claims**: a subnet is written to a peer only after a claim naming it was created
+//!    ([`claim_name`]: one object per subnet, so the API server refuses a second claim). A
+//!    claim whose subnet no peer holds yet is occupied: nobody but its holder can be given the
+//!    subnet, and the holder gets it back first ([`Source::Claimed`]). Two writers that plan
+//!    from different views therefore cannot both write one subnet.
+//! 7. **Determinism**: the same input gives the same plan whatever the order of its lists. Nodes
 //!    are served in name order; for each family a node lacks, its eligible pools are tried oldest
 //!    first, each pool's CIDRs in address order, and the lowest free subnet is taken.
 //!
@@ -351,6 +356,35 @@ pub struct Node {
     pub pod_cidrs: Vec<String>,
 }
 
+/// A subnet claimed for a node: the claim object exists, whether or not the node's peer holds
+/// the subnet yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    pub subnet: IpNet,
+    /// The node (and peer) the subnet was claimed for.
+    pub holder: String,
+}
+
+/// The name of the claim object of `subnet`: one name per subnet, valid as a Kubernetes
+/// object name (a DNS subdomain), so creating it is the create-only lock on the subnet.
+/// `10.244.4.0/24` is `wgmesh-subnet-10.244.4.0-24`; an IPv6 subnet is written with all eight
+/// groups in full, `fd00:10:244:4::/64` as `wgmesh-subnet-fd00-0010-0244-0004-0000-0000-0000-0000-64`.
+pub fn claim_name(subnet: &IpNet) -> String {
+    let net = subnet.trunc();
+    match net {
+        IpNet::V4(n) => format!("wgmesh-subnet-{}-{}", n.network(), n.prefix_len()),
+        IpNet::V6(n) => {
+            let groups: Vec<String> = n
+                .network()
+                .segments()
+                .iter()
+                .map(|g| format!("{g:04x}"))
+                .collect();
+            format!("wgmesh-subnet-{}-{}", groups.join("-"), n.prefix_len())
+        }
+    }
+}
+
 /// Subnets given up by a peer that was deleted, e.g. with its node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Released {
@@ -459,6 +493,8 @@ pub struct AllocationRequest<'a> {
     pub existing: &'a BTreeMap<String, Vec<String>>,
     /// Subnets released by deleted peers, in any order, whether or not still in grace.
     pub released: &'a [Released],
+    /// Every claim that exists, in any order.
+    pub claims: &'a [Claim],
     /// How long a released subnet stays reserved.
     pub grace_period: Duration,
     /// The current time.
@@ -478,6 +514,8 @@ pub enum Source {
     NodePodCidrs,
     /// Given back to a node that re-registered while its old subnet was in its grace period.
     Reclaimed,
+    /// Claimed for this node by an earlier pass whose write did not land.
+    Claimed,
 }
 
 /// A subnet newly assigned by this plan.
@@ -496,14 +534,22 @@ pub enum Occupant {
     Peer(String),
     /// Released by this deleted peer, in its grace period.
     Released(String),
+    /// Claimed for this node; not yet written to its peer.
+    Claimed(String),
 }
 
 impl Occupant {
-    /// Whether this is `peer`, allocated or released.
+    /// Whether this is `peer`, allocated, released or claimed.
     fn is(&self, peer: &str) -> bool {
         match self {
-            Occupant::Peer(p) | Occupant::Released(p) => p == peer,
+            Occupant::Peer(p) | Occupant::Released(p) | Occupant::Claimed(p) => p == peer,
         }
+    }
+
+    /// Whether this holds a subnet for `node` without being written to its peer: a release
+    /// in grace or a claim, which the node may take (back).
+    fn reserved_for(&self, node: &str) -> bool {
+        matches!(self, Occupant::Released(p) | Occupant::Claimed(p) if p == node)
     }
 }
 
@@ -512,6 +558,7 @@ impl fmt::Display for Occupant {
         match self {
             Occupant::Peer(p) => write!(f, "peer {p}"),
             Occupant::Released(p) => write!(f, "deleted peer {p} (in its grace period)"),
+            Occupant::Claimed(p) => write!(f, "a claim for node {p}"),
         }
     }
 }
@@ -723,6 +770,15 @@ pub fn plan_allocations(req: &AllocationRequest<'_>) -> AllocationPlan {
         }
         existing.insert(peer.as_str(), subnets);
     }
+    // Claims not yet written to their holder's peer occupy their subnet; a claim on what is
+    // occupied already (its holder's peer holds it, or something else does) adds nothing.
+    let mut claimed: Vec<(IpNet, &str)> = Vec::new();
+    for claim in req.claims {
+        if occupied.find_overlap(&claim.subnet, |_| false).is_none() {
+            occupied.insert(claim.subnet, Occupant::Claimed(claim.holder.clone()));
+            claimed.push((claim.subnet, claim.holder.as_str()));
+        }
+    }
     for (peer, subnets) in &existing {
         let own_node_cidrs: Vec<IpNet> = if req.honour_node_pod_cidrs {
             nodes
@@ -811,8 +867,9 @@ pub fn plan_allocations(req: &AllocationRequest<'_>) -> AllocationPlan {
                     continue;
                 }
                 // The node's own released subnet is the node's again (it re-registered).
-                let own_release = |o: &Occupant| *o == Occupant::Released(node.name.clone());
-                if let Some((other, holder)) = occupied.find_overlap(&subnet, own_release) {
+                // The node's own release or claim is the node's again.
+                let own = |o: &Occupant| o.reserved_for(&node.name);
+                if let Some((other, holder)) = occupied.find_overlap(&subnet, own) {
                     alloc.failures.push(AllocationFailure::NodePodCidrTaken {
                         subnet,
                         other,
@@ -830,11 +887,21 @@ pub fn plan_allocations(req: &AllocationRequest<'_>) -> AllocationPlan {
         }
     }
 
-    // A node that re-registers within the grace period gets its released subnets back, if a
-    // pool that selects it still offers them and nothing else took them.
-    let mut held_by: BTreeMap<&str, Vec<IpNet>> = BTreeMap::new();
+    // A node that re-registers within the grace period gets its released subnets back, and a
+    // node gets what was claimed for it, if a pool that selects it still offers them and
+    // nothing else took them.
+    let mut held_by: BTreeMap<&str, Vec<(IpNet, Source)>> = BTreeMap::new();
     for held in &plan.grace.held {
-        held_by.entry(&held.peer).or_default().push(held.subnet);
+        held_by
+            .entry(&held.peer)
+            .or_default()
+            .push((held.subnet, Source::Reclaimed));
+    }
+    for (subnet, holder) in claimed {
+        held_by
+            .entry(holder)
+            .or_default()
+            .push((subnet, Source::Claimed));
     }
     for node in &nodes {
         let (Some(held), Some(alloc)) = (
@@ -843,15 +910,16 @@ pub fn plan_allocations(req: &AllocationRequest<'_>) -> AllocationPlan {
         ) else {
             continue;
         };
-        for subnet in held {
+        for (subnet, source) in held {
             let family = Family::of(subnet);
-            let own_release = |o: &Occupant| *o == Occupant::Released(node.name.clone());
             let offered = pools.iter().any(|p| {
                 p.offers(family) && p.selects(&node.labels) && p.containing(subnet).is_some()
             });
             if settled.contains(&(node.name.as_str(), family))
                 || !offered
-                || occupied.find_overlap(subnet, own_release).is_some()
+                || occupied
+                    .find_overlap(subnet, |o| o.reserved_for(&node.name))
+                    .is_some()
             {
                 continue;
             }
@@ -860,7 +928,7 @@ pub fn plan_allocations(req: &AllocationRequest<'_>) -> AllocationPlan {
             alloc.subnets.push(*subnet);
             alloc.added.push(Assignment {
                 subnet: *subnet,
-                source: Source::Reclaimed,
+                source: source.clone(),
             });
         }
     }
@@ -922,11 +990,9 @@ pub fn plan_allocations(req: &AllocationRequest<'_>) -> AllocationPlan {
                 other,
                 holder,
             } = failure
+                && let Some((o, h)) = occupied.find_overlap(subnet, |o| o.reserved_for(name))
             {
-                let own_release = |o: &Occupant| *o == Occupant::Released((*name).to_owned());
-                if let Some((o, h)) = occupied.find_overlap(subnet, own_release) {
-                    (*other, *holder) = (o, h);
-                }
+                (*other, *holder) = (o, h);
             }
         }
     }
@@ -1285,6 +1351,7 @@ mod tests {
         nodes: Vec<Node>,
         existing: BTreeMap<String, Vec<String>>,
         released: Vec<Released>,
+        claims: Vec<Claim>,
         now: SystemTime,
         honour: bool,
     }
@@ -1296,9 +1363,18 @@ mod tests {
                 nodes,
                 existing: BTreeMap::new(),
                 released: vec![],
+                claims: vec![],
                 now: t(1_000),
                 honour: false,
             }
+        }
+
+        fn claim(mut self, subnet: &str, holder: &str) -> World {
+            self.claims.push(Claim {
+                subnet: net(subnet),
+                holder: holder.into(),
+            });
+            self
         }
 
         fn existing(mut self, peer: &str, subnets: &[&str]) -> World {
@@ -1315,6 +1391,7 @@ mod tests {
                 nodes: &self.nodes,
                 existing: &self.existing,
                 released: &self.released,
+                claims: &self.claims,
                 grace_period: GRACE,
                 now: self.now,
                 honour_node_pod_cidrs: self.honour,
@@ -1714,6 +1791,85 @@ mod tests {
         assert_eq!(subnets(&plan, "new"), nets(&["10.0.0.0/24"]));
         assert_eq!(plan.grace.freed, nets(&["10.0.0.0/24"]));
         assert_eq!(plan.grace.next_free_at, None);
+    }
+
+    #[test]
+    fn a_claimed_subnet_goes_to_its_holder_and_to_nobody_else() {
+        // Another writer claimed 10.0.0.0/24 for "b" and has not written b's peer yet; "a"
+        // comes first in name order and would otherwise take it.
+        let world = World::new(
+            &[mk_pool("p", 1, &["10.0.0.0/16"], Some(24), None)],
+            vec![mk_node("a", &[]), mk_node("b", &[])],
+        )
+        .claim("10.0.0.0/24", "b");
+        let plan = world.plan();
+        assert_eq!(subnets(&plan, "a"), nets(&["10.0.1.0/24"]));
+        assert_eq!(subnets(&plan, "b"), nets(&["10.0.0.0/24"]));
+        assert_eq!(plan.nodes["b"].added[0].source, Source::Claimed);
+        assert_eq!(plan.usage[0].allocated, 2);
+
+        // A claim whose holder is not a node (yet) still keeps the subnet from others.
+        let world = World::new(
+            &[mk_pool("p", 1, &["10.0.0.0/16"], Some(24), None)],
+            vec![mk_node("a", &[])],
+        )
+        .claim("10.0.0.0/24", "later");
+        assert_eq!(subnets(&world.plan(), "a"), nets(&["10.0.1.0/24"]));
+    }
+
+    #[test]
+    fn a_claim_its_peer_holds_changes_nothing() {
+        let world = World::new(
+            &[mk_pool("p", 1, &["10.0.0.0/16"], Some(24), None)],
+            vec![mk_node("a", &[]), mk_node("b", &[])],
+        )
+        .existing("a", &["10.0.0.0/24"])
+        .claim("10.0.0.0/24", "a");
+        let plan = world.plan();
+        assert_eq!(subnets(&plan, "a"), nets(&["10.0.0.0/24"]));
+        assert!(plan.nodes["a"].added.is_empty());
+        assert_eq!(subnets(&plan, "b"), nets(&["10.0.1.0/24"]));
+        assert!(plan.conflicts.is_empty(), "{:?}", plan.conflicts);
+
+        // A stale claim on a subnet another peer holds reports nothing and moves nothing.
+        let world = World::new(
+            &[mk_pool("p", 1, &["10.0.0.0/16"], Some(24), None)],
+            vec![mk_node("a", &[]), mk_node("b", &[])],
+        )
+        .existing("a", &["10.0.0.0/24"])
+        .claim("10.0.0.0/24", "b");
+        let plan = world.plan();
+        assert_eq!(subnets(&plan, "a"), nets(&["10.0.0.0/24"]));
+        assert_eq!(subnets(&plan, "b"), nets(&["10.0.1.0/24"]));
+        assert!(plan.conflicts.is_empty(), "{:?}", plan.conflicts);
+    }
+
+    #[test]
+    fn claim_names_are_one_per_subnet_and_valid_object_names() {
+        let cases = [
+            ("10.244.4.0/24", "wgmesh-subnet-10.244.4.0-24"),
+            ("10.244.4.0/25", "wgmesh-subnet-10.244.4.0-25"),
+            (
+                "fd00:10:244:4::/64",
+                "wgmesh-subnet-fd00-0010-0244-0004-0000-0000-0000-0000-64",
+            ),
+            (
+                "fd00:10:244:4::/80",
+                "wgmesh-subnet-fd00-0010-0244-0004-0000-0000-0000-0000-80",
+            ),
+        ];
+        let mut seen = BTreeSet::new();
+        for (subnet, want) in cases {
+            let name = claim_name(&net(subnet));
+            assert_eq!(name, want);
+            assert!(name.len() <= 253);
+            assert!(
+                name.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.'),
+                "{name}"
+            );
+            assert!(seen.insert(name));
+        }
     }
 
     #[test]

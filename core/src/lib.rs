@@ -40,9 +40,9 @@ pub mod selector;
 pub mod topology;
 
 pub use ipam::{
-    AllocationFailure, AllocationPlan, AllocationRequest, Assignment, Conflict, GraceStatus, Held,
-    Node, NodeAllocation, Occupant, Pool, PoolError, PoolSpec, PoolUsage, PoolValidation,
-    PrefixLengths, Released, Source, expire_released, plan_allocations, validate_pools,
+    AllocationFailure, AllocationPlan, AllocationRequest, Assignment, Claim, Conflict, GraceStatus,
+    Held, Node, NodeAllocation, Occupant, Pool, PoolError, PoolSpec, PoolUsage, PoolValidation,
+    PrefixLengths, Released, Source, claim_name, expire_released, plan_allocations, validate_pools,
 };
 pub use keys::{DuplicateKey, KeyClaim, KeyError, KeyUse, PublicKey, find_duplicate_keys};
 pub use net::{Family, NetworkError, parse_network};

@@ -1,5 +1,9 @@
 //! The operator's apply step: performs a [`Plan`]'s writes, and nothing else.
 //!
+//! A subnet is written to a peer only after its claim was created for that node (or found
+//! to be the node's already); a claim naming another node stops the write, and the next
+//! pass plans again from a view that includes the other writer's work.
+//!
 //! Every write is made only while this replica leads; its acting deadline is checked before
 //! each one, so a replica that loses the lease mid-pass, or was frozen past its deadline,
 //! stops writing at once. Errors are
@@ -8,8 +12,9 @@
 
 use crate::lease::Leadership;
 use crate::metrics::Metrics;
-use crate::plan::{EventSpec, EventTarget, Plan, RELEASE_FINALIZER};
+use crate::plan::{EventSpec, EventTarget, Plan, RELEASE_FINALIZER, claim_object, read_claim};
 use futures::{StreamExt, stream};
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::{
     Api, Client,
@@ -24,11 +29,22 @@ use wgmesh_api::{Mesh, MeshPeer, PodCIDRPool, consts::OPERATOR_MANAGER};
 /// How many writes of one kind are in flight at once.
 const CONCURRENT_WRITES: usize = 16;
 
+/// The outcome of claiming a write's subnets.
+enum Claimed {
+    /// Every claim is the node's.
+    Ours,
+    /// A claim names another node (or is malformed): the write must not happen.
+    Theirs(String),
+    /// This replica stopped leading: nothing more is written.
+    NotLeading,
+}
+
 /// Performs plans against the API server.
 pub struct Writer {
     peers: Api<MeshPeer>,
     pools: Api<PodCIDRPool>,
     meshes: Api<Mesh>,
+    claims: Api<Lease>,
     recorder: Recorder,
     leader: Leadership,
     metrics: Arc<Metrics>,
@@ -51,7 +67,13 @@ pub struct Written {
 }
 
 impl Writer {
-    pub fn new(client: Client, identity: &str, leader: Leadership, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        client: Client,
+        identity: &str,
+        namespace: &str,
+        leader: Leadership,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let reporter = Reporter {
             controller: OPERATOR_MANAGER.into(),
             instance: Some(identity.to_owned()),
@@ -60,6 +82,7 @@ impl Writer {
             peers: Api::all(client.clone()),
             pools: Api::all(client.clone()),
             meshes: Api::all(client.clone()),
+            claims: Api::namespaced(client.clone(), namespace),
             recorder: Recorder::new(client, reporter),
             leader,
             metrics,
@@ -75,8 +98,41 @@ impl Writer {
         warn!(%name, error = %err, "{kind} failed");
     }
 
-    /// Performs every write of `plan`, in order: releases, deletions, creations,
-    /// allocations, statuses, events.
+    /// Claims every subnet of `subnets` for `node`. Only [`Claimed::Ours`] lets the subnets
+    /// be written to the node's peer.
+    async fn claim(&self, node: &str, subnets: &[String]) -> Result<Claimed, kube::Error> {
+        let pp = PostParams {
+            field_manager: Some(OPERATOR_MANAGER.into()),
+            ..Default::default()
+        };
+        for text in subnets {
+            // A malformed value in an existing peer is reported by the plan; it has no claim.
+            let Ok(subnet) = wgmesh_core::parse_network(text) else {
+                continue;
+            };
+            let claim = claim_object(&subnet, node);
+            let name = claim.metadata.name.clone().unwrap_or_default();
+            if !self.leading() {
+                return Ok(Claimed::NotLeading);
+            }
+            match self.claims.create(&pp, &claim).await {
+                Ok(_) => debug!(%subnet, %node, claim = %name, "claimed subnet"),
+                Err(kube::Error::Api(s)) if s.is_already_exists() => {
+                    let found = self.claims.get(&name).await?;
+                    match read_claim(&found) {
+                        Some((_, holder)) if holder == node => {}
+                        Some((_, holder)) => return Ok(Claimed::Theirs(holder)),
+                        None => return Ok(Claimed::Theirs(format!("(malformed claim {name})"))),
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(Claimed::Ours)
+    }
+
+    /// Performs every write of `plan`, in order: releases, deletions, stale claims,
+    /// creations and allocations (each after its claims), missing claims, statuses, events.
     pub async fn apply(&self, plan: &Plan) -> Written {
         let mut written = Written::default();
 
@@ -117,6 +173,27 @@ impl Writer {
             }
         }
 
+        for stale in &plan.stale_claims {
+            if !self.leading() {
+                return written;
+            }
+            let params = DeleteParams {
+                preconditions: Some(Preconditions {
+                    uid: stale.uid.clone(),
+                    resource_version: stale.resource_version.clone(),
+                }),
+                ..DeleteParams::background()
+            };
+            match self.claims.delete(&stale.name, &params).await {
+                Ok(_) => info!(claim = %stale.name, "deleted a claim no peer holds"),
+                Err(kube::Error::Api(s)) if s.is_not_found() || s.is_conflict() => {}
+                Err(e) => {
+                    written.errors += 1;
+                    self.failed("delete_claim", &stale.name, &e);
+                }
+            }
+        }
+
         let pp = PostParams {
             field_manager: Some(OPERATOR_MANAGER.into()),
             ..Default::default()
@@ -125,6 +202,16 @@ impl Writer {
             .map(|peer| {
                 let pp = &pp;
                 async move {
+                    let name = peer.metadata.name.as_deref().unwrap_or_default();
+                    match self.claim(name, &peer.spec.pod_cidrs).await {
+                        Ok(Claimed::Ours) => {}
+                        Ok(Claimed::NotLeading) => return None,
+                        Ok(Claimed::Theirs(other)) => {
+                            self.claimed_by_another(name, &peer.spec.pod_cidrs, &other);
+                            return None;
+                        }
+                        Err(e) => return Some((peer, Err(e))),
+                    }
                     if !self.leading() {
                         return None;
                     }
@@ -153,6 +240,15 @@ impl Writer {
 
         let results: Vec<_> = stream::iter(&plan.allocations)
             .map(|a| async move {
+                match self.claim(&a.name, &a.pod_cidrs).await {
+                    Ok(Claimed::Ours) => {}
+                    Ok(Claimed::NotLeading) => return None,
+                    Ok(Claimed::Theirs(other)) => {
+                        self.claimed_by_another(&a.name, &a.pod_cidrs, &other);
+                        return None;
+                    }
+                    Err(e) => return Some((a, Err(e))),
+                }
                 if !self.leading() {
                     return None;
                 }
@@ -189,6 +285,39 @@ impl Writer {
                 Err(e) => {
                     written.errors += 1;
                     self.failed("allocate", &a.name, &e);
+                }
+            }
+        }
+
+        let results: Vec<_> = stream::iter(&plan.claims)
+            .map(|c| {
+                let pp = &pp;
+                async move {
+                    if !self.leading() {
+                        return None;
+                    }
+                    let subnet = wgmesh_core::parse_network(&c.subnet).ok()?;
+                    Some((
+                        c,
+                        self.claims
+                            .create(pp, &claim_object(&subnet, &c.holder))
+                            .await,
+                    ))
+                }
+            })
+            .buffer_unordered(CONCURRENT_WRITES)
+            .filter_map(|r| async move { r })
+            .collect()
+            .await;
+        for (c, r) in results {
+            match r {
+                Ok(_) => {
+                    info!(subnet = %c.subnet, node = %c.holder, "claimed a subnet its peer held without a claim")
+                }
+                Err(kube::Error::Api(s)) if s.is_already_exists() => {}
+                Err(e) => {
+                    written.errors += 1;
+                    self.failed("claim", &c.subnet, &e);
                 }
             }
         }
@@ -274,6 +403,14 @@ impl Writer {
             })
             .await;
         written
+    }
+
+    fn claimed_by_another(&self, node: &str, subnets: &[String], other: &str) {
+        self.metrics.error("claim_taken");
+        warn!(
+            %node, ?subnets, claimed_for = %other,
+            "a subnet planned for this node is claimed for another: another writer acted on a newer view; planning again"
+        );
     }
 
     /// Removes the release finalizer from a terminating peer, if it is still there.

@@ -1,6 +1,9 @@
 //! The operator's control loop: watches Nodes, MeshPeers, PodCIDRPools and the Mesh into
 //! caches, and, while this replica leads, runs passes of observe → plan → apply.
 //!
+//! Subnet claims (`Lease`s labelled `wgmesh.dev/claim=subnet`) are watched in the operator's
+//! namespace.
+//!
 //! Allocation is global (a subnet's freedom depends on every other peer), so a pass plans
 //! the whole mesh at once from one snapshot. Bursts of watch events are coalesced into one
 //! pass. A pass never plans from a view older than its own writes: the objects the API
@@ -11,6 +14,7 @@ use crate::lease::Leadership;
 use crate::metrics::Metrics;
 use crate::plan::{self, Snapshot};
 use futures::{Stream, StreamExt};
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
 use kube::{
     Api, Client, Resource, ResourceExt,
@@ -29,7 +33,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::Notify;
 use tracing::{error, info, instrument};
-use wgmesh_api::{Mesh, MeshPeer, PodCIDRPool, consts::DEFAULT_MESH};
+use wgmesh_api::{
+    Mesh, MeshPeer, PodCIDRPool,
+    consts::{CLAIM_LABEL, CLAIM_SUBNET, DEFAULT_MESH},
+};
 
 /// How long to let a burst of events accumulate before a pass.
 const COALESCE: Duration = Duration::from_millis(200);
@@ -43,6 +50,7 @@ struct Caches {
     peers: Store<MeshPeer>,
     pools: Store<PodCIDRPool>,
     meshes: Store<Mesh>,
+    claims: Store<Lease>,
 }
 
 fn cache<K, S>(stream: S, notify: Arc<Notify>) -> (Store<K>, impl std::future::Future<Output = ()>)
@@ -120,7 +128,13 @@ impl Overlay {
 
 /// Runs the loop forever. `leader` says whether this replica may write.
 #[instrument(skip_all)]
-pub async fn run(client: Client, identity: String, mut leader: Leadership, metrics: Arc<Metrics>) {
+pub async fn run(
+    client: Client,
+    identity: String,
+    namespace: String,
+    mut leader: Leadership,
+    metrics: Arc<Metrics>,
+) {
     let notify = Arc::new(Notify::new());
     // Nodes are big; keep only what planning reads.
     let nodes = watcher(Api::<Node>::all(client.clone()), watcher::Config::default()).modify(|n| {
@@ -151,6 +165,15 @@ pub async fn run(client: Client, identity: String, mut leader: Leadership, metri
         ),
         notify.clone(),
     );
+    let (claims, claims_task) = cache(
+        watcher(
+            Api::<Lease>::namespaced(client.clone(), &namespace),
+            watcher::Config::default().labels(&format!("{CLAIM_LABEL}={CLAIM_SUBNET}")),
+        )
+        .modify(|l| l.metadata.managed_fields = None),
+        notify.clone(),
+    );
+    tokio::spawn(claims_task);
     tokio::spawn(nodes_task);
     tokio::spawn(peers_task);
     tokio::spawn(pools_task);
@@ -160,12 +183,14 @@ pub async fn run(client: Client, identity: String, mut leader: Leadership, metri
         peers,
         pools,
         meshes,
+        claims,
     };
     for ready in [
         caches.nodes.wait_until_ready().await,
         caches.peers.wait_until_ready().await,
         caches.pools.wait_until_ready().await,
         caches.meshes.wait_until_ready().await,
+        caches.claims.wait_until_ready().await,
     ] {
         if ready.is_err() {
             error!("a cache's writer stopped before it was ready");
@@ -175,7 +200,13 @@ pub async fn run(client: Client, identity: String, mut leader: Leadership, metri
     metrics.set_ready();
     info!("caches synced");
 
-    let writer = Writer::new(client.clone(), &identity, leader.clone(), metrics.clone());
+    let writer = Writer::new(
+        client.clone(),
+        &identity,
+        &namespace,
+        leader.clone(),
+        metrics.clone(),
+    );
     let peers_api = Api::<MeshPeer>::all(client);
     let mut overlay = Overlay::default();
     let mut carry_over = BTreeMap::new();
@@ -220,6 +251,7 @@ pub async fn run(client: Client, identity: String, mut leader: Leadership, metri
                 .into_iter()
                 .find(|m| m.name_any() == DEFAULT_MESH),
             carry_over: carry_over.clone(),
+            claims: caches.claims.state(),
             now: SystemTime::now(),
         };
         let plan = plan::plan(&snapshot);
@@ -264,6 +296,8 @@ pub async fn run(client: Client, identity: String, mut leader: Leadership, metri
             || !plan.allocations.is_empty()
             || !plan.releases.is_empty()
             || !plan.deletes.is_empty()
+            || !plan.claims.is_empty()
+            || !plan.stale_claims.is_empty()
             || !plan.peer_status.is_empty()
             || !plan.pool_status.is_empty()
             || plan.mesh_status.is_some();

@@ -27,7 +27,8 @@ pub struct Args {
     #[arg(long, env = "WGMESH_METRICS_ADDR", default_value = "0.0.0.0:9090")]
     pub metrics_addr: SocketAddr,
 
-    /// Namespace of the leader-election Lease.
+    /// Namespace of the leader-election Lease, and of the subnet claims (Leases labelled
+    /// `wgmesh.dev/claim=subnet`, one per allocated pod subnet).
     #[arg(long, env = "WGMESH_LEASE_NAMESPACE", default_value = "kube-system")]
     pub lease_namespace: String,
 
@@ -142,7 +143,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         r = http => r.with_context(|| format!("serving metrics on {metrics_addr}")),
         r = webhook => r.context("serving the admission webhook"),
         () = lease::run(lease_api, lease, leader_tx) => anyhow::bail!("leader election ended"),
-        () = controller::run(client, identity, leader_rx, metrics) => anyhow::bail!("the control loop ended"),
+        () = controller::run(client, identity, args.lease_namespace.clone(), leader_rx, metrics) => anyhow::bail!("the control loop ended"),
         r = tokio::signal::ctrl_c() => {
             r.context("waiting for a signal")?;
             tracing::info!("interrupted; exiting");

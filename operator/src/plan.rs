@@ -14,8 +14,17 @@
 //!   `deletionTimestamp`; then the finalizer is removed and the subnets are free;
 //! - a Node that comes back while its old peer terminates gets the old subnets back: the old
 //!   peer is released at once and its subnets carried over to the new one.
+//!
+//! Subnet claims: every subnet a node peer holds has a claim, a `Lease` in the operator's
+//! namespace named after the subnet ([`core::claim_name`]), holder the node. `apply` creates a
+//! subnet's claim before it writes the subnet to a peer and writes nothing if the claim
+//! names another node, so two writers planning from different views cannot hand one subnet
+//! to two nodes. The plan creates the claims peers lack (peers written before claims
+//! existed) and deletes a claim once no peer holds its subnet and no write needs it, no
+//! sooner than [`CLAIM_GRACE`] after it was made.
 
 use crate::conditions::{self, Desired};
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::ResourceExt;
@@ -37,6 +46,11 @@ pub const RELEASE_FINALIZER: &str = "wgmesh.dev/release";
 /// How long a deleted node's subnets stay reserved when the `Mesh` does not say.
 pub const DEFAULT_RELEASE_GRACE: Duration = Duration::from_secs(300);
 
+/// How long a subnet claim whose subnet no peer holds is kept: the time its writer has to
+/// write the peer after claiming. A writer checks that it still leads before every write,
+/// and leadership lasts far shorter, so a claim is never collected under a write in flight.
+pub const CLAIM_GRACE: Duration = Duration::from_secs(300);
+
 /// Everything a pass looks at.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
@@ -48,7 +62,75 @@ pub struct Snapshot {
     /// Subnets of released peers whose node came back, by node name, until the new peer
     /// holds them. Kept by the caller between passes.
     pub carry_over: BTreeMap<String, Vec<String>>,
+    /// The subnet claims (`Lease`s labelled `wgmesh.dev/claim=subnet` in the operator's
+    /// namespace).
+    pub claims: Vec<Arc<Lease>>,
     pub now: SystemTime,
+}
+
+/// A subnet claim to create: `holder` holds `subnet` without one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimWrite {
+    pub subnet: String,
+    pub holder: String,
+}
+
+/// A claim to delete, only if it is still the object the plan saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimDelete {
+    pub name: String,
+    pub uid: Option<String>,
+    pub resource_version: Option<String>,
+}
+
+/// The claim of `subnet` for `holder`, as `apply` creates it.
+pub fn claim_object(subnet: &ipnet::IpNet, holder: &str) -> Lease {
+    Lease {
+        metadata: ObjectMeta {
+            name: Some(core::claim_name(subnet)),
+            labels: Some(
+                [
+                    (
+                        consts::CLAIM_LABEL.to_owned(),
+                        consts::CLAIM_SUBNET.to_owned(),
+                    ),
+                    (
+                        consts::MANAGED_BY_LABEL.to_owned(),
+                        consts::MANAGED_BY.to_owned(),
+                    ),
+                ]
+                .into(),
+            ),
+            annotations: Some(
+                [(
+                    consts::CLAIM_SUBNET_ANNOTATION.to_owned(),
+                    subnet.trunc().to_string(),
+                )]
+                .into(),
+            ),
+            ..ObjectMeta::default()
+        },
+        spec: Some(k8s_openapi::api::coordination::v1::LeaseSpec {
+            holder_identity: Some(holder.to_owned()),
+            ..Default::default()
+        }),
+    }
+}
+
+/// The subnet and holder of a well-formed claim: its annotation names a subnet whose claim
+/// name is the object's name, and it has a holder.
+pub fn read_claim(lease: &Lease) -> Option<(ipnet::IpNet, String)> {
+    let subnet = core::parse_network(
+        lease
+            .metadata
+            .annotations
+            .as_ref()?
+            .get(consts::CLAIM_SUBNET_ANNOTATION)?,
+    )
+    .ok()?;
+    let holder = lease.spec.as_ref()?.holder_identity.clone()?;
+    (lease.metadata.name.as_deref() == Some(core::claim_name(&subnet).as_str()))
+        .then_some((subnet, holder))
 }
 
 /// One status write: the operator-owned fields of an object's status.
@@ -129,6 +211,10 @@ pub struct Plan {
     pub releases: Vec<String>,
     /// Peer statuses that change.
     pub peer_status: Vec<StatusWrite<MeshPeerStatus>>,
+    /// Claims to create for subnets peers hold without one.
+    pub claims: Vec<ClaimWrite>,
+    /// Claims no peer holds and no write needs, past [`CLAIM_GRACE`].
+    pub stale_claims: Vec<ClaimDelete>,
     /// Pool statuses that change.
     pub pool_status: Vec<StatusWrite<PodCIDRPoolStatus>>,
     /// The mesh's status, if it changes.
@@ -383,10 +469,20 @@ pub fn plan(snap: &Snapshot) -> Plan {
                 .unwrap_or_default(),
         })
         .collect();
+    let claims: Vec<(&Lease, Option<core::Claim>)> = snap
+        .claims
+        .iter()
+        .map(|l| {
+            let claim = read_claim(l).map(|(subnet, holder)| core::Claim { subnet, holder });
+            (l.as_ref(), claim)
+        })
+        .collect();
+    let valid_claims: Vec<core::Claim> = claims.iter().filter_map(|(_, c)| c.clone()).collect();
     let alloc = core::plan_allocations(&core::AllocationRequest {
         pools: &validation.valid,
         nodes: &core_nodes,
         existing: &existing,
+        claims: &valid_claims,
         released: &released,
         grace_period: settings.grace,
         now: snap.now,
@@ -821,6 +917,7 @@ pub fn plan(snap: &Snapshot) -> Plan {
         }
     }
 
+    plan_claims(&mut out, snap, &claims, &existing, &released, &alloc);
     out.usage = alloc.usage;
     out.carry_over = carry_over;
     out
@@ -1220,6 +1317,9 @@ fn allocated_event(node: &str, uid: Option<String>, added: &[core::Assignment]) 
                 core::Source::Reclaimed => {
                     format!("{} given back after the node re-registered", a.subnet)
                 }
+                core::Source::Claimed => {
+                    format!("{} claimed for the node by an earlier pass", a.subnet)
+                }
             })
             .collect::<Vec<_>>()
             .join(", "),
@@ -1300,3 +1400,68 @@ fn pool_reason(errors: &[core::PoolError]) -> &'static str {
 #[cfg(test)]
 #[path = "plan_tests.rs"]
 mod tests;
+
+/// The claims to create (subnets node peers hold without one) and to delete: a claim no peer
+/// holds and the plan does not give to its holder goes once its holder's grace period for the
+/// subnet is over, or else [`CLAIM_GRACE`] after it was made (a write that never landed).
+fn plan_claims(
+    out: &mut Plan,
+    snap: &Snapshot,
+    claims: &[(&Lease, Option<core::Claim>)],
+    existing: &BTreeMap<String, Vec<String>>,
+    released: &[core::Released],
+    alloc: &core::AllocationPlan,
+) {
+    let mut held: BTreeMap<ipnet::IpNet, &str> = BTreeMap::new();
+    for (peer, subnets) in existing {
+        for subnet in subnets.iter().filter_map(|s| core::parse_network(s).ok()) {
+            held.entry(subnet).or_insert(peer);
+        }
+    }
+    for h in &alloc.grace.held {
+        held.entry(h.subnet).or_insert(&h.peer);
+    }
+    let freed: BTreeSet<&ipnet::IpNet> = alloc.grace.freed.iter().collect();
+    let names: BTreeSet<&str> = claims
+        .iter()
+        .filter_map(|(l, _)| l.metadata.name.as_deref())
+        .collect();
+    for (subnet, holder) in &held {
+        if !names.contains(core::claim_name(subnet).as_str()) {
+            out.claims.push(ClaimWrite {
+                subnet: subnet.to_string(),
+                holder: (*holder).to_owned(),
+            });
+        }
+    }
+    for (lease, claim) in claims {
+        let needed = claim.as_ref().is_some_and(|c| {
+            held.get(&c.subnet) == Some(&c.holder.as_str())
+                || alloc
+                    .nodes
+                    .get(&c.holder)
+                    .is_some_and(|a| a.subnets.contains(&c.subnet))
+        });
+        if needed {
+            continue;
+        }
+        let released_by_holder = claim.as_ref().is_some_and(|c| {
+            freed.contains(&c.subnet)
+                && released
+                    .iter()
+                    .any(|r| r.peer == c.holder && r.subnets.contains(&c.subnet))
+        });
+        let Some(due) = created(&lease.metadata).checked_add(CLAIM_GRACE) else {
+            continue;
+        };
+        if released_by_holder || due <= snap.now {
+            out.stale_claims.push(ClaimDelete {
+                name: lease.metadata.name.clone().unwrap_or_default(),
+                uid: lease.metadata.uid.clone(),
+                resource_version: lease.metadata.resource_version.clone(),
+            });
+        } else {
+            out.requeue_at = Some(out.requeue_at.map_or(due, |r| r.min(due)));
+        }
+    }
+}

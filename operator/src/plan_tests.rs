@@ -85,12 +85,51 @@ fn mk_snapshot(
         pools,
         mesh: Some(Arc::new(open_mesh())),
         carry_over: BTreeMap::new(),
+        claims: vec![],
         now: at(1000),
+    }
+}
+
+fn mk_claim(subnet: &str, holder: &str, created: SystemTime) -> Arc<Lease> {
+    let mut l = claim_object(&subnet.parse().expect("subnet"), holder);
+    l.metadata.creation_timestamp = Some(Time(
+        k8s_openapi::jiff::Timestamp::try_from(created).expect("time"),
+    ));
+    l.metadata.uid = Some(format!("claim-{subnet}"));
+    l.metadata.resource_version = Some("1".into());
+    Arc::new(l)
+}
+
+/// Creates the claim of each subnet, unless one exists (whoever it names), as `apply` does.
+fn claim_in_memory(snap: &mut Snapshot, holder: &str, subnets: &[String]) {
+    for subnet in subnets {
+        let name = core::claim_name(&subnet.parse().expect("subnet"));
+        if !snap
+            .claims
+            .iter()
+            .any(|c| c.metadata.name.as_deref() == Some(name.as_str()))
+        {
+            snap.claims.push(mk_claim(subnet, holder, snap.now));
+        }
     }
 }
 
 /// Lays a plan's writes onto the snapshot, as the API server would.
 fn apply_in_memory(snap: &mut Snapshot, plan: &Plan) {
+    for stale in &plan.stale_claims {
+        snap.claims
+            .retain(|c| c.metadata.name.as_deref() != Some(stale.name.as_str()));
+    }
+    for create in &plan.creates {
+        let holder = create.metadata.name.clone().expect("name");
+        claim_in_memory(snap, &holder, &create.spec.pod_cidrs);
+    }
+    for a in &plan.allocations {
+        claim_in_memory(snap, &a.name, &a.pod_cidrs);
+    }
+    for c in &plan.claims {
+        claim_in_memory(snap, &c.holder, std::slice::from_ref(&c.subnet));
+    }
     let mut rv = 100;
     let mut bump = |p: &mut MeshPeer| {
         rv += 1;
@@ -167,7 +206,9 @@ fn apply_in_memory(snap: &mut Snapshot, plan: &Plan) {
 }
 
 fn writes(plan: &Plan) -> usize {
-    plan.creates.len()
+    plan.claims.len()
+        + plan.stale_claims.len()
+        + plan.creates.len()
         + plan.allocations.len()
         + plan.deletes.len()
         + plan.releases.len()
@@ -250,6 +291,115 @@ fn every_node_gets_a_peer_owned_by_it_with_a_distinct_subnet() {
     assert_eq!(subnets.len(), 3);
     // Without keys the nodes are not ready yet, and say why.
     assert_eq!(ready(peer(&snap, "n2")), (false, "NoPublicKey".into()));
+    // Each subnet has its claim, naming its node.
+    let claims: BTreeSet<(String, String)> = snap
+        .claims
+        .iter()
+        .map(|c| {
+            let (subnet, holder) = read_claim(c).expect("well-formed claim");
+            (subnet.to_string(), holder)
+        })
+        .collect();
+    let held: BTreeSet<(String, String)> = snap
+        .peers
+        .iter()
+        .flat_map(|p| {
+            p.spec
+                .pod_cidrs
+                .iter()
+                .map(|s| (s.clone(), p.metadata.name.clone().unwrap_or_default()))
+        })
+        .collect();
+    assert_eq!(claims, held);
+}
+
+#[test]
+fn a_subnet_another_writer_claimed_goes_to_its_holder_and_nobody_else() {
+    // Another writer claimed the first subnet for n2 and has not written n2's peer yet; n1
+    // comes first and would otherwise take it.
+    let mut snap = mk_snapshot(
+        vec![mk_node("n1", "u1"), mk_node("n2", "u2")],
+        vec![],
+        vec![mk_pool("p", &["10.244.0.0/16"], 24, 0)],
+    );
+    snap.claims = vec![mk_claim("10.244.0.0/24", "n2", at(990))];
+    let first = plan(&snap);
+    let subnets: BTreeMap<String, Vec<String>> = first
+        .creates
+        .iter()
+        .map(|p| {
+            (
+                p.metadata.name.clone().unwrap_or_default(),
+                p.spec.pod_cidrs.clone(),
+            )
+        })
+        .collect();
+    assert_eq!(subnets["n1"], vec!["10.244.1.0/24".to_string()]);
+    assert_eq!(subnets["n2"], vec!["10.244.0.0/24".to_string()]);
+    assert!(first.stale_claims.is_empty());
+    converge(&mut snap);
+    assert_eq!(snap.claims.len(), 2);
+}
+
+#[test]
+fn a_claim_no_peer_holds_is_deleted_only_after_the_claim_grace() {
+    let mut snap = mk_snapshot(
+        vec![mk_node("n1", "u1")],
+        vec![],
+        vec![mk_pool("p", &["10.244.0.0/16"], 24, 0)],
+    );
+    converge(&mut snap);
+    // A writer claimed a subnet for a node that is gone, and never wrote a peer.
+    snap.claims.push(mk_claim("10.244.9.0/24", "gone", at(900)));
+    let first = plan(&snap);
+    assert!(first.stale_claims.is_empty());
+    assert_eq!(first.requeue_at, Some(at(900) + CLAIM_GRACE));
+    // Nobody gets it meanwhile.
+    snap.nodes.push(mk_node("n2", "u2"));
+    converge(&mut snap);
+    assert_ne!(
+        peer(&snap, "n2").spec.pod_cidrs,
+        vec!["10.244.9.0/24".to_string()]
+    );
+
+    snap.now = at(900) + CLAIM_GRACE;
+    let later = plan(&snap);
+    assert_eq!(
+        later.stale_claims,
+        vec![ClaimDelete {
+            name: "wgmesh-subnet-10.244.9.0-24".into(),
+            uid: Some("claim-10.244.9.0/24".into()),
+            resource_version: Some("1".into()),
+        }]
+    );
+    // Claims of subnets peers hold are kept however old.
+    assert_eq!(later.stale_claims.len(), 1);
+}
+
+#[test]
+fn peers_written_before_claims_existed_get_theirs() {
+    let mut snap = mk_snapshot(
+        vec![mk_node("n1", "u1"), mk_node("n2", "u2")],
+        vec![],
+        vec![mk_pool("p", &["10.244.0.0/16"], 24, 0)],
+    );
+    converge(&mut snap);
+    snap.claims.clear();
+    let p = plan(&snap);
+    assert_eq!(
+        p.claims,
+        vec![
+            ClaimWrite {
+                subnet: "10.244.0.0/24".into(),
+                holder: "n1".into()
+            },
+            ClaimWrite {
+                subnet: "10.244.1.0/24".into(),
+                holder: "n2".into()
+            },
+        ]
+    );
+    assert!(p.creates.is_empty() && p.allocations.is_empty());
 }
 
 #[test]
@@ -368,6 +518,40 @@ fn a_deleted_nodes_subnet_is_held_for_the_grace_period_then_reused() {
             .all(|p| p.metadata.name.as_deref() != Some("n1"))
     );
     assert_eq!(peer(&snap, "n3").spec.pod_cidrs, n1_subnet);
+}
+
+#[test]
+fn a_released_subnets_claim_goes_with_the_release_however_young() {
+    let mut snap = mk_snapshot(
+        vec![mk_node("n1", "u1"), mk_node("n2", "u2")],
+        vec![],
+        vec![mk_pool("p", &["10.244.0.0/23"], 24, 0)],
+    );
+    if let Some(mesh) = snap.mesh.as_mut() {
+        Arc::make_mut(mesh).spec.ipam = Some(wgmesh_api::mesh::Ipam {
+            release_grace_period: Some("10s".into()),
+            ..Default::default()
+        });
+    }
+    converge(&mut snap);
+    let n1_subnet = peer(&snap, "n1").spec.pod_cidrs.clone();
+    snap.nodes
+        .retain(|n| n.metadata.name.as_deref() != Some("n1"));
+    snap.nodes.push(mk_node("n3", "u3"));
+    converge(&mut snap);
+    assert!(peer(&snap, "n3").spec.pod_cidrs.is_empty());
+
+    // The grace period is over long before the claim is CLAIM_GRACE old.
+    snap.now = at(1000 + 11);
+    converge(&mut snap);
+    assert_eq!(peer(&snap, "n3").spec.pod_cidrs, n1_subnet);
+    let holder = snap
+        .claims
+        .iter()
+        .filter_map(|c| read_claim(c))
+        .find(|(s, _)| s.to_string() == n1_subnet[0])
+        .map(|(_, h)| h);
+    assert_eq!(holder.as_deref(), Some("n3"));
 }
 
 #[test]

@@ -303,6 +303,74 @@ async fn two_replicas_at_once_never_double_allocate() -> Result<()> {
     Ok(())
 }
 
+/// Two operators that both lead, each holding its own lease (what a split brain looks like to
+/// the API server), while 150 nodes join one at a time: they plan from different views, and
+/// the subnet claims still keep every subnet to one node, each claim naming the node whose
+/// peer holds the subnet. (Without claims, this gave subnets twice.)
+#[tokio::test]
+async fn two_leaders_at_once_never_give_one_subnet_to_two_nodes() -> Result<()> {
+    const NODES: usize = 150;
+    let _serial = SERIAL.lock().await;
+    let env = setup().await?;
+    env.pools
+        .create(
+            &PostParams::default(),
+            &mk_pool("split", &["10.204.0.0/16"], Some(26), None),
+        )
+        .await?;
+    let a = OperatorProcess::start(OPERATOR, &env.lease, &[])?;
+    let b = OperatorProcess::start(OPERATOR, &format!("{}-b", env.lease), &[])?;
+    wait_for("both replicas to lead", Duration::from_secs(60), || async {
+        let both = [&a, &b]
+            .iter()
+            .all(|o| o.log_text().contains("became leader"));
+        Ok(both.then_some(()))
+    })
+    .await?;
+    // Each node sorts before those already there, so a replica that has seen it gives it the
+    // subnet the other, not yet seeing it, gives to the next node in name order. Each replica
+    // is paused now and then (wherever it is: mid-pass, its plan goes stale meanwhile), so
+    // their views drift apart as they would on a loaded machine.
+    for i in (0..NODES).rev() {
+        env.add_nodes([format!("split{i:03}")]).await?;
+        let paused = if i % 2 == 0 { &a } else { &b };
+        paused.freeze()?;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        paused.thaw()?;
+    }
+    let allocs = env.allocated(NODES, 1, Duration::from_secs(180)).await?;
+    assert_disjoint(&allocs);
+
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client().await?, "kube-system");
+    let claims: BTreeMap<String, String> = leases
+        .list(&ListParams::default().labels("wgmesh.dev/claim=subnet"))
+        .await?
+        .items
+        .into_iter()
+        .map(|l| {
+            let subnet = l.metadata.annotations.unwrap_or_default()["wgmesh.dev/subnet"].clone();
+            let holder = l.spec.and_then(|s| s.holder_identity).unwrap_or_default();
+            (subnet, holder)
+        })
+        .collect();
+    for (node, subnets) in &allocs {
+        for subnet in subnets {
+            assert_eq!(
+                claims.get(subnet),
+                Some(node),
+                "{subnet} (held by {node}) is claimed for someone else"
+            );
+        }
+    }
+    let lost = [&a, &b]
+        .iter()
+        .map(|o| o.log_text().matches("is claimed for another").count())
+        .sum::<usize>();
+    eprintln!("two leaders: {NODES} nodes, {lost} write(s) stopped by another's claim");
+    Ok(())
+}
+
 /// The leader frozen (SIGSTOP) for 30 s while 50 nodes join; the other replica takes over
 /// and allocates; the frozen one, resumed, finds its deadline long past and writes nothing:
 /// no subnet is given twice and none moves.

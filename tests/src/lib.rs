@@ -296,6 +296,17 @@ pub async fn reset_mesh(client: &kube::Client) -> Result<()> {
     Api::<Node>::all(client.clone())
         .delete_collection(&DeleteParams::default(), &ListParams::default())
         .await?;
+    // The operators the tests start keep their subnet claims in kube-system.
+    Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(client.clone(), "kube-system")
+        .delete_collection(
+            &DeleteParams::default(),
+            &ListParams::default().labels(&format!(
+                "{}={}",
+                wgmesh_api::consts::CLAIM_LABEL,
+                wgmesh_api::consts::CLAIM_SUBNET
+            )),
+        )
+        .await?;
     wait_for("the mesh to be empty", Duration::from_secs(60), || {
         let peers = peers.clone();
         let nodes: Api<Node> = Api::all(client.clone());

@@ -739,7 +739,20 @@ fn rbac_least_privilege() -> Result<()> {
         Some("kube-system"),
         Some(OPERATOR)
     ));
-    assert!(!can(&docs, OPERATOR, "delete", lease, here, Some(OPERATOR)));
+    // Subnet claims (Leases named after subnets) are created, watched and collected here,
+    // and nowhere else; never updated.
+    for v in ["list", "watch", "delete"] {
+        assert!(can(&docs, OPERATOR, v, lease, here, None));
+        assert!(!can(&docs, OPERATOR, v, lease, Some("kube-system"), None));
+    }
+    assert!(!can(
+        &docs,
+        OPERATOR,
+        "update",
+        lease,
+        here,
+        Some("wgmesh-subnet-10.244.0.0-24")
+    ));
     for v in ["create", "patch"] {
         assert!(can(
             &docs,
