@@ -165,7 +165,10 @@ start_agent() {
 	local node=$1 nd="$dir/nodes/$1"
 	mkdir -p "$nd/state" "$nd/cni" "$nd/ipam" "$dir/logs" "$dir/pids"
 	[[ -f $nd/kubeconfig ]] || agent_identity "$node"
+	# WGMESH_FAILPOINTS_DIR: a file named after a datapath thread appearing there makes that
+	# thread panic (the supervision test, tests/tests/mesh.rs).
 	ip netns exec "$(ns_node "$node")" env KUBECONFIG="$nd/kubeconfig" RUST_LOG=info,kube=warn \
+		WGMESH_FAILPOINTS_DIR="$nd/failpoints" \
 		"$MESH_BIN/wgmesh-agent" run --node-name "$node" --interface "$(iface "$node")" \
 		--state-dir "$nd/state" --cni-conf-dir "$nd/cni" --run-dir "$nd/run" --cni-ipam-data-dir "$nd/ipam" \
 		--metrics-addr "$(node_ip "$node"):9091" \

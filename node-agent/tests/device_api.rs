@@ -145,3 +145,30 @@ fn dropping_the_last_handle_stops_the_device() {
         return;
     };
 }
+
+#[test]
+fn a_panicked_datapath_thread_stops_the_whole_device_and_says_why() {
+    let dir = std::env::temp_dir().join(format!("wgmesh-failpoints-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let failpoints = dir.clone();
+    let Some(()) = in_fresh_netns(move || {
+        let dev = Device::start(DeviceConfig {
+            private_key: Some(key(9).into()),
+            failpoints: Some(failpoints.clone()),
+            ..DeviceConfig::new("wgapi2")
+        })
+        .unwrap();
+        assert_eq!(dev.failure(), None);
+        std::fs::write(failpoints.join("wg-timers"), b"").unwrap();
+        // The other threads are stopped too: wait() returns once the device has stopped.
+        dev.wait();
+        assert!(dev.is_stopped());
+        assert_eq!(
+            dev.failure().as_deref(),
+            Some("datapath thread wg-timers panicked")
+        );
+    }) else {
+        return;
+    };
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -178,6 +178,10 @@ fn steps(mesh: &Mesh, ips: &[String]) -> Result<()> {
         restart(mesh, ips, signal)?;
     }
 
+    // 6a. A datapath thread of node-2's agent panics: the agent exits rather than run on
+    //     half-dead, nothing leaves in the clear, and a new agent brings the node back.
+    datapath_death(mesh, ips)?;
+
     // 6b. node-3 "reboots" with the API server unreachable at first: no pod is plumbed
     //     before the agent has its blackholes and nftables rules back, and nothing leaves in
     //     the clear.
@@ -335,6 +339,75 @@ fn restart(mesh: &Mesh, ips: &[String], signal: &str) -> Result<()> {
     assert_eq!(
         plain, 0,
         "pod packets in the clear around the agent's {what}"
+    );
+    Ok(())
+}
+
+/// node-2's `wg-timers` thread panics (the agent's failpoint directory, `hack/mesh.sh`)
+/// while pod-1 pings pod-2: the device stops whole, the agent exits saying why (in a
+/// cluster its pod restarts it; here the test starts it again), tcpdump sees no pod address
+/// on the underlay meanwhile, and pings come back.
+fn datapath_death(mesh: &Mesh, ips: &[String]) -> Result<()> {
+    let node = "node-2";
+    let pid = std::fs::read_to_string(mesh.dir.join(format!("pids/agent-{node}")))?
+        .trim()
+        .to_owned();
+    let log = mesh.dir.join(format!("logs/agent-{node}.log"));
+    let log_before = std::fs::metadata(&log)?.len();
+    let cap = mesh.capture("datapath-death")?;
+    let pinger = Pinger::spawn(
+        mesh.exec(
+            "pod-1",
+            &["ping", "-D", "-i", PING_INTERVAL, "-W", "1", &ips[1]],
+        ),
+        "pod-1 -> pod-2".into(),
+    )?;
+    std::thread::sleep(Duration::from_secs(2));
+    let failpoints = mesh.dir.join(format!("nodes/{node}/failpoints"));
+    std::fs::create_dir_all(&failpoints)?;
+    std::fs::write(failpoints.join("wg-timers"), b"")?;
+    let injected = Instant::now();
+    // Gone, or a zombie nobody has reaped yet.
+    let exited = wait_until(
+        "the agent to exit after its datapath thread panicked",
+        Duration::from_secs(30),
+        || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map_or(true, |s| s.split_whitespace().nth(2) == Some("Z"))
+        },
+    )?;
+    std::fs::remove_file(failpoints.join("wg-timers"))?;
+    let text = std::fs::read(&log)?;
+    let said = String::from_utf8_lossy(&text[usize::try_from(log_before)?..]).into_owned();
+    for want in [
+        "datapath thread wg-timers panicked",
+        "exiting so that the agent restarts",
+    ] {
+        assert!(
+            said.contains(want),
+            "{node}'s agent log lacks {want:?}:\n{said}"
+        );
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    mesh.script(&["start-agent", node])?;
+    wait_until(
+        "pings answered after the new agent started",
+        Duration::from_secs(60),
+        || mesh.ping("pod-1", &ips[1]),
+    )?;
+    let back = injected.elapsed();
+    let Summary { sent, lost, .. } = Summary::stop(vec![pinger])?;
+    let [plain] = cap.stop(&["net 10.244.0.0/16 or net fd00:10:244::/56"])?[..] else {
+        bail!("capture counts");
+    };
+    report(&format!(
+        "e2e: a datapath thread of {node}'s agent panicked: the agent exited {:.2} s later; a new agent started 2 s after that; pings answered again {:.1} s after the panic (pod-1 -> pod-2 sent {sent}, lost {lost}); {plain} pod-address packets on the underlay",
+        exited.as_secs_f64(),
+        back.as_secs_f64()
+    ));
+    assert_eq!(
+        plain, 0,
+        "pod packets in the clear while {node}'s agent was down"
     );
     Ok(())
 }

@@ -98,6 +98,10 @@ pub struct AgentArgs {
     /// follows the link on the host: mount it at the same path as on the host.
     #[arg(long, env = "WGMESH_RUN_DIR", default_value = "/run/wgmesh")]
     pub run_dir: PathBuf,
+    /// Fault injection, for the supervision test: a file named after a datapath thread
+    /// (`wg-timers`) appearing in this directory makes that thread panic (docs/architecture.md).
+    #[arg(long, env = "WGMESH_FAILPOINTS_DIR", hide = true)]
+    pub failpoints_dir: Option<PathBuf>,
     /// File name of the CNI conflist.
     #[arg(
         long,
@@ -620,6 +624,7 @@ impl Agent {
             up: true,
             listen_port,
             private_key: Some(primary),
+            failpoints: self.args.failpoints_dir.clone(),
             ..DeviceConfig::new(self.args.interface.clone())
         };
         match Device::start(config) {

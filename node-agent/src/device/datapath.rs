@@ -425,6 +425,11 @@ pub(crate) fn timers(shared: &Shared) {
         if shared.sleep_unless_stopping(schedule.sleep_for(clock.now())) {
             return;
         }
+        if let Some(dir) = &shared.failpoints
+            && dir.join("wg-timers").exists()
+        {
+            panic!("failpoint {}", dir.join("wg-timers").display());
+        }
         let work = schedule.poll(clock.now());
         let state = shared.read_state();
         if work.reset_rate_limiter {

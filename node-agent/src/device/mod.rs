@@ -61,6 +61,10 @@ pub struct DeviceConfig {
     pub tun_offload: bool,
     /// Clock; `None` uses the system clocks.
     pub clock: Option<Arc<dyn Clock>>,
+    /// Fault injection, for tests of supervision: while a file named after a datapath thread
+    /// exists in this directory, that thread panics at its next turn (only `wg-timers`
+    /// looks, once per tick). `None` (the default) looks nowhere.
+    pub failpoints: Option<std::path::PathBuf>,
 }
 
 impl DeviceConfig {
@@ -76,6 +80,7 @@ impl DeviceConfig {
             udp_offload: true,
             tun_offload: true,
             clock: None,
+            failpoints: None,
         }
     }
 }
@@ -141,6 +146,7 @@ pub(crate) struct Shared {
     /// Why the device failed: a datapath thread ended (returned or panicked) while the
     /// device was not stopping. A half-running datapath is never left running.
     failure: Mutex<Option<String>>,
+    pub(crate) failpoints: Option<std::path::PathBuf>,
 }
 
 /// Held by every datapath thread: if the thread ends while the device is not stopping, the
@@ -281,6 +287,7 @@ impl Device {
             stop_cv: Condvar::new(),
             clock: config.clock.unwrap_or_else(|| Arc::new(SystemClock)),
             failure: Mutex::new(None),
+            failpoints: config.failpoints,
         });
         if let Some(key) = &config.private_key {
             shared.write_state().set_keys(Some(key), None);
