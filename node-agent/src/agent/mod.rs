@@ -7,6 +7,8 @@
 //! Routes fail closed: see `wgmesh_core::topology`.
 
 pub mod cni;
+mod device_plan;
+mod kernel;
 pub mod masquerade;
 pub mod metrics;
 pub mod netlink;
@@ -15,7 +17,7 @@ pub mod resume;
 pub mod rotation;
 pub mod uninstall;
 
-use crate::device::config::{ConfigUpdate, Key, PeerUpdate};
+use crate::device::config::{ConfigUpdate, Key};
 use crate::device::{Device, DeviceConfig, DeviceHandle};
 use crate::key::KeyState;
 use crate::uapi::server::UapiServer;
@@ -51,7 +53,7 @@ use wgmesh_api::{
 };
 use wgmesh_core::api_view::ApiView;
 use wgmesh_core::duration::backoff;
-use wgmesh_core::topology::{self, LocalNode, NodePlan, Route};
+use wgmesh_core::topology::{self, LocalNode, NodePlan};
 
 /// How often a pass runs without events: re-adds routes the kernel lost, refreshes stats.
 const RESYNC: Duration = Duration::from_secs(10);
@@ -817,15 +819,9 @@ impl Agent {
         if let (Some(device), Some(index)) = (&self.device, device_index) {
             let next_generations = observe::next_generations(peers.iter().map(AsRef::as_ref));
             self.installed_keys = self.apply_device(device.clone(), &plan, &next_generations);
-            for subnet in &own_subnets {
-                // The subnet's first address, as a host address on the WireGuard
-                // interface: the source of the node's own traffic to remote pods, which
-                // remote nodes route back through the tunnel.
-                let host = IpNet::new(subnet.network(), subnet.max_prefix_len()).unwrap_or(*subnet);
-                if let Err(e) = self.netlink.ensure_address(index, host).await {
-                    self.metrics.error("address");
-                    warn!(error = %e, "adding the interface address failed");
-                }
+            for failure in kernel::apply_addresses(&self.netlink, index, &own_subnets).await {
+                self.metrics.error("address");
+                warn!(error = %failure, "adding the interface address failed");
             }
         }
         let (routes_ok, fenced) = self.apply_routes(&plan, device_index).await;
@@ -836,17 +832,15 @@ impl Agent {
             self.underlay_mtu(endpoint).await,
             endpoint.is_some_and(|e| e.is_ipv6()),
         );
-        if let Some(link) = links.iter().find(|l| Some(l.index) == device_index)
-            && link.mtu != mtu
-        {
-            match self.netlink.set_mtu(link.index, mtu).await {
-                Ok(()) => {
-                    info!(interface = %link.name, from = link.mtu, to = mtu, "set the device's MTU")
-                }
-                Err(e) => {
-                    self.metrics.error("device");
-                    warn!(error = %e, "setting the device's MTU failed");
-                }
+        let device_link = links.iter().find(|l| Some(l.index) == device_index);
+        match kernel::apply_mtu(&self.netlink, device_link, mtu).await {
+            Ok(Some(from)) => {
+                info!(interface = %self.args.interface, from, to = mtu, "set the device's MTU")
+            }
+            Ok(None) => {}
+            Err(e) => {
+                self.metrics.error("device");
+                warn!(error = %e, "setting the device's MTU failed");
             }
         }
         // The masquerade rules, then the CNI configuration: a pod is plumbed only once the
@@ -927,101 +921,43 @@ impl Agent {
         Ok(())
     }
 
-    /// Brings the device's peers to the plan: removes the ones not wanted, adds or updates
-    /// the ones that differ, and leaves every other peer (and its session) alone. Peers are
-    /// matched by name, so a peer whose key changes (a rotation's next key, its promotion,
-    /// an external peer's new key) is updated in place and keeps its sessions under the
-    /// keys it still has. Returns the rotating peers whose next key is now installed, with
-    /// that key's generation: this node's acknowledgements.
+    /// Brings the device's peers to the plan (`device_plan`), and keeps the record of what
+    /// it configured once the device took the update. Returns the rotating peers whose next
+    /// key is now installed, with that key's generation: this node's acknowledgements
+    /// (none if the update failed).
     fn apply_device(
         &mut self,
         device: DeviceHandle,
         plan: &NodePlan,
         next_generations: &BTreeMap<String, i64>,
     ) -> Vec<InstalledKey> {
-        let current = device.snapshot();
-        let by_key = |k: &Key| current.peers.iter().find(|p| p.public_key == *k);
-        let mut update = ConfigUpdate::default();
-        // Peers the agent configured that are no longer wanted, and peers it never
-        // configured (someone used `wg set`), go.
-        let wanted: BTreeSet<&str> = plan.device_peers.keys().map(String::as_str).collect();
-        for (name, key) in &self.device_names {
-            if !wanted.contains(name.as_str()) {
-                let mut u = PeerUpdate::new(*key);
-                u.remove = true;
-                update.peers.push(u);
-            }
-        }
-        let known: BTreeSet<Key> = self.device_names.values().copied().collect();
-        for peer in &current.peers {
-            if !known.contains(&peer.public_key) {
-                let mut u = PeerUpdate::new(peer.public_key);
-                u.remove = true;
-                update.peers.push(u);
-            }
-        }
-        self.device_names
-            .retain(|name, _| wanted.contains(name.as_str()));
-        self.endpoints_set
-            .retain(|name, _| wanted.contains(name.as_str()));
-        let mut acks = Vec::new();
-        let mut configured = BTreeMap::new();
-        for (name, want) in &plan.device_peers {
-            let Some(key) = decode_key(&want.public_key) else {
-                continue;
-            };
-            let next = want.next_public_key.as_deref().and_then(decode_key);
-            let have_key = self.device_names.get(name).copied();
-            let have = have_key.and_then(|k| by_key(&k));
-            let mut allowed = want.allowed_ips.clone();
-            allowed.sort();
-            let endpoint_changed = self.endpoints_set.get(name) != Some(&want.endpoint);
-            let same = have.is_some_and(|h| {
-                let mut a = h.allowed_ips.clone();
-                a.sort();
-                h.public_key == key
-                    && h.next_public_key == next
-                    && a == allowed
-                    && h.persistent_keepalive == want.persistent_keepalive
-                    && !endpoint_changed
-            });
-            configured.insert(name.clone(), key);
-            if !same {
-                let mut u = PeerUpdate::new(have.map_or(key, |h| h.public_key));
-                if have.is_some_and(|h| h.public_key != key) {
-                    u.new_public_key = Some(key);
-                }
-                u.next_public_key = Some(next);
-                u.replace_allowed_ips = true;
-                u.allowed_ips = allowed;
-                u.persistent_keepalive = Some(want.persistent_keepalive);
-                if endpoint_changed {
-                    u.endpoint = want.endpoint;
-                    self.endpoints_set.insert(name.clone(), want.endpoint);
-                }
-                update.peers.push(u);
-            }
-            if next.is_some()
-                && let Some(generation) = next_generations.get(name)
-            {
-                acks.push(InstalledKey {
-                    peer: name.clone(),
-                    generation: *generation,
-                    public_key: want.next_public_key.clone().unwrap_or_default(),
-                });
-            }
-        }
-        if !update.peers.is_empty() {
-            info!(changes = update.peers.len(), "updating WireGuard peers");
-            if let Err(e) = device.apply(&update) {
+        let configured = device_plan::Configured {
+            names: std::mem::take(&mut self.device_names),
+            endpoints: std::mem::take(&mut self.endpoints_set),
+        };
+        let planned = device_plan::plan(
+            &device.snapshot().peers,
+            &configured,
+            &plan.device_peers,
+            next_generations,
+        );
+        if !planned.update.peers.is_empty() {
+            info!(
+                changes = planned.update.peers.len(),
+                "updating WireGuard peers"
+            );
+            if let Err(e) = device.apply(&planned.update) {
                 self.metrics.error("device");
                 warn!(error = %e, "configuring the device failed");
-                // Acknowledge nothing that may not be installed.
+                // The record stays what it was; acknowledge nothing that may not be installed.
+                self.device_names = configured.names;
+                self.endpoints_set = configured.endpoints;
                 return Vec::new();
             }
         }
-        self.device_names = configured;
-        acks
+        self.device_names = planned.configured.names;
+        self.endpoints_set = planned.configured.endpoints;
+        planned.acks
     }
 
     /// One step of this node's own key rotation (see `rotation`), with its Events, logs and
@@ -1432,46 +1368,15 @@ impl Agent {
     /// Brings the routes to the plan; returns (every route is as planned, every blackhole
     /// is installed).
     async fn apply_routes(&self, plan: &NodePlan, device_index: Option<u32>) -> (bool, bool) {
-        let installed = match self.netlink.owned_routes(device_index).await {
-            Ok(r) => r,
-            Err(e) => {
-                self.metrics.error("routes");
-                warn!(error = %e, "reading routes failed");
-                return (false, false);
-            }
-        };
-        let desired: Vec<Route> = plan
-            .routes
-            .iter()
-            .filter(|r| device_index.is_some() || r.via != topology::NextHop::Device)
-            .copied()
-            .collect();
-        let (add, remove) = topology::diff_routes(&installed, &desired);
-        let mut ok = true;
-        let mut fenced = true;
-        // Blackholes first and removals last, so no destination is ever left without a
-        // route of ours in between.
-        let mut add = add;
-        add.sort_by_key(|r| r.via != topology::NextHop::Blackhole);
-        for r in &add {
-            if let Err(e) = self.netlink.add_route(r, device_index).await {
-                ok = false;
-                fenced &= r.via != topology::NextHop::Blackhole;
-                self.metrics.error("routes");
-                warn!(error = %e, "adding a route failed");
-            }
+        let done = kernel::apply_routes(&self.netlink, &plan.routes, device_index).await;
+        for failure in &done.failures {
+            self.metrics.error("routes");
+            warn!(error = %failure, "routes");
         }
-        for r in &remove {
-            if let Err(e) = self.netlink.del_route(r, device_index).await {
-                ok = false;
-                self.metrics.error("routes");
-                warn!(error = %e, "removing a route failed");
-            }
+        if done.added > 0 || done.removed > 0 {
+            info!(added = done.added, removed = done.removed, "routes updated");
         }
-        if !add.is_empty() || !remove.is_empty() {
-            info!(added = add.len(), removed = remove.len(), "routes updated");
-        }
-        (ok, fenced)
+        (done.ok, done.fenced)
     }
 
     async fn report_fallback(&mut self, plan: &NodePlan) {
