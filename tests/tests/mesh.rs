@@ -172,6 +172,21 @@ fn steps(mesh: &Mesh, ips: &[String]) -> Result<()> {
         back.as_secs_f64()
     ));
 
+    // 5c. The nftables table flushed behind the agent's back comes back within a resync.
+    ok(mesh.exec("node-1", &["nft", "delete", "table", "inet", "wgmesh"]))?;
+    let back = wait_until(
+        "the nftables table to come back",
+        Duration::from_secs(30),
+        || {
+            run(mesh.exec("node-1", &["nft", "list", "table", "inet", "wgmesh"]))
+                .is_ok_and(|o| o.status.success())
+        },
+    )?;
+    report(&format!(
+        "e2e: a deleted nftables table loaded again after {:.1} s",
+        back.as_secs_f64()
+    ));
+
     // 6. The agent is restarted under traffic, as an upgrade does (SIGTERM, then a new
     //    process) and as a crash does (SIGKILL): what each costs, and nothing in the clear.
     for signal in ["TERM", "KILL"] {

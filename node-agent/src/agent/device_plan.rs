@@ -201,6 +201,17 @@ mod tests {
         peers.iter().map(|p| (p.name.clone(), p.clone())).collect()
     }
 
+    /// Peer "a" alone, with its first key.
+    fn only_a() -> BTreeMap<String, DevicePeer> {
+        wanted(&[want(
+            "a",
+            &key(1),
+            None,
+            "10.244.1.0/24",
+            "198.18.0.1:51820",
+        )])
+    }
+
     #[test]
     fn an_empty_device_gets_every_peer_then_nothing_more() {
         let w = wanted(&[
@@ -223,13 +234,7 @@ mod tests {
 
     #[test]
     fn a_new_key_is_an_update_in_place_and_a_roamed_endpoint_is_left_alone() {
-        let first = wanted(&[want(
-            "a",
-            &key(1),
-            None,
-            "10.244.1.0/24",
-            "198.18.0.1:51820",
-        )]);
+        let first = only_a();
         let p = plan(&[], &Configured::default(), &first, &BTreeMap::new());
         let mut device = applied(&[], &p.update);
         // The device roamed: the peer answers from another address now.
@@ -269,13 +274,7 @@ mod tests {
 
     #[test]
     fn unwanted_and_unknown_peers_are_removed() {
-        let w = wanted(&[want(
-            "a",
-            &key(1),
-            None,
-            "10.244.1.0/24",
-            "198.18.0.1:51820",
-        )]);
+        let w = only_a();
         let p = plan(&[], &Configured::default(), &w, &BTreeMap::new());
         let mut device = applied(&[], &p.update);
         // Someone added a peer by hand (`wg set`).
@@ -296,13 +295,7 @@ mod tests {
     fn a_peer_the_device_lost_gets_its_endpoint_again() {
         // The record says the endpoint was written, but the device does not have the peer
         // (an update that failed, a device started again): it is added with its endpoint.
-        let w = wanted(&[want(
-            "a",
-            &key(1),
-            None,
-            "10.244.1.0/24",
-            "198.18.0.1:51820",
-        )]);
+        let w = only_a();
         let p = plan(&[], &Configured::default(), &w, &BTreeMap::new());
         let p2 = plan(&[], &p.configured, &w, &BTreeMap::new());
         assert_eq!(p2.update.peers.len(), 1);

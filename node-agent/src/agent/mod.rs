@@ -15,6 +15,7 @@ pub mod netlink;
 pub mod observe;
 pub mod resume;
 pub mod rotation;
+mod status_plan;
 pub mod uninstall;
 
 use crate::device::config::{ConfigUpdate, Key};
@@ -47,9 +48,9 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::Notify;
 use tracing::{error, info, warn};
 use wgmesh_api::{
-    Condition, ConditionStatus, Mesh, MeshPeer, MeshPeerStatus, PodCIDRPool,
-    consts::{AGENT_MANAGER, DEFAULT_MESH, condition},
-    peer::{Connectivity, GrantReason, InstalledKey},
+    Mesh, MeshPeer, MeshPeerStatus, PodCIDRPool,
+    consts::{AGENT_MANAGER, DEFAULT_MESH},
+    peer::{GrantReason, InstalledKey},
 };
 use wgmesh_core::api_view::ApiView;
 use wgmesh_core::duration::backoff;
@@ -76,8 +77,6 @@ const API_REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 /// During a rotation, how old the API's last answer may be before the agent asks again:
 /// the rotation's timeouts run only while the API answers.
 const API_PROBE_EVERY: Duration = Duration::from_secs(2);
-/// A peer counts as connected if its last handshake is this recent.
-const CONNECTED_WITHIN: Duration = Duration::from_secs(180);
 
 /// Configuration of `wgmesh-agent run`.
 #[derive(Debug, Clone, clap::Args)]
@@ -196,7 +195,7 @@ struct Agent {
     /// The endpoint last configured per peer name: the device may roam away from it, and
     /// the agent must not undo that unless the approved endpoint itself changes.
     endpoints_set: BTreeMap<String, Option<SocketAddr>>,
-    masquerade_loaded: Option<String>,
+    masquerade_loaded: Option<masquerade::Loaded>,
     last_status: Option<serde_json::Value>,
     last_connectivity_write: Option<Instant>,
     /// Status writes failed in a row: the next pass comes sooner than the resync, so an
@@ -243,33 +242,6 @@ fn decode_key(b64: &str) -> Option<Key> {
         .ok()?
         .try_into()
         .ok()
-}
-
-fn condition_of(
-    type_: &str,
-    ok: bool,
-    reason: &str,
-    message: impl Into<String>,
-    prev: &[Condition],
-) -> Condition {
-    let status = if ok {
-        ConditionStatus::True
-    } else {
-        ConditionStatus::False
-    };
-    let since = prev
-        .iter()
-        .find(|c| c.type_ == type_ && c.status == status)
-        .map(|c| c.last_transition_time.clone())
-        .unwrap_or_else(|| Time(k8s_openapi::jiff::Timestamp::now()));
-    Condition {
-        type_: type_.to_owned(),
-        status,
-        observed_generation: None,
-        last_transition_time: since,
-        reason: reason.to_owned(),
-        message: message.into(),
-    }
 }
 
 fn time(t: SystemTime) -> Option<Time> {
@@ -848,16 +820,25 @@ impl Agent {
         let mut mesh_space = pools.clone();
         mesh_space.extend(approved.iter().flat_map(|p| p.allowed_ips.iter().copied()));
         let rules = masquerade::ruleset(mesh.masquerade, &own_subnets, &mesh_space);
-        if self.masquerade_loaded.as_deref() != Some(rules.as_str()) {
-            match masquerade::load(&rules) {
-                Ok(()) => self.masquerade_loaded = Some(rules.clone()),
+        // Pods are plumbed only while the table is known to be in place this pass.
+        let masquerading =
+            match masquerade::apply(&masquerade::Nft, &rules, self.masquerade_loaded.as_ref()) {
+                Ok((what, loaded)) => {
+                    if what == masquerade::Applied::Repaired {
+                        warn!(
+                            table = masquerade::TABLE,
+                            "the nftables table was deleted or changed; loaded it again"
+                        );
+                    }
+                    self.masquerade_loaded = Some(loaded);
+                    true
+                }
                 Err(e) => {
                     self.metrics.error("masquerade");
                     warn!(error = %e, "loading the masquerade rules failed");
+                    false
                 }
-            }
-        }
-        let masquerading = self.masquerade_loaded.as_deref() == Some(rules.as_str());
+            };
         let mut cni_ok = false;
         if !own_subnets.is_empty() && fenced && masquerading {
             let body = cni::conflist(&cni::CniSettings {
@@ -1427,94 +1408,23 @@ impl Agent {
             .as_ref()
             .map(|s| s.conditions.clone())
             .unwrap_or_default();
-        let fallback: Vec<&str> = plan.fallback_peers().collect();
-        let mut conditions = vec![
-            condition_of(
-                condition::KEY_PUBLISHED,
-                true,
-                "Published",
-                "the node's public key is published",
-                &prev,
-            ),
-            match (&self.device_error, device_up) {
-                (_, true) => condition_of(
-                    condition::DEVICE_UP,
-                    true,
-                    "Up",
-                    format!("{} is up", self.args.interface),
-                    &prev,
-                ),
-                (Some(e), false) => condition_of(
-                    condition::DEVICE_UP,
-                    false,
-                    "DeviceFailed",
-                    e.clone(),
-                    &prev,
-                ),
-                (None, false) => condition_of(
-                    condition::DEVICE_UP,
-                    false,
-                    "DeviceGone",
-                    "the WireGuard device stopped",
-                    &prev,
-                ),
+        let now = SystemTime::now();
+        let conditions = status_plan::conditions(
+            &status_plan::Health {
+                interface: &self.args.interface,
+                device_error: self.device_error.as_deref(),
+                device_up,
+                routes_ok,
+                routes: plan.routes.len(),
+                fallback: plan.fallback_peers().collect(),
             },
-            if routes_ok {
-                condition_of(
-                    condition::ROUTES_INSTALLED,
-                    true,
-                    "Installed",
-                    format!("{} routes installed", plan.routes.len()),
-                    &prev,
-                )
-            } else {
-                condition_of(
-                    condition::ROUTES_INSTALLED,
-                    false,
-                    "RouteErrors",
-                    "some routes could not be installed; see the agent's log",
-                    &prev,
-                )
-            },
-        ];
-        conditions.push(if fallback.is_empty() {
-            condition_of(
-                condition::PLAINTEXT_FALLBACK,
-                false,
-                "Encrypted",
-                "no peer is routed in the clear by fallback",
-                &prev,
-            )
-        } else {
-            condition_of(
-                condition::PLAINTEXT_FALLBACK,
-                true,
-                "DeviceDown",
-                format!(
-                    "the device is down; on-link peers {} are routed unencrypted",
-                    fallback.join(", ")
-                ),
-                &prev,
-            )
-        });
-        let connectivity = self.device.as_ref().map(|d| {
-            let snap = d.snapshot();
-            let now = SystemTime::now();
-            let handshakes: Vec<SystemTime> =
-                snap.peers.iter().filter_map(|p| p.last_handshake).collect();
-            Connectivity {
-                peers_configured: u32::try_from(snap.peers.len()).unwrap_or(u32::MAX),
-                peers_connected: u32::try_from(
-                    handshakes
-                        .iter()
-                        .filter(|t| now.duration_since(**t).is_ok_and(|d| d < CONNECTED_WITHIN))
-                        .count(),
-                )
-                .unwrap_or(u32::MAX),
-                last_handshake_at: handshakes.iter().max().and_then(|t| time(*t)),
-                oldest_handshake_at: handshakes.iter().min().and_then(|t| time(*t)),
-            }
-        });
+            &prev,
+            now,
+        );
+        let connectivity = self
+            .device
+            .as_ref()
+            .map(|d| status_plan::connectivity(&d.snapshot().peers, now));
         let rotation_status = self.device.as_ref().and_then(|d| {
             let snap = d.snapshot();
             let externals: BTreeMap<String, Key> = approved
@@ -1546,20 +1456,18 @@ impl Agent {
             installed_keys: installed,
             ..Default::default()
         };
-        // Write when what we publish changes; connectivity alone at most once a minute. Every
-        // write carries connectivity: under server-side apply a field left out is removed.
-        let mut body = serde_json::to_value(&status).unwrap_or_default();
-        let changed = self.last_status.as_ref() != Some(&body);
+        // Write when what we publish changes; connectivity alone at most once a minute.
         let connectivity_due = self
             .last_connectivity_write
             .is_none_or(|t| t.elapsed() >= CONNECTIVITY_INTERVAL);
-        if !changed && !connectivity_due {
+        let Some(status_plan::Write { body, comparable }) = status_plan::write(
+            &status,
+            connectivity.as_ref(),
+            self.last_status.as_ref(),
+            connectivity_due,
+        ) else {
             return;
-        }
-        let comparable = body.clone();
-        if let Some(c) = connectivity {
-            body["connectivity"] = serde_json::to_value(c).unwrap_or_default();
-        }
+        };
         let patch = serde_json::json!({
             "apiVersion": "wgmesh.dev/v1alpha1",
             "kind": "MeshPeer",
