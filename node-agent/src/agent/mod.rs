@@ -1021,137 +1021,62 @@ impl Agent {
             wgmesh_core::rotation::Phase::Switched { .. } => 2,
         });
         for notice in notices {
-            let (warning, reason, note) = match &notice {
-                rotation::Notice::Prepared { generation, revoke } => {
-                    info!(generation, revoke, next = %self.keys.next.as_ref().map(|k| k.public_base64()).unwrap_or_default(), "key rotation: next key generated; publishing it");
-                    (
-                        false,
-                        "RotationPrepared",
-                        format!(
-                            "generated the next key (generation {}); peers are installing it{}",
-                            generation + 1,
-                            if *revoke {
-                                "; this rotation is a revocation: when it completes, the old key and every earlier one stop being answered"
-                            } else {
-                                ""
-                            }
-                        ),
-                    )
-                }
-                rotation::Notice::Switched { generation } => {
-                    info!(
-                        generation,
-                        "key rotation: initiating with the next key; still answering under the old one"
-                    );
-                    (
-                        false,
-                        "RotationSwitched",
-                        format!(
-                            "initiating handshakes with the generation {} key; still answering under generation {generation}",
-                            generation + 1
-                        ),
-                    )
-                }
-                rotation::Notice::Completed {
+            self.log_notice(&notice);
+            let previous_until = self.keys.previous.iter().map(|(_, until)| *until).max();
+            let ev = rotation::event(&notice, previous_until);
+            self.publish_event(ev.warning, ev.reason, "RotateKey", ev.note)
+                .await;
+        }
+    }
+
+    /// Logs a rotation notice and counts it in the metrics (its Event is `rotation::event`).
+    fn log_notice(&self, notice: &rotation::Notice) {
+        match notice {
+            rotation::Notice::Prepared { generation, revoke } => {
+                info!(generation, revoke, next = %self.keys.next.as_ref().map(|k| k.public_base64()).unwrap_or_default(), "key rotation: next key generated; publishing it");
+            }
+            rotation::Notice::Switched { generation } => {
+                info!(
                     generation,
-                    took,
-                    laggards,
+                    "key rotation: initiating with the next key; still answering under the old one"
+                );
+            }
+            rotation::Notice::Completed {
+                generation,
+                took,
+                laggards,
+                revoked,
+                dropped,
+            } => {
+                let secs = took.map(|d| d.as_secs_f64()).unwrap_or_default();
+                self.metrics.rotation_seconds.set(secs);
+                self.metrics.rotation_ended(if laggards.is_empty() {
+                    "completed"
+                } else {
+                    "laggards"
+                });
+                info!(
+                    generation,
+                    seconds = secs,
+                    ?laggards,
                     revoked,
                     dropped,
-                } => {
-                    let secs = took.map(|d| d.as_secs_f64()).unwrap_or_default();
-                    self.metrics.rotation_seconds.set(secs);
-                    self.metrics.rotation_ended(if laggards.is_empty() {
-                        "completed"
-                    } else {
-                        "laggards"
-                    });
-                    info!(
-                        generation,
-                        seconds = secs,
-                        ?laggards,
-                        revoked,
-                        dropped,
-                        "key rotation completed; the old key is retired"
-                    );
-                    let kept = if *revoked {
-                        format!(
-                            "; it is revoked: no longer answered, its secret deleted{}; external peers still configured with it lose this node until they are given the new key",
-                            if *dropped > 0 {
-                                format!(
-                                    ", and so are {dropped} keys retired or abandoned before it"
-                                )
-                            } else {
-                                String::new()
-                            }
-                        )
-                    } else {
-                        self.keys
-                            .previous
-                            .iter()
-                            .map(|(_, until)| *until)
-                            .max()
-                            .map(|until| {
-                                format!(
-                                    "; it is still answered until {}, for peers that may still use it",
-                                    time(until).map(|t| t.0.to_string()).unwrap_or_default(),
-                                )
-                            })
-                            .unwrap_or_else(|| "; its secret is deleted".into())
-                    };
-                    (
-                        !laggards.is_empty(),
-                        if *revoked {
-                            "KeyRevoked"
-                        } else {
-                            "RotationCompleted"
-                        },
-                        format!(
-                            "key generation {generation} in use after {secs:.1}s; the old key is retired{kept}{}",
-                            if laggards.is_empty() {
-                                String::new()
-                            } else {
-                                format!("; peers that did not keep up: {}", laggards.join(", "))
-                            }
-                        ),
-                    )
-                }
-                rotation::Notice::Laggards { step, peers } => {
-                    warn!(?step, ?peers, "key rotation goes on without these peers");
-                    let what = match step {
-                        wgmesh_core::rotation::LaggardStep::Acknowledge => {
-                            "never installed the next key; switching anyway"
-                        }
-                        wgmesh_core::rotation::LaggardStep::MoveOver => {
-                            "never moved to the next key; retiring the old key anyway"
-                        }
-                    };
-                    (
-                        true,
-                        "RotationLaggards",
-                        format!("{} {what}", peers.join(", ")),
-                    )
-                }
-                rotation::Notice::Abandoned { generation } => {
-                    self.metrics.rotation_ended("abandoned");
-                    warn!(
-                        generation,
-                        "key rotation abandoned: the next key was never approved"
-                    );
-                    (
-                        true,
-                        "RotationAbandoned",
-                        format!(
-                            "the next key was not approved in time; staying on generation {generation}"
-                        ),
-                    )
-                }
-                rotation::Notice::PreviousKeyDeleted => {
-                    info!("the retired key's grace period ended; it is deleted");
-                    (false, "PreviousKeyDeleted", "the retired key's grace period ended; it is no longer answered and is deleted".to_owned())
-                }
-            };
-            self.publish_event(warning, reason, "RotateKey", note).await;
+                    "key rotation completed; the old key is retired"
+                );
+            }
+            rotation::Notice::Laggards { step, peers } => {
+                warn!(?step, ?peers, "key rotation goes on without these peers");
+            }
+            rotation::Notice::Abandoned { generation } => {
+                self.metrics.rotation_ended("abandoned");
+                warn!(
+                    generation,
+                    "key rotation abandoned: the next key was never approved"
+                );
+            }
+            rotation::Notice::PreviousKeyDeleted => {
+                info!("the retired key's grace period ended; it is deleted");
+            }
         }
     }
 

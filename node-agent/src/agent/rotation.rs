@@ -66,6 +66,120 @@ pub enum Notice {
     PreviousKeyDeleted,
 }
 
+/// An Event about this node's rotation, on its `MeshPeer`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RotationEvent {
+    pub warning: bool,
+    pub reason: &'static str,
+    pub note: String,
+}
+
+fn at(t: SystemTime) -> String {
+    k8s_openapi::jiff::Timestamp::try_from(t)
+        .map(|t| t.to_string())
+        .unwrap_or_default()
+}
+
+/// The Event a notice makes. `previous_until`: until when a retired key is still answered
+/// (the latest, if several).
+pub fn event(notice: &Notice, previous_until: Option<SystemTime>) -> RotationEvent {
+    let (warning, reason, note) = match notice {
+        Notice::Prepared { generation, revoke } => (
+            false,
+            "RotationPrepared",
+            format!(
+                "generated the next key (generation {}); peers are installing it{}",
+                generation + 1,
+                if *revoke {
+                    "; this rotation is a revocation: when it completes, the old key and every earlier one stop being answered"
+                } else {
+                    ""
+                }
+            ),
+        ),
+        Notice::Switched { generation } => (
+            false,
+            "RotationSwitched",
+            format!(
+                "initiating handshakes with the generation {} key; still answering under generation {generation}",
+                generation + 1
+            ),
+        ),
+        Notice::Completed {
+            generation,
+            took,
+            laggards,
+            revoked,
+            dropped,
+        } => {
+            let secs = took.map(|d| d.as_secs_f64()).unwrap_or_default();
+            let kept = if *revoked {
+                format!(
+                    "; it is revoked: no longer answered, its secret deleted{}; external peers still configured with it lose this node until they are given the new key",
+                    if *dropped > 0 {
+                        format!(", and so are {dropped} keys retired or abandoned before it")
+                    } else {
+                        String::new()
+                    }
+                )
+            } else {
+                previous_until.map_or_else(
+                    || "; its secret is deleted".to_owned(),
+                    |until| {
+                        format!(
+                            "; it is still answered until {}, for peers that may still use it",
+                            at(until)
+                        )
+                    },
+                )
+            };
+            (
+                !laggards.is_empty(),
+                if *revoked {
+                    "KeyRevoked"
+                } else {
+                    "RotationCompleted"
+                },
+                format!(
+                    "key generation {generation} in use after {secs:.1}s; the old key is retired{kept}{}",
+                    if laggards.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; peers that did not keep up: {}", laggards.join(", "))
+                    }
+                ),
+            )
+        }
+        Notice::Laggards { step, peers } => {
+            let what = match step {
+                LaggardStep::Acknowledge => "never installed the next key; switching anyway",
+                LaggardStep::MoveOver => "never moved to the next key; retiring the old key anyway",
+            };
+            (
+                true,
+                "RotationLaggards",
+                format!("{} {what}", peers.join(", ")),
+            )
+        }
+        Notice::Abandoned { generation } => (
+            true,
+            "RotationAbandoned",
+            format!("the next key was not approved in time; staying on generation {generation}"),
+        ),
+        Notice::PreviousKeyDeleted => (
+            false,
+            "PreviousKeyDeleted",
+            "the retired key's grace period ended; it is no longer answered and is deleted"
+                .to_owned(),
+        ),
+    };
+    RotationEvent {
+        warning,
+        reason,
+        note,
+    }
+}
+
 /// The rotation state the agent keeps between passes (the durable part is in [`KeyState`]).
 #[derive(Debug, Default)]
 pub struct Rotator {
@@ -350,6 +464,64 @@ mod tests {
     use super::*;
     use crate::device::config::SessionSnapshot;
     use std::path::PathBuf;
+
+    #[test]
+    fn each_notice_makes_its_event_and_says_what_the_old_key_still_does() {
+        let done = |laggards: Vec<String>, revoked, dropped| Notice::Completed {
+            generation: 4,
+            took: Some(Duration::from_millis(1500)),
+            laggards,
+            revoked,
+            dropped,
+        };
+        let until = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let e = event(&done(vec![], false, 0), Some(until));
+        assert_eq!((e.warning, e.reason), (false, "RotationCompleted"));
+        assert_eq!(
+            e.note,
+            "key generation 4 in use after 1.5s; the old key is retired; it is still answered until 2027-01-15T08:00:00Z, for peers that may still use it"
+        );
+        let e = event(&done(vec!["node-2".into()], false, 0), None);
+        assert!(e.warning);
+        assert!(
+            e.note
+                .ends_with("; its secret is deleted; peers that did not keep up: node-2"),
+            "{}",
+            e.note
+        );
+        let e = event(&done(vec![], true, 2), Some(until));
+        assert_eq!(e.reason, "KeyRevoked");
+        assert!(
+            e.note
+                .contains("and so are 2 keys retired or abandoned before it"),
+            "{}",
+            e.note
+        );
+        assert!(!e.note.contains("still answered"));
+
+        let e = event(
+            &Notice::Laggards {
+                step: LaggardStep::MoveOver,
+                peers: vec!["node-3".into()],
+            },
+            None,
+        );
+        assert_eq!((e.warning, e.reason), (true, "RotationLaggards"));
+        assert_eq!(
+            e.note,
+            "node-3 never moved to the next key; retiring the old key anyway"
+        );
+        let e = event(
+            &Notice::Prepared {
+                generation: 1,
+                revoke: true,
+            },
+            None,
+        );
+        assert!(e.note.starts_with("generated the next key (generation 2)"));
+        assert!(e.note.contains("revocation"));
+        assert!(event(&Notice::Abandoned { generation: 1 }, None).warning);
+    }
 
     fn tempdir(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("wgmesh-rotator-{name}-{}", std::process::id()));
