@@ -11,6 +11,7 @@
 //! changes: the device may have roamed away from it, and that is not undone.
 
 use crate::device::config::{ConfigUpdate, Key, PeerSnapshot, PeerUpdate};
+use crate::device::{DeviceError, DeviceHandle};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use wgmesh_api::peer::InstalledKey;
@@ -35,6 +36,42 @@ pub(crate) struct DevicePlan {
     /// Rotating peers whose next key the update leaves installed, with that key's
     /// generation: this node's acknowledgements, valid only once the update was applied.
     pub acks: Vec<InstalledKey>,
+}
+
+/// What the agent reads from and writes to the device's peers: [`DeviceHandle`], or a fake
+/// in tests.
+pub(crate) trait Peers {
+    fn peers(&self) -> Vec<PeerSnapshot>;
+    fn apply(&self, update: &ConfigUpdate) -> Result<(), DeviceError>;
+}
+
+impl Peers for DeviceHandle {
+    fn peers(&self) -> Vec<PeerSnapshot> {
+        self.snapshot().peers
+    }
+
+    fn apply(&self, update: &ConfigUpdate) -> Result<(), DeviceError> {
+        DeviceHandle::apply(self, update)
+    }
+}
+
+/// Plans against what `device` holds and applies the update. Returns the record to keep and
+/// the acknowledgements; on a refused update, the error with the record as it was (and no
+/// acknowledgement: nothing may be acknowledged that may not be installed).
+pub(crate) fn reconcile<D: Peers>(
+    device: &D,
+    configured: Configured,
+    wanted: &BTreeMap<String, DevicePeer>,
+    next_generations: &BTreeMap<String, i64>,
+) -> Result<(Configured, Vec<InstalledKey>, usize), (Configured, DeviceError)> {
+    let planned = plan(&device.peers(), &configured, wanted, next_generations);
+    let changes = planned.update.peers.len();
+    if changes > 0
+        && let Err(e) = device.apply(&planned.update)
+    {
+        return Err((configured, e));
+    }
+    Ok((planned.configured, planned.acks, changes))
 }
 
 fn decode(b64: &str) -> Option<Key> {
@@ -289,6 +326,57 @@ mod tests {
             .collect();
         assert_eq!(removed, BTreeSet::from([key(1), key(66)]));
         assert_eq!(p2.configured, Configured::default());
+    }
+
+    /// A device in memory: applies updates like the real one, or refuses them on demand.
+    struct FakeDevice {
+        peers: std::sync::Mutex<Vec<PeerSnapshot>>,
+        refuse: bool,
+    }
+
+    impl Peers for FakeDevice {
+        fn peers(&self) -> Vec<PeerSnapshot> {
+            self.peers.lock().expect("lock").clone()
+        }
+
+        fn apply(&self, update: &ConfigUpdate) -> Result<(), DeviceError> {
+            if self.refuse {
+                return Err(DeviceError::Spawn(std::io::Error::other("refused")));
+            }
+            let mut peers = self.peers.lock().expect("lock");
+            *peers = applied(&peers, update);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_refused_update_keeps_the_old_record_and_acknowledges_nothing() {
+        let w = wanted(&[want(
+            "a",
+            &key(1),
+            Some(&key(11)),
+            "10.244.1.0/24",
+            "198.18.0.1:51820",
+        )]);
+        let gens = BTreeMap::from([("a".to_owned(), 2)]);
+        let refusing = FakeDevice {
+            peers: std::sync::Mutex::new(vec![]),
+            refuse: true,
+        };
+        let (kept, _) =
+            reconcile(&refusing, Configured::default(), &w, &gens).expect_err("the device refused");
+        assert_eq!(kept, Configured::default());
+
+        let device = FakeDevice {
+            peers: std::sync::Mutex::new(vec![]),
+            refuse: false,
+        };
+        let (record, acks, changes) = reconcile(&device, kept, &w, &gens).expect("applied");
+        assert_eq!((changes, acks.len()), (1, 1));
+        assert_eq!(device.peers().len(), 1);
+        // Converged: nothing more to write, the acknowledgement stands.
+        let (_, acks, changes) = reconcile(&device, record, &w, &gens).expect("applied");
+        assert_eq!((changes, acks.len()), (0, 1));
     }
 
     #[test]

@@ -916,29 +916,23 @@ impl Agent {
             names: std::mem::take(&mut self.device_names),
             endpoints: std::mem::take(&mut self.endpoints_set),
         };
-        let planned = device_plan::plan(
-            &device.snapshot().peers,
-            &configured,
-            &plan.device_peers,
-            next_generations,
-        );
-        if !planned.update.peers.is_empty() {
-            info!(
-                changes = planned.update.peers.len(),
-                "updating WireGuard peers"
-            );
-            if let Err(e) = device.apply(&planned.update) {
+        match device_plan::reconcile(&device, configured, &plan.device_peers, next_generations) {
+            Ok((record, acks, changes)) => {
+                if changes > 0 {
+                    info!(changes, "updated WireGuard peers");
+                }
+                self.device_names = record.names;
+                self.endpoints_set = record.endpoints;
+                acks
+            }
+            Err((record, e)) => {
                 self.metrics.error("device");
                 warn!(error = %e, "configuring the device failed");
-                // The record stays what it was; acknowledge nothing that may not be installed.
-                self.device_names = configured.names;
-                self.endpoints_set = configured.endpoints;
-                return Vec::new();
+                self.device_names = record.names;
+                self.endpoints_set = record.endpoints;
+                Vec::new()
             }
         }
-        self.device_names = planned.configured.names;
-        self.endpoints_set = planned.configured.endpoints;
-        planned.acks
     }
 
     /// One step of this node's own key rotation (see `rotation`), with its Events, logs and
