@@ -45,7 +45,21 @@ fn rotate_all(mesh: &Mesh, nodes: &[String], title: &str) -> Result<String> {
                 .with_context(|| format!("{n}'s key generation"))
         })
         .collect::<Result<_>>()?;
-    // In whole seconds, as key creation times are recorded (see docs/rotation.md).
+    // In whole seconds, as key creation times are recorded (see docs/rotation.md). A key
+    // made in the second of the request is not older than it, and rightly does not rotate
+    // (a node that joined a moment before the request has a fresh key): the request waits
+    // until the clock is past the newest key's second. (A CI run failed on this: node-5's
+    // first key was made in the second of the request, and the test waited for it.)
+    let newest_key = items
+        .iter()
+        .filter_map(|p| p["status"]["keyCreatedAt"].as_str())
+        .filter_map(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
+        .map(|t| t.as_second())
+        .max()
+        .unwrap_or(0);
+    while i64::try_from(unix_now()?)? <= newest_key {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let requested = k8s_openapi::jiff::Timestamp::from_second(i64::try_from(unix_now()?)?)?;
     let started = Instant::now();
     mesh.patch_mesh(&format!(
