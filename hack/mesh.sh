@@ -11,6 +11,8 @@
 #   hack/mesh.sh remove-node NODE      stop the node's agent, delete its Node and netns
 #   hack/mesh.sh stop-agent NODE [SIG] stop a node's agent (default TERM; KILL for a crash)
 #   hack/mesh.sh start-agent NODE      start a node's agent again
+#   hack/mesh.sh upgrade-agent NODE    SIGTERM to a node's agent, then a new one at once, which
+#                                      takes the datapath over; waits for the old one to exit
 #   hack/mesh.sh stop-operator [SIG]   stop the operator (default TERM; KILL for a crash)
 #   hack/mesh.sh start-operator        start the operator again
 #   hack/mesh.sh down [--dir DIR]      stop everything, delete every namespace
@@ -166,9 +168,10 @@ start_agent() {
 	mkdir -p "$nd/state" "$nd/cni" "$nd/ipam" "$dir/logs" "$dir/pids"
 	[[ -f $nd/kubeconfig ]] || agent_identity "$node"
 	# WGMESH_FAILPOINTS_DIR: a file named after a datapath thread appearing there makes that
-	# thread panic (the supervision test, tests/tests/mesh.rs).
+	# thread panic (the supervision test, tests/tests/mesh.rs). WGMESH_HANDOVER_WAIT: at
+	# SIGTERM, an agent waits that long for a new one to take its device over (upgrade-agent).
 	ip netns exec "$(ns_node "$node")" env KUBECONFIG="$nd/kubeconfig" RUST_LOG=info,kube=warn \
-		WGMESH_FAILPOINTS_DIR="$nd/failpoints" \
+		WGMESH_FAILPOINTS_DIR="$nd/failpoints" WGMESH_HANDOVER_WAIT=3 \
 		"$MESH_BIN/wgmesh-agent" run --node-name "$node" --interface "$(iface "$node")" \
 		--state-dir "$nd/state" --cni-conf-dir "$nd/cni" --run-dir "$nd/run" --cni-ipam-data-dir "$nd/ipam" \
 		--metrics-addr "$(node_ip "$node"):9091" \
@@ -213,6 +216,23 @@ stop_pid() {
 
 stop_agent() {
 	stop_pid "$dir/pids/agent-$1" "${2:-TERM}"
+}
+
+# What an upgrade in place does: SIGTERM, then a new agent, which finds the old one's
+# handover socket and takes the datapath over; the old one exits once it has.
+upgrade_agent() {
+	local node=$1 pidf="$dir/pids/agent-$1" old
+	old=$(cat "$pidf")
+	kill -TERM "$old"
+	start_agent "$node"
+	for _ in $(seq 1500); do
+		kill -0 "$old" 2>/dev/null || return 0
+		[[ $(sed -n 's/^State:[[:space:]]*\(.\).*/\1/p' "/proc/$old/status" 2>/dev/null) == Z ]] && return 0
+		sleep 0.02
+	done
+	echo "the old agent of $node did not exit within 30 s" >&2
+	kill -KILL "$old" 2>/dev/null || true
+	return 1
 }
 
 add_node() {
@@ -386,6 +406,7 @@ add-node)
 remove-node) remove_node "${args[0]:?NODE}" ;;
 stop-agent) stop_agent "${args[0]:?NODE}" "${args[1]:-TERM}" ;;
 start-agent) start_agent "${args[0]:?NODE}" ;;
+upgrade-agent) upgrade_agent "${args[0]:?NODE}" ;;
 stop-operator) stop_pid "$dir/pids/operator" "${args[0]:-TERM}" ;;
 start-operator) start_operator ;;
 *)

@@ -172,3 +172,67 @@ fn a_panicked_datapath_thread_stops_the_whole_device_and_says_why() {
     };
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_device_hands_its_interface_and_port_to_a_successor_and_survives_one_that_quits() {
+    let Some(()) = in_fresh_netns(|| {
+        let dir = std::env::temp_dir().join(format!("wgmesh-ho-{}", std::process::id()));
+        let config = DeviceConfig {
+            up: true,
+            private_key: Some(key(7).into()),
+            handover: Some(dir.join("handover.sock")),
+            ..DeviceConfig::new("wgho0")
+        };
+        let wait = |what: &str, cond: &dyn Fn() -> bool| {
+            let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while !cond() {
+                assert!(
+                    std::time::Instant::now() < until,
+                    "timed out waiting for {what}"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        };
+        let first = Device::start(config.clone()).unwrap();
+        let port = first.listen_port();
+
+        // A successor attaches, then goes away before taking over: the first carries on.
+        let quitter = Device::start(config.clone()).unwrap();
+        assert!(quitter.is_taking_over());
+        assert_eq!(quitter.listen_port(), port, "the socket is handed over");
+        wait("the first device to see its successor", &|| {
+            first.is_handing_over()
+        });
+        drop(quitter);
+        wait("the first device to carry on alone", &|| {
+            !first.is_handing_over()
+        });
+        assert!(!first.is_stopped() && first.failure().is_none());
+        assert!(link_exists("wgho0"));
+
+        // The next one takes over; the first lingers, then stops without taking the
+        // interface or the port with it.
+        let second = Device::start(config.clone()).unwrap();
+        assert!(second.is_taking_over());
+        second.take_over(std::time::Duration::ZERO);
+        assert!(!second.is_taking_over());
+        wait("the first device to finish", &|| first.handed_over());
+        assert!(first.is_stopped() && first.failure().is_none());
+        drop(first);
+        assert!(
+            link_exists("wgho0"),
+            "the interface went with the first device"
+        );
+        assert_eq!(second.listen_port(), port);
+        assert!(!second.is_stopped() && second.failure().is_none());
+
+        // A device without a handover path never looks for a predecessor.
+        let err = Device::start(DeviceConfig::new("wgho0")).unwrap_err();
+        assert!(matches!(err, DeviceError::CreateTun { .. }), "{err:?}");
+        drop(second);
+        assert!(!link_exists("wgho0"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }) else {
+        return;
+    };
+}

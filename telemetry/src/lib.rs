@@ -72,12 +72,31 @@ impl Telemetry {
 
 /// Serves the endpoint on `addr` until the process ends.
 pub async fn serve(addr: SocketAddr, telemetry: Arc<Telemetry>) -> std::io::Result<()> {
+    serve_when_free(addr, telemetry, std::time::Duration::ZERO).await
+}
+
+/// [`serve`], but while `addr` is in use (the process being replaced still holds it, for a
+/// moment), binding is tried again every 100 ms for up to `wait`.
+pub async fn serve_when_free(
+    addr: SocketAddr,
+    telemetry: Arc<Telemetry>,
+    wait: std::time::Duration,
+) -> std::io::Result<()> {
+    let started = std::time::Instant::now();
+    let listener = loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => break l,
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && started.elapsed() < wait => {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    };
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(ready))
         .with_state(telemetry);
-    let listener = tokio::net::TcpListener::bind(addr).await?;
     axum::serve(listener, app).await
 }
 

@@ -188,7 +188,8 @@ fn steps(mesh: &Mesh, ips: &[String]) -> Result<()> {
     ));
 
     // 6. The agent is restarted under traffic, as an upgrade does (SIGTERM, then a new
-    //    process) and as a crash does (SIGKILL): what each costs, and nothing in the clear.
+    //    process, which takes the datapath over: not one ping lost) and as a crash does
+    //    (SIGKILL): what each costs, and nothing in the clear.
     for signal in ["TERM", "KILL"] {
         restart(mesh, ips, signal)?;
     }
@@ -316,9 +317,16 @@ fn restart(mesh: &Mesh, ips: &[String], signal: &str) -> Result<()> {
         .spawn()?;
     std::thread::sleep(Duration::from_secs(3));
     let stopped = Instant::now();
-    mesh.script(&["stop-agent", "node-1", signal])?;
+    if signal == "TERM" {
+        // SIGTERM and a new agent at once: the new one takes the datapath over.
+        mesh.script(&["upgrade-agent", "node-1"])?;
+    } else {
+        mesh.script(&["stop-agent", "node-1", signal])?;
+    }
     let stop_took = stopped.elapsed();
-    mesh.script(&["start-agent", "node-1"])?;
+    if signal != "TERM" {
+        mesh.script(&["start-agent", "node-1"])?;
+    }
     std::thread::sleep(Duration::from_secs(4));
     wait_until(
         "pings answered after the restart",
@@ -337,13 +345,16 @@ fn restart(mesh: &Mesh, ips: &[String], signal: &str) -> Result<()> {
     let [plain] = cap.stop(&["net 10.244.0.0/16 or net fd00:10:244::/56"])?[..] else {
         bail!("capture counts");
     };
-    let what = if signal == "TERM" {
-        "upgrade (SIGTERM, then a new agent)"
+    let (what, stop) = if signal == "TERM" {
+        (
+            "upgrade (SIGTERM, then a new agent, which takes the datapath over)",
+            "the old agent exited after",
+        )
     } else {
-        "crash (SIGKILL, then a new agent)"
+        ("crash (SIGKILL, then a new agent)", "stopped in")
     };
     report(&format!(
-        "e2e: agent {what} on node-1: stopped in {:.2} s; pod-1 <-> pod-2 at 100/s sent {sent}, lost {lost}, longest gap between replies {gap:.3} s; iperf3 through it: {} retransmits{}; {plain} pod-address packets on the underlay",
+        "e2e: agent {what} on node-1: {stop} {:.2} s; pod-1 <-> pod-2 at 100/s sent {sent}, lost {lost}, longest gap between replies {gap:.3} s; iperf3 through it: {} retransmits{}; {plain} pod-address packets on the underlay",
         stop_took.as_secs_f64(),
         retransmits,
         iperf["error"]
@@ -355,6 +366,9 @@ fn restart(mesh: &Mesh, ips: &[String], signal: &str) -> Result<()> {
         plain, 0,
         "pod packets in the clear around the agent's {what}"
     );
+    if signal == "TERM" {
+        assert_eq!(lost, 0, "pings lost in the agent's {what}");
+    }
     Ok(())
 }
 

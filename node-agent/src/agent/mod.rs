@@ -133,7 +133,23 @@ pub struct AgentArgs {
     /// if it is gone: an uninstall. A restart or rolling update leaves the node as it is.
     #[arg(long, env = "WGMESH_DAEMONSET", requires = "pod_namespace")]
     pub daemonset: Option<String>,
+    /// Seconds to wait at SIGTERM for a new agent to take the device over (an upgrade
+    /// without loss: docs/architecture.md, "Restarts"). A new agent that starts while this
+    /// one runs always takes over; 0 stops at once, keeping the interface for the next.
+    #[arg(long, env = "WGMESH_HANDOVER_WAIT", default_value_t = 0)]
+    pub handover_wait: u64,
 }
+
+/// How long a starting agent waits for its metrics port to be free (an agent it replaces
+/// still holds it until the handover).
+const METRICS_BIND_WAIT: Duration = Duration::from_secs(30);
+/// The file name of the device's handover socket in the state directory.
+const HANDOVER_SOCKET: &str = "handover.sock";
+/// The longest a new agent's device waits for sessions with its peers before it takes the
+/// datapath over from its predecessor.
+const TAKE_OVER_BOUND: Duration = Duration::from_secs(3);
+/// How long a predecessor waits for its successor to finish once it attached.
+const HANDOVER_FINISH: Duration = Duration::from_secs(15);
 
 /// Everything the agent reads from the cluster.
 #[derive(Clone)]
@@ -189,6 +205,10 @@ struct Agent {
     /// where `hostGateway: Fallback` may route on-link peers in the clear.
     device_unavailable: bool,
     _uapi: Option<UapiServer>,
+    /// The device handed itself to a new agent: this agent does nothing more.
+    handed_over: bool,
+    /// A new device's take-over is under way (it runs once per device).
+    taking_over: bool,
     peers_api: Api<MeshPeer>,
     recorder: Recorder,
     metrics: Arc<Metrics>,
@@ -285,6 +305,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         device_retry_at: None,
         device_unavailable: false,
         _uapi: None,
+        handed_over: false,
+        taking_over: false,
         peers_api: Api::all(client.clone()),
         recorder: Recorder::new(client.clone(), reporter),
         metrics: metrics.clone(),
@@ -327,9 +349,11 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             notify.clone(),
         ),
     };
-    let http = tokio::spawn(wgmesh_telemetry::serve(
+    // An agent being replaced holds the port until the new one has its device.
+    let http = tokio::spawn(wgmesh_telemetry::serve_when_free(
         agent.args.metrics_addr,
         metrics.telemetry(),
+        METRICS_BIND_WAIT,
     ));
     let synced = async {
         for ready in [
@@ -345,7 +369,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     tokio::select! {
         r = synced => r?,
         _ = term.recv() => {
-            agent.stop_for_restart();
+            agent.stop_for_restart().await;
             return Ok(());
         }
     }
@@ -363,6 +387,15 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
 
     loop {
         agent.supervise_device(&caches).await?;
+        if agent.handed_over {
+            metrics.set_readiness(false);
+            info!("the new agent has the datapath; this one idles until it is stopped");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return Ok(());
+        }
         if let Err(e) = agent.pass(&caches).await {
             agent.ready = false;
             error!(error = %format!("{e:#}"), "pass failed");
@@ -400,11 +433,22 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
         }
-        if http.is_finished() {
+        let handing_over = agent
+            .device
+            .as_ref()
+            .is_some_and(DeviceHandle::is_handing_over);
+        if handing_over {
+            // The new agent's endpoint takes this one's place.
+            http.abort();
+        } else if http.is_finished() {
             anyhow::bail!("the metrics endpoint stopped");
         }
     }
     metrics.set_readiness(false);
+    if agent.args.handover_wait > 0 {
+        // A new agent's endpoint takes this one's place.
+        http.abort();
+    }
     let watched = owner.as_ref().map_or(uninstall::Owner::Unknown, owner_in);
     // The API is read only when the watch does not already show the DaemonSet gone.
     let clean = uninstall::gone(watched)
@@ -421,7 +465,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             d.shutdown();
         }
     } else {
-        agent.stop_for_restart();
+        agent.stop_for_restart().await;
     }
     Ok(())
 }
@@ -454,6 +498,20 @@ async fn read_owner(api: Api<DaemonSet>, name: &str) -> uninstall::Owner {
             warn!("reading this agent's DaemonSet timed out; leaving the node as it is");
             uninstall::Owner::Unknown
         }
+    }
+}
+
+/// Blocks until a successor has the device, or `wait` passed without one attaching, or a
+/// successor that attached did not finish within [`HANDOVER_FINISH`].
+fn wait_for_successor(device: &DeviceHandle, wait: Duration) {
+    let started = Instant::now();
+    while !device.handed_over() {
+        let elapsed = started.elapsed();
+        if (!device.is_handing_over() && elapsed >= wait) || elapsed >= wait + HANDOVER_FINISH {
+            warn!("no new agent took the device over; stopping without it");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -534,7 +592,25 @@ impl Agent {
     /// Stops for a restart (an upgrade, a rescheduling): the interface stays, with its
     /// addresses and routes, for the next agent to attach to; packets routed to it meanwhile
     /// are dropped, and the blackholes, the nftables rules and the CNI configuration stay.
-    fn stop_for_restart(&self) {
+    async fn stop_for_restart(&mut self) {
+        if let Some(d) = self.device.clone()
+            && self.args.handover_wait > 0
+            && !d.handed_over()
+        {
+            // The new agent's UAPI socket takes this one's place.
+            self._uapi = None;
+            let wait = Duration::from_secs(self.args.handover_wait);
+            info!(?wait, "waiting for a new agent to take the device over");
+            let waiting = d.clone();
+            let _ = tokio::task::spawn_blocking(move || wait_for_successor(&waiting, wait)).await;
+        }
+        if let Some(d) = &self.device
+            && d.handed_over()
+        {
+            info!("the new agent has the device; exiting");
+            d.shutdown();
+            return;
+        }
         if let Some(d) = &self.device {
             match d.keep_interface() {
                 Ok(()) => {
@@ -553,6 +629,17 @@ impl Agent {
     /// Brings the datapath back from what the last pass saved, before the API has answered:
     /// the device with its peers (handshakes start at once) and the routes through it. A node
     /// with nothing saved starts as before, once the API has answered.
+    /// A device that found a predecessor takes the datapath over once its peers are
+    /// configured (in the background: it waits for their handshakes, a few seconds at most).
+    fn take_over(&mut self, device: &DeviceHandle) {
+        if self.taking_over || !device.is_taking_over() {
+            return;
+        }
+        self.taking_over = true;
+        let device = device.clone();
+        std::thread::spawn(move || device.take_over(TAKE_OVER_BOUND));
+    }
+
     async fn resume(&mut self) {
         let Some(saved) = resume::load(&self.args.state_dir) else {
             return;
@@ -599,6 +686,7 @@ impl Agent {
             listen_port,
             private_key: Some(primary),
             failpoints: self.args.failpoints_dir.clone(),
+            handover: Some(self.args.state_dir.join(HANDOVER_SOCKET)),
             ..DeviceConfig::new(self.args.interface.clone())
         };
         match Device::start(config) {
@@ -611,6 +699,7 @@ impl Agent {
                     }
                 }
                 self.device = Some(handle);
+                self.taking_over = false;
                 self.device_error = None;
                 self.device_failures = 0;
                 self.device_retry_at = None;
@@ -651,6 +740,16 @@ impl Agent {
     /// backoff between failed starts.
     async fn supervise_device(&mut self, caches: &Caches) -> anyhow::Result<()> {
         if let Some(device) = &self.device {
+            if device.handed_over() {
+                self.handed_over = true;
+                self._uapi = None;
+                return Ok(());
+            }
+            if device.is_handing_over() {
+                // Until it is done, the old device serves; the new agent's UAPI takes over.
+                self._uapi = None;
+                return Ok(());
+            }
             if let Some(why) = device.failure() {
                 self.metrics.device_up.set(0);
                 anyhow::bail!(
@@ -669,6 +768,15 @@ impl Agent {
         }
         if self.device.is_none() && self.device_retry_at.is_none_or(|at| Instant::now() >= at) {
             self.start_device(caches).await;
+        }
+        // The UAPI socket of an agent that took the device over frees once the old one goes.
+        if let Some(device) = &self.device
+            && self._uapi.is_none()
+            && !device.is_taking_over()
+            && let Ok(s) = UapiServer::start(device.clone(), &self.args.socket_dir)
+        {
+            info!("UAPI socket up");
+            self._uapi = Some(s);
         }
         Ok(())
     }
@@ -916,7 +1024,10 @@ impl Agent {
             names: std::mem::take(&mut self.device_names),
             endpoints: std::mem::take(&mut self.endpoints_set),
         };
-        match device_plan::reconcile(&device, configured, &plan.device_peers, next_generations) {
+        let outcome =
+            device_plan::reconcile(&device, configured, &plan.device_peers, next_generations);
+        self.take_over(&device);
+        match outcome {
             Ok((record, acks, changes)) => {
                 if changes > 0 {
                     info!(changes, "updated WireGuard peers");

@@ -26,6 +26,7 @@
 //! extra lookups, no clock reads per packet.
 
 use super::Shared;
+use super::handover::{self, Mode, Route};
 use super::offload::{self, VNET_HDR_LEN};
 use super::peer::{Peer, PeerState};
 use super::slot::LocalKey;
@@ -83,13 +84,15 @@ pub(crate) fn tun_rx(shared: &Shared, tun: &Tun) {
     let mut socket = shared.socket();
     batch.set_family(&socket.1);
     loop {
-        if shared.stopping() {
+        if shared.stopping() || shared.handover.mode() == Mode::Given {
             return;
         }
         if socket.0 != shared.socket_generation.load(Ordering::Acquire) {
             socket = shared.socket();
             batch.set_family(&socket.1);
         }
+        // A predecessor handing over starts no handshake (see `handover`).
+        let quiet = shared.handover.mode() == Mode::Giving;
         let mut tun_failed = None;
         {
             let state = shared.read_state();
@@ -101,13 +104,13 @@ pub(crate) fn tun_rx(shared: &Shared, tun: &Tun) {
                             if batch.is_full() {
                                 socket.1.send_batch(&mut batch);
                             }
-                            encrypt_one(&state, p, &mut batch);
+                            encrypt_one(&state, p, &mut batch, quiet);
                         });
                         if let Err(e) = split {
                             tracing::trace!(error = %e, "dropping packet from TUN");
                         }
                     }
-                    Ok(n) => encrypt_one(&state, &packet[..n], &mut batch),
+                    Ok(n) => encrypt_one(&state, &packet[..n], &mut batch, quiet),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => {
@@ -127,13 +130,16 @@ pub(crate) fn tun_rx(shared: &Shared, tun: &Tun) {
             shared.stop();
             return;
         }
-        wait_readable(tun.as_raw_fd(), shared.stop_fd());
+        wait_readable(tun.as_raw_fd(), shared);
     }
 }
 
 #[inline]
-fn encrypt_one(state: &State, packet: &[u8], batch: &mut SendBatch) {
+fn encrypt_one(state: &State, packet: &[u8], batch: &mut SendBatch, quiet: bool) {
     if let Some((len, endpoint)) = seal(state, packet, batch.slot()) {
+        if quiet && handover::is_handshake(batch.slot()) {
+            return;
+        }
         batch.commit(len, endpoint);
     }
 }
@@ -175,8 +181,9 @@ pub(crate) fn udp_rx(shared: &Shared, tun: &Tun) {
     let prefix = if tun.vnet_hdr() { VNET_HDR_LEN } else { 0 };
     let mut plain = vec![0u8; prefix + MAX_PACKET_BYTES + WG_OVERHEAD_BYTES];
     let mut socket = shared.socket();
+    let epoch = shared.handover.epoch;
     loop {
-        if shared.stopping() {
+        if shared.stopping() || shared.handover.mode() == Mode::Given {
             return;
         }
         if socket.0 != shared.socket_generation.load(Ordering::Acquire) {
@@ -184,10 +191,21 @@ pub(crate) fn udp_rx(shared: &Shared, tun: &Tun) {
         }
         match socket.1.recv_batch(&mut batch) {
             Ok(n) => {
+                let mode = shared.handover.mode();
                 let state = shared.read_state();
                 for i in 0..n {
                     if let Some((run, from, segment)) = batch.get(i) {
                         for datagram in run.chunks(segment) {
+                            if mode != Mode::Alone {
+                                match handover::route(mode, epoch, datagram) {
+                                    Route::Here => {}
+                                    Route::Forward => {
+                                        shared.handover.forward(datagram, from);
+                                        continue;
+                                    }
+                                    Route::Drop => continue,
+                                }
+                            }
                             let out = &mut plain[prefix..];
                             if let Some(len) = decrypt_one(&state, &*socket.1, datagram, from, out)
                             {
@@ -198,18 +216,40 @@ pub(crate) fn udp_rx(shared: &Shared, tun: &Tun) {
                 }
                 if n == 0 {
                     // A retired socket reads as empty; the generation check above moves on.
-                    wait_readable(socket.1.as_raw_fd(), shared.stop_fd());
+                    wait_readable(socket.1.as_raw_fd(), shared);
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                wait_readable(socket.1.as_raw_fd(), shared.stop_fd());
+                wait_readable(socket.1.as_raw_fd(), shared);
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
                 tracing::debug!(error = %e, "UDP receive failed");
-                wait_readable(socket.1.as_raw_fd(), shared.stop_fd());
+                wait_readable(socket.1.as_raw_fd(), shared);
             }
         }
+    }
+}
+
+/// Delivers a datagram the other process of a handover forwarded (see `handover`): decrypts
+/// it, if this process's part allows, and writes the packet to the TUN device.
+pub(crate) fn deliver_forwarded(
+    shared: &Shared,
+    tun: &Tun,
+    datagram: &[u8],
+    from: SocketAddr,
+    plain: &mut [u8],
+) {
+    let ho = &shared.handover;
+    if handover::route(ho.mode(), ho.epoch, datagram) != Route::Here {
+        return;
+    }
+    let prefix = if tun.vnet_hdr() { VNET_HDR_LEN } else { 0 };
+    plain[..prefix].fill(0);
+    let state = shared.read_state();
+    let socket = shared.socket().1;
+    if let Some(len) = decrypt_one(&state, &*socket, datagram, from, &mut plain[prefix..]) {
+        let _ = tun.write(&plain[..prefix + len]);
     }
 }
 
@@ -431,6 +471,10 @@ pub(crate) fn timers(shared: &Shared) {
             panic!("failpoint {}", dir.join("wg-timers").display());
         }
         let work = schedule.poll(clock.now());
+        // A predecessor handing over keeps quiet: no keepalive, no handshake (see `handover`).
+        if matches!(shared.handover.mode(), Mode::Giving | Mode::Given) {
+            continue;
+        }
         let state = shared.read_state();
         if work.reset_rate_limiter {
             for key in &state.keys {
@@ -536,8 +580,9 @@ pub(crate) fn tick_peer<W: Wire + ?Sized>(peer: &Peer, wire: &W, buf: &mut [u8],
     }
 }
 
-/// Blocks until `fd` or the stop eventfd is readable (or errors, or hangs up).
-fn wait_readable(fd: RawFd, stop_fd: RawFd) {
+/// Blocks until `fd`, the stop eventfd or the release eventfd is readable (or errors, or
+/// hangs up).
+fn wait_readable(fd: RawFd, shared: &Shared) {
     let mut fds = [
         libc::pollfd {
             fd,
@@ -545,11 +590,16 @@ fn wait_readable(fd: RawFd, stop_fd: RawFd) {
             revents: 0,
         },
         libc::pollfd {
-            fd: stop_fd,
+            fd: shared.stop_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: shared.handover.release_fd(),
             events: libc::POLLIN,
             revents: 0,
         },
     ];
-    // SAFETY: `fds` is a valid array of two pollfd structs.
-    unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+    // SAFETY: `fds` is a valid array of three pollfd structs.
+    unsafe { libc::poll(fds.as_mut_ptr(), 3, -1) };
 }

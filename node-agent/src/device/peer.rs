@@ -139,6 +139,8 @@ pub struct PeerTable {
     by_index: HashMap<u32, PeerId>,
     count: usize,
     rng: u64,
+    /// `handover::EPOCH_BIT` or 0: the epoch bit of every index this table hands out.
+    epoch_bit: u32,
 }
 
 impl PeerTable {
@@ -151,7 +153,17 @@ impl PeerTable {
             count: 0,
             // xorshift must not start at zero.
             rng: seed | 1,
+            epoch_bit: 0,
         }
+    }
+
+    /// Sets the epoch (0 or 1) of the indices handed out from now on (see `handover`).
+    pub fn set_epoch(&mut self, epoch: u32) {
+        self.epoch_bit = if epoch & 1 == 1 {
+            super::handover::EPOCH_BIT
+        } else {
+            0
+        };
     }
 
     /// Adds a peer known under `state.public_key` (and its next key, if set and free). Returns
@@ -245,7 +257,8 @@ impl PeerTable {
             self.rng ^= self.rng << 13;
             self.rng ^= self.rng >> 7;
             self.rng ^= self.rng << 17;
-            let candidate = (self.rng >> 20) as u32 & INDEX_MASK;
+            let candidate = ((self.rng >> 20) as u32 & INDEX_MASK & !super::handover::EPOCH_BIT)
+                | self.epoch_bit;
             if candidate != 0 && !self.by_index.contains_key(&candidate) {
                 break candidate;
             }
@@ -414,6 +427,19 @@ mod tests {
             assert!(index != 0 && index <= INDEX_MASK);
             assert!(seen.insert(index), "index {index} handed out twice");
             assert_eq!(t.by_receiver_index(index << 8).unwrap().id, id);
+        }
+    }
+
+    #[test]
+    fn indices_carry_the_tables_epoch() {
+        let mut t = PeerTable::new(7);
+        let id = mk_peer(&mut t, 1);
+        for epoch in [0, 1, 0] {
+            t.set_epoch(epoch);
+            for _ in 0..200 {
+                let index = t.allocate_index(id);
+                assert_eq!(index << 8 >> 31, epoch, "index {index:#x}");
+            }
         }
     }
 }

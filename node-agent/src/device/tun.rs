@@ -107,6 +107,16 @@ impl Tun {
         })
     }
 
+    /// An interface opened by another process and handed over (see `handover`): `fd` as
+    /// that process set it up, with or without a `virtio_net_hdr`.
+    pub fn from_fd(fd: OwnedFd, name: &str, vnet_hdr: bool) -> Self {
+        Self {
+            fd,
+            name: name.to_owned(),
+            vnet_hdr,
+        }
+    }
+
     /// Whether reads and writes carry a `virtio_net_hdr`.
     pub fn vnet_hdr(&self) -> bool {
         self.vnet_hdr

@@ -100,6 +100,27 @@ impl UdpSocket {
         })
     }
 
+    /// A socket bound by another process and handed over (see `handover`).
+    pub fn from_fd(fd: OwnedFd, offload: bool) -> io::Result<Self> {
+        let s = fd.as_raw_fd();
+        // SAFETY: a zeroed sockaddr_storage is valid; getsockname fills at most `len` bytes.
+        let family = unsafe {
+            let mut storage: libc::sockaddr_storage = zeroed();
+            let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            if libc::getsockname(s, (&raw mut storage).cast(), &raw mut len) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            libc::c_int::from(storage.ss_family)
+        };
+        let port = local_port(s)?;
+        Ok(Self {
+            fd,
+            v6: family == libc::AF_INET6,
+            port,
+            gso: AtomicBool::new(offload),
+        })
+    }
+
     /// The bound port.
     pub fn port(&self) -> u16 {
         self.port
