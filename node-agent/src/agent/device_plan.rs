@@ -42,12 +42,19 @@ pub(crate) struct DevicePlan {
 /// in tests.
 pub(crate) trait Peers {
     fn peers(&self) -> Vec<PeerSnapshot>;
+    /// The public halves of the keys the device holds: its primary and its extra keys.
+    fn keys(&self) -> (Option<Key>, Vec<Key>);
     fn apply(&self, update: &ConfigUpdate) -> Result<(), DeviceError>;
 }
 
 impl Peers for DeviceHandle {
     fn peers(&self) -> Vec<PeerSnapshot> {
         self.snapshot().peers
+    }
+
+    fn keys(&self) -> (Option<Key>, Vec<Key>) {
+        let s = self.snapshot();
+        (s.public_key, s.extra_public_keys)
     }
 
     fn apply(&self, update: &ConfigUpdate) -> Result<(), DeviceError> {
@@ -58,6 +65,37 @@ impl Peers for DeviceHandle {
 /// Plans against what `device` holds and applies the update. Returns the record to keep and
 /// the acknowledgements; on a refused update, the error with the record as it was (and no
 /// acknowledgement: nothing may be acknowledged that may not be installed).
+/// What the device's keys need, read every pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum KeysStep {
+    /// It holds what was applied and is wanted.
+    Keep,
+    /// The wanted keys changed (or were never applied): set them.
+    Set,
+    /// Someone changed them behind the agent's back (`wg set … private-key`): set them back.
+    Restore,
+}
+
+/// Compares the keys the device holds (`held`, public halves) with the ones wanted (primary,
+/// extras) and the ones last applied.
+pub(crate) fn keys_step(
+    held: &(Option<Key>, Vec<Key>),
+    wanted: &(Key, Vec<Key>),
+    applied: Option<&(Key, Vec<Key>)>,
+) -> KeysStep {
+    let sorted = |keys: &[Key]| {
+        let mut keys = keys.to_vec();
+        keys.sort_unstable();
+        keys
+    };
+    let holds = held.0 == Some(wanted.0) && sorted(&held.1) == sorted(&wanted.1);
+    match (holds, applied == Some(wanted)) {
+        (true, true) => KeysStep::Keep,
+        (false, true) => KeysStep::Restore,
+        _ => KeysStep::Set,
+    }
+}
+
 pub(crate) fn reconcile<D: Peers>(
     device: &D,
     configured: Configured,
@@ -339,6 +377,10 @@ mod tests {
             self.peers.lock().expect("lock").clone()
         }
 
+        fn keys(&self) -> (Option<Key>, Vec<Key>) {
+            (None, Vec::new())
+        }
+
         fn apply(&self, update: &ConfigUpdate) -> Result<(), DeviceError> {
             if self.refuse {
                 return Err(DeviceError::Spawn(std::io::Error::other("refused")));
@@ -347,6 +389,33 @@ mod tests {
             *peers = applied(&peers, update);
             Ok(())
         }
+    }
+
+    #[test]
+    fn keys_are_set_when_wanted_anew_and_put_back_when_changed_behind_the_agents_back() {
+        let wanted = (key(1), vec![key(2), key(3)]);
+        let held = |p: u8, extras: &[u8]| (Some(key(p)), extras.iter().map(|&e| key(e)).collect());
+        // Never applied, or the wanted keys changed: set.
+        assert_eq!(keys_step(&(None, vec![]), &wanted, None), KeysStep::Set);
+        let older = (key(1), vec![key(2)]);
+        assert_eq!(
+            keys_step(&held(1, &[2]), &wanted, Some(&older)),
+            KeysStep::Set
+        );
+        // Held as applied, in any order: nothing to do.
+        assert_eq!(
+            keys_step(&held(1, &[3, 2]), &wanted, Some(&wanted)),
+            KeysStep::Keep
+        );
+        // Applied, then changed on the device: put back.
+        assert_eq!(
+            keys_step(&held(9, &[2, 3]), &wanted, Some(&wanted)),
+            KeysStep::Restore
+        );
+        assert_eq!(
+            keys_step(&held(1, &[2]), &wanted, Some(&wanted)),
+            KeysStep::Restore
+        );
     }
 
     #[test]

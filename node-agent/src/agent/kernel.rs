@@ -4,12 +4,14 @@
 //! (`wgmesh_core::topology`); these functions bring the kernel to it, in an order that never
 //! leaves a pod destination without a route of ours, and say what happened.
 
-use super::netlink::{Link, Netlink, NetlinkError};
+use super::netlink::{Address, Link, Netlink, NetlinkError};
 use ipnet::IpNet;
 use wgmesh_core::topology::{self, NextHop, Route};
 
 /// What the agent reads from and writes to the kernel's networking.
 pub(crate) trait Kernel {
+    async fn links(&self) -> Result<Vec<Link>, NetlinkError>;
+    async fn addresses(&self) -> Result<Vec<Address>, NetlinkError>;
     /// Makes the host address `addr` present on link `index` (reading the link's addresses
     /// first; present, nothing is written).
     async fn ensure_address(&self, index: u32, addr: IpNet) -> Result<(), NetlinkError>;
@@ -25,6 +27,12 @@ pub(crate) trait Kernel {
 }
 
 impl Kernel for Netlink {
+    async fn links(&self) -> Result<Vec<Link>, NetlinkError> {
+        Netlink::links(self).await
+    }
+    async fn addresses(&self) -> Result<Vec<Address>, NetlinkError> {
+        Netlink::addresses(self).await
+    }
     async fn ensure_address(&self, index: u32, addr: IpNet) -> Result<(), NetlinkError> {
         Netlink::ensure_address(self, index, addr).await
     }
@@ -48,6 +56,71 @@ impl Kernel for Netlink {
     ) -> Result<(), NetlinkError> {
         Netlink::del_route(self, route, device_index).await
     }
+}
+
+/// The kernel as a pass sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Observed {
+    /// The device's link, if the interface exists.
+    pub device: Option<Link>,
+    /// Addresses with their prefixes on the node's other links (not loopback, the device or
+    /// the pod bridge): the networks peers may be on-link in.
+    pub on_link: Vec<IpNet>,
+}
+
+/// Reads the links and addresses a pass plans from.
+pub(crate) async fn observe<K: Kernel>(
+    kernel: &K,
+    interface: &str,
+    bridge: &str,
+) -> Result<Observed, NetlinkError> {
+    let links = kernel.links().await?;
+    let device = links.iter().find(|l| l.name == interface).cloned();
+    let skip: Vec<u32> = links
+        .iter()
+        .filter(|l| l.name == "lo" || l.name == interface || l.name == bridge)
+        .map(|l| l.index)
+        .collect();
+    let on_link = kernel
+        .addresses()
+        .await?
+        .into_iter()
+        .filter(|a| !skip.contains(&a.link))
+        .map(|a| a.net)
+        .collect();
+    Ok(Observed { device, on_link })
+}
+
+/// The MTU of the link holding the address `ip` (the node's endpoint); 1500 when it cannot
+/// be told (no endpoint, a failed read, an address on no link).
+pub(crate) async fn underlay_mtu<K: Kernel>(kernel: &K, ip: Option<std::net::IpAddr>) -> u32 {
+    const FALLBACK_MTU: u32 = 1500;
+    let Some(ip) = ip else {
+        return FALLBACK_MTU;
+    };
+    let (Ok(addrs), Ok(links)) = (kernel.addresses().await, kernel.links().await) else {
+        return FALLBACK_MTU;
+    };
+    addrs
+        .iter()
+        .find(|a| a.net.addr() == ip)
+        .and_then(|a| links.iter().find(|l| l.index == a.link))
+        .map_or(FALLBACK_MTU, |l| l.mtu)
+}
+
+/// Removes every route of ours (an uninstall); returns how many there were.
+pub(crate) async fn remove_owned_routes<K: Kernel>(
+    kernel: &K,
+    device_index: Option<u32>,
+) -> Result<usize, NetlinkError> {
+    let routes = kernel.owned_routes(device_index).await?;
+    let mut failed = None;
+    for r in &routes {
+        if let Err(e) = kernel.del_route(r, device_index).await {
+            failed = Some(e);
+        }
+    }
+    failed.map_or(Ok(routes.len()), Err)
 }
 
 /// What [`apply_routes`] did.
@@ -226,6 +299,14 @@ pub(crate) mod fake {
     }
 
     impl Kernel for FakeKernel {
+        async fn links(&self) -> Result<Vec<Link>, NetlinkError> {
+            self.read()?;
+            Ok(self.state().links.clone())
+        }
+        async fn addresses(&self) -> Result<Vec<Address>, NetlinkError> {
+            self.read()?;
+            Ok(self.state().addresses.clone())
+        }
         async fn ensure_address(&self, index: u32, addr: IpNet) -> Result<(), NetlinkError> {
             self.read()?;
             if self
@@ -303,6 +384,7 @@ pub(crate) mod fake {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::fake::FakeKernel;
     use super::*;
@@ -468,5 +550,73 @@ mod tests {
         assert_eq!(k.state().writes, vec!["address add 10.244.1.0/32 dev 7"]);
         k.state().fail_reads = true;
         assert_eq!(block(apply_addresses(&k, 7, &own)).len(), 1);
+    }
+
+    fn node_kernel() -> FakeKernel {
+        let k = FakeKernel::default();
+        {
+            let mut s = k.state();
+            for (index, name, mtu) in [
+                (1, "lo", 65536),
+                (2, "eth0", 9001),
+                (7, "wg0", 1420),
+                (8, "wgmesh-br", 1420),
+            ] {
+                s.links.push(Link {
+                    index,
+                    name: name.into(),
+                    mtu,
+                    up: true,
+                });
+            }
+            for (link, a) in [
+                (1, "127.0.0.1/8"),
+                (2, "198.18.0.11/24"),
+                (7, "10.244.1.0/32"),
+                (8, "10.244.1.1/24"),
+            ] {
+                s.addresses.push(Address { link, net: net(a) });
+            }
+        }
+        k
+    }
+
+    #[test]
+    fn a_pass_sees_the_device_and_only_the_underlays_networks() {
+        let k = node_kernel();
+        let seen = block(observe(&k, "wg0", "wgmesh-br")).unwrap();
+        assert_eq!(seen.device.map(|l| l.index), Some(7));
+        assert_eq!(seen.on_link, vec![net("198.18.0.11/24")]);
+        k.remove_link(7);
+        assert_eq!(block(observe(&k, "wg0", "wgmesh-br")).unwrap().device, None);
+        k.state().fail_reads = true;
+        assert!(block(observe(&k, "wg0", "wgmesh-br")).is_err());
+    }
+
+    #[test]
+    fn the_underlay_mtu_is_the_endpoint_links_or_1500() {
+        let k = node_kernel();
+        let ip = |s: &str| Some(s.parse().unwrap());
+        assert_eq!(block(underlay_mtu(&k, ip("198.18.0.11"))), 9001);
+        assert_eq!(block(underlay_mtu(&k, ip("198.18.0.99"))), 1500);
+        assert_eq!(block(underlay_mtu(&k, None)), 1500);
+        k.state().fail_reads = true;
+        assert_eq!(block(underlay_mtu(&k, ip("198.18.0.11"))), 1500);
+    }
+
+    #[test]
+    fn an_uninstall_removes_every_route_of_ours() {
+        let k = node_kernel();
+        block(apply_routes(
+            &k,
+            &[dev("10.244.2.0/24"), hole("10.244.0.0/16")],
+            Some(7),
+        ));
+        assert_eq!(block(remove_owned_routes(&k, Some(7))).unwrap(), 2);
+        assert!(k.state().routes.is_empty());
+        assert_eq!(block(remove_owned_routes(&k, Some(7))).unwrap(), 0);
+        block(apply_routes(&k, &[hole("10.244.0.0/16")], Some(7)));
+        k.state().fail_writes = vec!["route del".into()];
+        assert!(block(remove_owned_routes(&k, Some(7))).is_err());
     }
 }

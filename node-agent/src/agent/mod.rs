@@ -28,7 +28,6 @@ use futures::StreamExt;
 use ipnet::IpNet;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::Node;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::{
     Api, ResourceExt,
     api::{ListParams, Patch, PatchParams},
@@ -46,7 +45,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::Notify;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 use wgmesh_api::{
     Mesh, MeshPeer, MeshPeerStatus, PodCIDRPool,
     consts::{AGENT_MANAGER, DEFAULT_MESH},
@@ -143,7 +142,7 @@ pub struct AgentArgs {
 /// How long a starting agent waits for its metrics port to be free (an agent it replaces
 /// still holds it until the handover).
 const METRICS_BIND_WAIT: Duration = Duration::from_secs(30);
-/// The file name of the device's handover socket in the state directory.
+/// The file name of the device's handover socket in the run directory.
 const HANDOVER_SOCKET: &str = "handover.sock";
 /// The longest a new agent's device waits for sessions with its peers before it takes the
 /// datapath over from its predecessor.
@@ -188,8 +187,9 @@ struct Agent {
     args: AgentArgs,
     keys: KeyState,
     rotator: rotation::Rotator,
-    /// The device's peers by name, as this agent configured them (their primary keys).
-    device_names: BTreeMap<String, Key>,
+    /// What this agent configured on the device: its peers by name (their primary keys) and
+    /// the endpoint last written for each (see `device_plan`).
+    configured: device_plan::Configured,
     /// The public halves of the device keys last applied: (initiating key, answered-only
     /// keys); the private keys stay in `keys`.
     device_keys_applied: Option<(Key, Vec<Key>)>,
@@ -210,11 +210,10 @@ struct Agent {
     /// A new device's take-over is under way (it runs once per device).
     taking_over: bool,
     peers_api: Api<MeshPeer>,
-    recorder: Recorder,
+    /// Events go out in order from a task of their own, retried while the API is slow, so
+    /// neither a pass waits for them nor a slow moment loses one.
+    events: tokio::sync::mpsc::Sender<Event>,
     metrics: Arc<Metrics>,
-    /// The endpoint last configured per peer name: the device may roam away from it, and
-    /// the agent must not undo that unless the approved endpoint itself changes.
-    endpoints_set: BTreeMap<String, Option<SocketAddr>>,
     masquerade_loaded: Option<masquerade::Loaded>,
     last_status: Option<serde_json::Value>,
     last_connectivity_write: Option<Instant>,
@@ -264,9 +263,7 @@ fn decode_key(b64: &str) -> Option<Key> {
         .ok()
 }
 
-fn time(t: SystemTime) -> Option<Time> {
-    k8s_openapi::jiff::Timestamp::try_from(t).ok().map(Time)
-}
+use status_plan::time;
 
 /// Runs the agent until interrupted.
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
@@ -295,7 +292,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let mut agent = Agent {
         keys,
         rotator: rotation::Rotator::default(),
-        device_names: BTreeMap::new(),
+        configured: device_plan::Configured::default(),
         device_keys_applied: None,
         installed_keys: Vec::new(),
         netlink,
@@ -308,9 +305,12 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         handed_over: false,
         taking_over: false,
         peers_api: Api::all(client.clone()),
-        recorder: Recorder::new(client.clone(), reporter),
+        events: spawn_event_publisher(
+            Recorder::new(client.clone(), reporter),
+            args.node_name.clone(),
+            metrics.clone(),
+        ),
         metrics: metrics.clone(),
-        endpoints_set: BTreeMap::new(),
         masquerade_loaded: None,
         last_status: None,
         last_connectivity_write: None,
@@ -501,6 +501,54 @@ async fn read_owner(api: Api<DaemonSet>, name: &str) -> uninstall::Owner {
     }
 }
 
+/// Events waiting for the API server at most; more are dropped (and said so).
+const EVENT_QUEUE: usize = 256;
+/// Tries per Event, with a doubling wait between them from 0.5 s: about a minute in all.
+const EVENT_TRIES: u32 = 7;
+
+/// Starts the task that publishes this node's Events on its `MeshPeer`, in order, each
+/// retried while the API server is slow or away.
+fn spawn_event_publisher(
+    recorder: Recorder,
+    node: String,
+    metrics: Arc<Metrics>,
+) -> tokio::sync::mpsc::Sender<Event> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Event>(EVENT_QUEUE);
+    let reference = k8s_openapi::api::core::v1::ObjectReference {
+        api_version: Some("wgmesh.dev/v1alpha1".into()),
+        kind: Some("MeshPeer".into()),
+        name: Some(node),
+        namespace: Some("default".into()),
+        ..Default::default()
+    };
+    tokio::spawn(async move {
+        while let Some(ev) = rx.recv().await {
+            let mut wait = Duration::from_millis(500);
+            for attempt in 1..=EVENT_TRIES {
+                let error = match tokio::time::timeout(
+                    API_REQUEST_TIMEOUT,
+                    recorder.publish(&ev, &reference),
+                )
+                .await
+                {
+                    Ok(Ok(())) => break,
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => "timed out".to_owned(),
+                };
+                metrics.error("event");
+                if attempt == EVENT_TRIES {
+                    warn!(reason = %ev.reason, %error, "publishing an event failed; giving up on it");
+                } else {
+                    debug!(reason = %ev.reason, %error, attempt, "publishing an event failed; trying again");
+                    tokio::time::sleep(wait).await;
+                    wait *= 2;
+                }
+            }
+        }
+    });
+    tx
+}
+
 /// Blocks until a successor has the device, or `wait` passed without one attaching, or a
 /// successor that attached did not finish within [`HANDOVER_FINISH`].
 fn wait_for_successor(device: &DeviceHandle, wait: Duration) {
@@ -561,19 +609,7 @@ impl Agent {
 
     /// The underlay MTU: that of the link holding the node's endpoint address.
     async fn underlay_mtu(&self, endpoint: Option<SocketAddr>) -> u32 {
-        const FALLBACK_MTU: u32 = 1500;
-        let Some(ep) = endpoint else {
-            return FALLBACK_MTU;
-        };
-        let (Ok(addrs), Ok(links)) = (self.netlink.addresses().await, self.netlink.links().await)
-        else {
-            return FALLBACK_MTU;
-        };
-        addrs
-            .iter()
-            .find(|a| a.net.addr() == ep.ip())
-            .and_then(|a| links.iter().find(|l| l.index == a.link))
-            .map_or(FALLBACK_MTU, |l| l.mtu)
+        kernel::underlay_mtu(&self.netlink, endpoint.map(|e| e.ip())).await
     }
 
     async fn start_device(&mut self, caches: &Caches) {
@@ -686,7 +722,7 @@ impl Agent {
             listen_port,
             private_key: Some(primary),
             failpoints: self.args.failpoints_dir.clone(),
-            handover: Some(self.args.state_dir.join(HANDOVER_SOCKET)),
+            handover: Some(self.args.run_dir.join(HANDOVER_SOCKET)),
             ..DeviceConfig::new(self.args.interface.clone())
         };
         match Device::start(config) {
@@ -761,8 +797,7 @@ impl Agent {
                 self.metrics.device_up.set(0);
                 self.device = None;
                 self._uapi = None;
-                self.device_names.clear();
-                self.endpoints_set.clear();
+                self.configured = device_plan::Configured::default();
                 self.device_retry_at = None;
             }
         }
@@ -854,28 +889,13 @@ impl Agent {
         fences.dedup();
 
         // Observe the kernel.
-        let links = self.netlink.links().await?;
-        let device_index = links
-            .iter()
-            .find(|l| l.name == self.args.interface)
-            .map(|l| l.index);
+        let kernel::Observed {
+            device: device_link,
+            on_link,
+        } = kernel::observe(&self.netlink, &self.args.interface, &self.args.cni_bridge).await?;
+        let device_index = device_link.as_ref().map(|l| l.index);
         let device_up =
             self.device.as_ref().is_some_and(|d| !d.is_stopped()) && device_index.is_some();
-        let skip: Vec<u32> = links
-            .iter()
-            .filter(|l| {
-                l.name == "lo" || l.name == self.args.interface || l.name == self.args.cni_bridge
-            })
-            .map(|l| l.index)
-            .collect();
-        let on_link: Vec<IpNet> = self
-            .netlink
-            .addresses()
-            .await?
-            .into_iter()
-            .filter(|a| !skip.contains(&a.link))
-            .map(|a| a.net)
-            .collect();
 
         let plan = topology::plan_node(
             &LocalNode {
@@ -912,8 +932,7 @@ impl Agent {
             self.underlay_mtu(endpoint).await,
             endpoint.is_some_and(|e| e.is_ipv6()),
         );
-        let device_link = links.iter().find(|l| Some(l.index) == device_index);
-        match kernel::apply_mtu(&self.netlink, device_link, mtu).await {
+        match kernel::apply_mtu(&self.netlink, device_link.as_ref(), mtu).await {
             Ok(Some(from)) => {
                 info!(interface = %self.args.interface, from, to = mtu, "set the device's MTU")
             }
@@ -1020,10 +1039,7 @@ impl Agent {
         plan: &NodePlan,
         next_generations: &BTreeMap<String, i64>,
     ) -> Vec<InstalledKey> {
-        let configured = device_plan::Configured {
-            names: std::mem::take(&mut self.device_names),
-            endpoints: std::mem::take(&mut self.endpoints_set),
-        };
+        let configured = std::mem::take(&mut self.configured);
         let outcome =
             device_plan::reconcile(&device, configured, &plan.device_peers, next_generations);
         self.take_over(&device);
@@ -1032,15 +1048,13 @@ impl Agent {
                 if changes > 0 {
                     info!(changes, "updated WireGuard peers");
                 }
-                self.device_names = record.names;
-                self.endpoints_set = record.endpoints;
+                self.configured = record;
                 acks
             }
             Err((record, e)) => {
                 self.metrics.error("device");
                 warn!(error = %e, "configuring the device failed");
-                self.device_names = record.names;
-                self.endpoints_set = record.endpoints;
+                self.configured = record;
                 Vec::new()
             }
         }
@@ -1101,7 +1115,7 @@ impl Agent {
             .as_ref()
             .map(DeviceHandle::snapshot)
             .unwrap_or_default();
-        let device_peers = rotation::Rotator::by_name(&snapshot, &self.device_names);
+        let device_peers = rotation::Rotator::by_name(&snapshot, &self.configured.names);
         let notices = match self.rotator.tick(
             &mut self.keys,
             &inputs,
@@ -1258,24 +1272,18 @@ impl Agent {
             action: action.into(),
             secondary: None,
         };
-        let reference = k8s_openapi::api::core::v1::ObjectReference {
-            api_version: Some("wgmesh.dev/v1alpha1".into()),
-            kind: Some("MeshPeer".into()),
-            name: Some(self.args.node_name.clone()),
-            namespace: Some("default".into()),
-            ..Default::default()
-        };
-        match tokio::time::timeout(API_REQUEST_TIMEOUT, self.recorder.publish(&ev, &reference))
-            .await
-        {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
+        match self.events.try_send(ev) {
+            Ok(()) => {}
+            Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
                 self.metrics.error("event");
-                warn!(error = %e, reason, "publishing an event failed");
+                warn!(
+                    reason,
+                    "too many Events waiting for the API server; this one is dropped"
+                );
             }
-            Err(_) => {
+            Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {
                 self.metrics.error("event");
-                warn!(reason, "publishing an event timed out");
+                warn!(reason, "the Event publisher stopped; this Event is dropped");
             }
         }
     }
@@ -1289,18 +1297,13 @@ impl Agent {
         let publics = self.keys.device_public_keys();
         // What the device holds, read every pass: a key set behind the agent's back (`wg set
         // … private-key`) is put right.
-        let snapshot = device.snapshot();
-        let sorted = |mut keys: Vec<Key>| {
-            keys.sort_unstable();
-            keys
-        };
-        let holds = snapshot.public_key == Some(publics.0)
-            && sorted(snapshot.extra_public_keys) == sorted(publics.1.clone());
-        if holds && self.device_keys_applied.as_ref() == Some(&publics) {
-            return;
-        }
-        if !holds && self.device_keys_applied.as_ref() == Some(&publics) {
-            warn!("the device's keys were changed outside the agent; setting them back");
+        let held = device_plan::Peers::keys(device);
+        match device_plan::keys_step(&held, &publics, self.device_keys_applied.as_ref()) {
+            device_plan::KeysStep::Keep => return,
+            device_plan::KeysStep::Restore => {
+                warn!("the device's keys were changed outside the agent; setting them back");
+            }
+            device_plan::KeysStep::Set => {}
         }
         let (primary, extras) = self.keys.device_keys();
         let update = ConfigUpdate {
@@ -1353,16 +1356,9 @@ impl Agent {
             .await
             .ok()
             .map(|l| l.index);
-        match self.netlink.owned_routes(device_index).await {
-            Ok(routes) => {
-                for r in &routes {
-                    if let Err(e) = self.netlink.del_route(r, device_index).await {
-                        warn!(error = %e, "could not remove a route");
-                    }
-                }
-                info!(routes = routes.len(), "removed the routes");
-            }
-            Err(e) => warn!(error = %e, "could not list the routes"),
+        match kernel::remove_owned_routes(&self.netlink, device_index).await {
+            Ok(routes) => info!(routes, "removed the routes"),
+            Err(e) => warn!(error = %e, "could not remove the routes"),
         }
         match masquerade::remove() {
             Ok(()) => info!(table = masquerade::TABLE, "removed the nftables table"),
@@ -1413,7 +1409,8 @@ impl Agent {
         };
         let snapshot = device.snapshot();
         let names: BTreeMap<Key, &str> = self
-            .device_names
+            .configured
+            .names
             .iter()
             .map(|(name, k)| (*k, name.as_str()))
             .collect();
@@ -1460,7 +1457,12 @@ impl Agent {
             let externals: BTreeMap<String, Key> = approved
                 .iter()
                 .filter(|p| !p.is_node)
-                .filter_map(|p| self.device_names.get(&p.name).map(|k| (p.name.clone(), *k)))
+                .filter_map(|p| {
+                    self.configured
+                        .names
+                        .get(&p.name)
+                        .map(|k| (p.name.clone(), *k))
+                })
                 .collect();
             let externals = rotation::Rotator::by_name(&snap, &externals);
             self.rotator.status(&self.keys, &externals)

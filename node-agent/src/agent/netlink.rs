@@ -35,7 +35,7 @@ fn req(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetlinkError {
 }
 
 /// A link as the agent sees it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Link {
     pub index: u32,
     pub name: String,

@@ -13,7 +13,8 @@ use wgmesh_api::{
 /// drops an idle session 180 s after its handshake.
 pub(crate) const CONNECTED_WITHIN: Duration = Duration::from_secs(180);
 
-fn time(t: SystemTime) -> Option<Time> {
+/// A time as the API writes it, if it can be.
+pub(crate) fn time(t: SystemTime) -> Option<Time> {
     k8s_openapi::jiff::Timestamp::try_from(t).ok().map(Time)
 }
 

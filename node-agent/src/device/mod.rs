@@ -597,7 +597,12 @@ fn handover_thread(shared: &Arc<Shared>, tun: &Arc<Tun>, mut listener: Option<ha
                     return;
                 }
             }
-            Ok(None) => {}
+            Ok(None) => {
+                if shared.stopping() {
+                    // Stopping alone: no successor will find this socket.
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "accepting a successor failed");
                 let _ = shared.sleep_unless_stopping(Duration::from_secs(1));
