@@ -583,23 +583,5 @@ pub(crate) fn tick_peer<W: Wire + ?Sized>(peer: &Peer, wire: &W, buf: &mut [u8],
 /// Blocks until `fd`, the stop eventfd or the release eventfd is readable (or errors, or
 /// hangs up).
 fn wait_readable(fd: RawFd, shared: &Shared) {
-    let mut fds = [
-        libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: shared.stop_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: shared.handover.release_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    // SAFETY: `fds` is a valid array of three pollfd structs.
-    unsafe { libc::poll(fds.as_mut_ptr(), 3, -1) };
+    let _ = handover::wait_any([fd, shared.stop_fd(), shared.handover.release_fd()], None);
 }

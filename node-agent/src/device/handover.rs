@@ -327,25 +327,7 @@ impl Conn {
         timeout: Option<Duration>,
         wake: RawFd,
     ) -> io::Result<(usize, Vec<OwnedFd>)> {
-        let mut fds = [
-            libc::pollfd {
-                fd: self.fd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: wake,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as libc::c_int);
-        // SAFETY: `fds` is a valid array of two pollfds.
-        let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
-        if ready < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if fds[0].revents == 0 {
+        if !readable(self.fd.as_raw_fd(), wake, timeout)?.0 {
             return Err(io::ErrorKind::WouldBlock.into());
         }
         let mut iov = libc::iovec {
@@ -418,29 +400,11 @@ impl Listener {
 
     /// Waits until a successor connects (`Ok(Some)`) or `wake` becomes readable (`Ok(None)`).
     pub fn accept(&self, wake: RawFd) -> io::Result<Option<Conn>> {
-        let mut fds = [
-            libc::pollfd {
-                fd: self.fd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: wake,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: `fds` is a valid array of two pollfds.
-        if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {
-            let e = io::Error::last_os_error();
-            return if e.kind() == io::ErrorKind::Interrupted {
-                Ok(None)
-            } else {
-                Err(e)
-            };
-        }
-        if fds[1].revents != 0 || fds[0].revents == 0 {
-            return Ok(None);
+        match readable(self.fd.as_raw_fd(), wake, None) {
+            Ok((true, false)) => {}
+            Ok(_) => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(None),
+            Err(e) => return Err(e),
         }
         // SAFETY: accept on our listening socket; no address wanted.
         let raw = unsafe {
@@ -461,6 +425,31 @@ impl Listener {
         conn.set_buffers();
         Ok(Some(conn))
     }
+}
+
+/// Waits until `fd` or `wake` is readable, or `timeout` passes; says which are readable.
+fn readable(fd: RawFd, wake: RawFd, timeout: Option<Duration>) -> io::Result<(bool, bool)> {
+    let [a, b] = wait_any([fd, wake], timeout)?;
+    Ok((a, b))
+}
+
+/// Waits until one of `fds` is readable (or errors, or hangs up), or `timeout` passes; says
+/// which are.
+pub(crate) fn wait_any<const N: usize>(
+    fds: [RawFd; N],
+    timeout: Option<Duration>,
+) -> io::Result<[bool; N]> {
+    let mut polled = fds.map(|fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    });
+    let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as libc::c_int);
+    // SAFETY: `polled` is a valid array of N pollfds.
+    if unsafe { libc::poll(polled.as_mut_ptr(), N as libc::nfds_t, ms) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(polled.map(|p| p.revents != 0))
 }
 
 fn seqpacket() -> io::Result<OwnedFd> {
