@@ -197,19 +197,26 @@ start_operator() {
 	echo $! >"$dir/pids/operator"
 }
 
+# Waits up to TRIES × 20 ms for PID to exit; fails if it has not. Gone, or a zombie: it has
+# exited (its descriptors are closed) and only waits to be reaped by whichever process
+# adopted it, which may take a while.
+wait_exit() {
+	local pid=$1 tries=$2
+	for _ in $(seq "$tries"); do
+		kill -0 "$pid" 2>/dev/null || return 0
+		[[ $(sed -n 's/^State:[[:space:]]*\(.\).*/\1/p' "/proc/$pid/status" 2>/dev/null) == Z ]] && return 0
+		sleep 0.02
+	done
+	return 1
+}
+
 stop_pid() {
 	local pidf=$1 sig=$2
 	[[ -f $pidf ]] || return 0
 	local pid
 	pid=$(cat "$pidf")
 	kill -"$sig" "$pid" 2>/dev/null || true
-	# Gone, or a zombie: it has exited (its descriptors are closed) and only waits to be
-	# reaped by whichever process adopted it, which may take a while.
-	for _ in $(seq 250); do
-		kill -0 "$pid" 2>/dev/null || break
-		[[ $(sed -n 's/^State:[[:space:]]*\(.\).*/\1/p' "/proc/$pid/status" 2>/dev/null) == Z ]] && break
-		sleep 0.02
-	done
+	wait_exit "$pid" 250 || true
 	kill -KILL "$pid" 2>/dev/null || true
 	rm -f "$pidf"
 }
@@ -225,11 +232,7 @@ upgrade_agent() {
 	old=$(cat "$pidf")
 	kill -TERM "$old"
 	start_agent "$node"
-	for _ in $(seq 1500); do
-		kill -0 "$old" 2>/dev/null || return 0
-		[[ $(sed -n 's/^State:[[:space:]]*\(.\).*/\1/p' "/proc/$old/status" 2>/dev/null) == Z ]] && return 0
-		sleep 0.02
-	done
+	wait_exit "$old" 1500 && return 0
 	echo "the old agent of $node did not exit within 30 s" >&2
 	kill -KILL "$old" 2>/dev/null || true
 	return 1

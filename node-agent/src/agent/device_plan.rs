@@ -287,6 +287,17 @@ mod tests {
         )])
     }
 
+    /// Peer `a` with its next key published.
+    fn rotating_a() -> BTreeMap<String, DevicePeer> {
+        wanted(&[want(
+            "a",
+            &key(1),
+            Some(&key(11)),
+            "10.244.1.0/24",
+            "198.18.0.1:51820",
+        )])
+    }
+
     #[test]
     fn an_empty_device_gets_every_peer_then_nothing_more() {
         let w = wanted(&[
@@ -315,13 +326,7 @@ mod tests {
         // The device roamed: the peer answers from another address now.
         device[0].endpoint = Some("198.18.9.9:40000".parse().expect("endpoint"));
         // The peer publishes its next key (a rotation), generation 3.
-        let second = wanted(&[want(
-            "a",
-            &key(1),
-            Some(&key(11)),
-            "10.244.1.0/24",
-            "198.18.0.1:51820",
-        )]);
+        let second = rotating_a();
         let gens = BTreeMap::from([("a".to_owned(), 3)]);
         let p2 = plan(&device, &p.configured, &second, &gens);
         assert_eq!(p2.update.peers.len(), 1);
@@ -420,13 +425,7 @@ mod tests {
 
     #[test]
     fn a_refused_update_keeps_the_old_record_and_acknowledges_nothing() {
-        let w = wanted(&[want(
-            "a",
-            &key(1),
-            Some(&key(11)),
-            "10.244.1.0/24",
-            "198.18.0.1:51820",
-        )]);
+        let w = rotating_a();
         let gens = BTreeMap::from([("a".to_owned(), 2)]);
         let refusing = FakeDevice {
             peers: std::sync::Mutex::new(vec![]),

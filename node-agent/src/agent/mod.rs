@@ -205,8 +205,6 @@ struct Agent {
     /// where `hostGateway: Fallback` may route on-link peers in the clear.
     device_unavailable: bool,
     _uapi: Option<UapiServer>,
-    /// The device handed itself to a new agent: this agent does nothing more.
-    handed_over: bool,
     /// A new device's take-over is under way (it runs once per device).
     taking_over: bool,
     peers_api: Api<MeshPeer>,
@@ -302,7 +300,6 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         device_retry_at: None,
         device_unavailable: false,
         _uapi: None,
-        handed_over: false,
         taking_over: false,
         peers_api: Api::all(client.clone()),
         events: spawn_event_publisher(
@@ -387,7 +384,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
 
     loop {
         agent.supervise_device(&caches).await?;
-        if agent.handed_over {
+        if agent.device.as_ref().is_some_and(DeviceHandle::handed_over) {
             metrics.set_readiness(false);
             info!("the new agent has the datapath; this one idles until it is stopped");
             tokio::select! {
@@ -776,11 +773,6 @@ impl Agent {
     /// backoff between failed starts.
     async fn supervise_device(&mut self, caches: &Caches) -> anyhow::Result<()> {
         if let Some(device) = &self.device {
-            if device.handed_over() {
-                self.handed_over = true;
-                self._uapi = None;
-                return Ok(());
-            }
             if device.is_handing_over() {
                 // Until it is done, the old device serves; the new agent's UAPI takes over.
                 self._uapi = None;

@@ -327,7 +327,7 @@ impl Conn {
         timeout: Option<Duration>,
         wake: RawFd,
     ) -> io::Result<(usize, Vec<OwnedFd>)> {
-        if !readable(self.fd.as_raw_fd(), wake, timeout)?.0 {
+        if !wait_any([self.fd.as_raw_fd(), wake], timeout)?[0] {
             return Err(io::ErrorKind::WouldBlock.into());
         }
         let mut iov = libc::iovec {
@@ -400,8 +400,8 @@ impl Listener {
 
     /// Waits until a successor connects (`Ok(Some)`) or `wake` becomes readable (`Ok(None)`).
     pub fn accept(&self, wake: RawFd) -> io::Result<Option<Conn>> {
-        match readable(self.fd.as_raw_fd(), wake, None) {
-            Ok((true, false)) => {}
+        match wait_any([self.fd.as_raw_fd(), wake], None) {
+            Ok([true, false]) => {}
             Ok(_) => return Ok(None),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(None),
             Err(e) => return Err(e),
@@ -425,12 +425,6 @@ impl Listener {
         conn.set_buffers();
         Ok(Some(conn))
     }
-}
-
-/// Waits until `fd` or `wake` is readable, or `timeout` passes; says which are readable.
-fn readable(fd: RawFd, wake: RawFd, timeout: Option<Duration>) -> io::Result<(bool, bool)> {
-    let [a, b] = wait_any([fd, wake], timeout)?;
-    Ok((a, b))
 }
 
 /// Waits until one of `fds` is readable (or errors, or hangs up), or `timeout` passes; says

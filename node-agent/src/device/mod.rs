@@ -547,9 +547,9 @@ fn start_late_readers(shared: &Arc<Shared>, tun: &Arc<Tun>) {
 /// Waits for the predecessor's `HELLO` and builds the interface and socket from the
 /// descriptors it carries; returns them with this device's epoch.
 fn receive_device(conn: &Conn, config: &DeviceConfig) -> io::Result<(Tun, UdpSocket, u32)> {
-    let never = eventfd()?;
     let mut buf = vec![0u8; 512];
-    let (n, mut fds) = conn.recv(&mut buf, Some(Duration::from_secs(5)), never.as_raw_fd())?;
+    // poll(2) ignores a negative descriptor: nothing but the predecessor wakes this wait.
+    let (n, mut fds) = conn.recv(&mut buf, Some(Duration::from_secs(5)), -1)?;
     let bad = |what: String| io::Error::new(io::ErrorKind::InvalidData, what);
     let Some(Message::Hello {
         epoch,
@@ -1002,7 +1002,7 @@ impl DeviceHandle {
         matches!(
             self.inner.shared.handover.mode(),
             Mode::Giving | Mode::Given
-        ) || self.handed_over()
+        )
     }
 
     /// Whether this device handed everything to a successor and stopped.
