@@ -37,6 +37,19 @@ pub const CLAIM_SUBNET_ANNOTATION: &str = "wgmesh.dev/subnet";
 /// for nodes behind NAT or reached across clouds.
 pub const ENDPOINT_ANNOTATION: &str = "wgmesh.dev/endpoint";
 
+/// Node annotation naming the node's public WireGuard endpoints (`ip:port` or `ip`, several
+/// separated by commas, IPv4 and IPv6): where nodes in other locations reach it. Without it,
+/// a node's `ExternalIP` addresses are its public endpoints; a node with neither is behind
+/// NAT, and its peers learn its mapping from the packets it sends.
+pub const PUBLIC_ENDPOINT_ANNOTATION: &str = "wgmesh.dev/public-endpoint";
+
+/// The node label naming a node's location when the `Mesh` names none.
+pub const DEFAULT_LOCATION_LABEL: &str = "topology.kubernetes.io/region";
+
+/// Seconds between keepalives on paths through a NAT when the `Mesh` sets none: below the
+/// shortest UDP mapping timeout common NATs use (30 s).
+pub const DEFAULT_NAT_KEEPALIVE_SECONDS: u16 = 25;
+
 /// The WireGuard port when the `Mesh` does not set one.
 pub const DEFAULT_LISTEN_PORT: u16 = 51820;
 
@@ -74,7 +87,8 @@ pub mod limits {
     pub const MESH_RANGES: u64 = 64;
     /// `MeshPeer.spec.podCIDRs`: one subnet per family.
     pub const POD_CIDRS: u64 = 2;
-    /// `MeshPeer.status.endpoints`.
+    /// `MeshPeer.status.endpoints`, `status.publicEndpoints` and
+    /// `status.approved.publicEndpoints`.
     pub const ENDPOINTS: u64 = 8;
     /// `conditions` of every kind.
     pub const CONDITIONS: u64 = 16;

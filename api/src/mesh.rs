@@ -81,10 +81,49 @@ pub struct MeshSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_rotation: Option<MeshKeyRotation>,
 
+    /// Locations, NAT traversal and relays: how nodes in different clouds and data centres
+    /// reach each other.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topology: Option<MeshTopology>,
+
     /// What external peers (`MeshPeer`s that are not nodes) may claim. Default: nothing, so
     /// no external peer is routed until a cluster admin names the ranges it may use.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub external_peers: Option<ExternalPeers>,
+}
+
+/// How nodes across locations reach each other.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshTopology {
+    /// The node label whose value is a node's location. Nodes of one location reach each
+    /// other at their `endpoint` (by default their `InternalIP`); nodes of different
+    /// locations at a public endpoint, or through NAT. Nodes without the label share one
+    /// location. Default `topology.kubernetes.io/region`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 317))]
+    pub location_label: Option<String>,
+
+    /// Seconds between keepalives on paths that cross a NAT (a node behind NAT sends them to
+    /// its peers in other locations, so its mappings stay open). Nowhere else. 0 turns them
+    /// off. Default 25.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 65535))]
+    pub nat_keepalive: Option<u16>,
+
+    /// `Auto` (default): two nodes behind NAT that cannot reach each other directly (a
+    /// symmetric NAT on either side) send through a public node both reach, chosen per pair.
+    /// `Never`: they do not reach each other.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<RelayPolicy>,
+}
+
+/// Whether pairs of nodes that cannot reach each other go through a relay.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum RelayPolicy {
+    #[default]
+    Auto,
+    Never,
 }
 
 /// The address space open to external peers.

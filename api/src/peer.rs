@@ -45,6 +45,24 @@ use serde::{Deserialize, Serialize};
         json_path = ".metadata.creationTimestamp"
     ),
     printcolumn(
+        name = "Location",
+        type_ = "string",
+        json_path = ".status.approved.location",
+        priority = "1"
+    ),
+    printcolumn(
+        name = "NAT",
+        type_ = "string",
+        json_path = ".status.approved.nat",
+        priority = "1"
+    ),
+    printcolumn(
+        name = "Paths",
+        type_ = "string",
+        json_path = ".status.pathSummary",
+        priority = "1"
+    ),
+    printcolumn(
         name = "Allowed IPs",
         type_ = "string",
         json_path = ".spec.allowedIPs",
@@ -175,6 +193,32 @@ pub struct MeshPeerStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "crate::common::endpoint_list_schema")]
     pub endpoints: Vec<String>,
+
+    /// Agent: the node's public WireGuard endpoints, `ip:port`, where nodes in other
+    /// locations reach it: the `wgmesh.dev/public-endpoint` annotation, else the Node's
+    /// `ExternalIP` addresses. Empty for a node behind NAT.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "crate::common::endpoint_list_schema")]
+    pub public_endpoints: Vec<String>,
+
+    /// Agent: the underlay MTU of the node (that of the link its endpoint is on), which
+    /// peers take into account for the MTU of paths to it.
+    #[serde(
+        default,
+        rename = "underlayMTU",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schemars(range(min = 576, max = 65535))]
+    pub underlay_mtu: Option<u32>,
+
+    /// Agent: how the node reaches each peer, by peer name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<PeerPath>,
+
+    /// Agent: how many peers the node reaches on each kind of path, for `kubectl get -o wide`,
+    /// e.g. `4 Direct, 1 NATTraversal, 2 Relay`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_summary: Option<String>,
 
     /// Agent: what the node sees of its own tunnels.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -389,6 +433,109 @@ pub struct ApprovedPeer {
     /// The keepalive interval agents configure for this peer, seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub persistent_keepalive: Option<u16>,
+    /// Node peers: the node's location (the value of the mesh's location label on the Node).
+    /// Nodes of one location reach each other at `endpoint`; others at a public endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
+    /// Node peers: where nodes in other locations reach it (validated from
+    /// `status.publicEndpoints`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "crate::common::endpoint_list_schema")]
+    pub public_endpoints: Vec<String>,
+    /// Node peers: whether the node is behind NAT, and of which kind, as public nodes in
+    /// other locations see it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nat: Option<NatKind>,
+    /// Node peers behind an endpoint-independent NAT: the address and port the NAT maps the
+    /// node to, learned from the packets public nodes receive from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "endpoint_schema")]
+    pub mapped_endpoint: Option<String>,
+    /// Node peers: the node's underlay MTU, as it reported it.
+    #[serde(
+        default,
+        rename = "underlayMTU",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub underlay_mtu: Option<u32>,
+}
+
+/// How a node reaches one peer.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerPath {
+    /// The peer's `MeshPeer` name.
+    pub peer: String,
+    /// `Direct`, `HostGateway`, `NATTraversal` or `Relay` (through `via`).
+    pub path: PathKind,
+    /// For `Relay`: the node that relays.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<String>,
+    /// The endpoint the device sends to: the peer's (for `Relay`, the relay's), as the
+    /// device last learned it from authenticated packets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "endpoint_schema")]
+    pub endpoint: Option<String>,
+    /// When the latest handshake on the path completed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latest_handshake: Option<Time>,
+}
+
+/// The kind of path between two nodes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum PathKind {
+    /// Through WireGuard to the peer's own address: its internal one within a location,
+    /// its public one (or its NAT's mapping, when this node is public) across locations.
+    #[default]
+    Direct,
+    /// Routed in the clear to the peer's address, as the mesh's transport policy allows.
+    HostGateway,
+    /// Through WireGuard between two nodes behind NAT: each sends to the other's mapping.
+    #[serde(rename = "NATTraversal")]
+    NatTraversal,
+    /// Through WireGuard to a node both can reach, which forwards (decrypts and encrypts
+    /// again) between them.
+    Relay,
+}
+
+impl PathKind {
+    /// The name as written in the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PathKind::Direct => "Direct",
+            PathKind::HostGateway => "HostGateway",
+            PathKind::NatTraversal => "NATTraversal",
+            PathKind::Relay => "Relay",
+        }
+    }
+}
+
+/// How a node's peers in other locations reach it, as the operator learned it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum NatKind {
+    /// At its own address (a public endpoint, or one that peers elsewhere see unchanged).
+    Public,
+    /// Behind a NAT that maps it to one address and port whatever the destination:
+    /// `mappedEndpoint`. Peers behind NAT too reach it by sending there at once.
+    EndpointIndependent,
+    /// Behind a NAT that maps it to another port for each destination: only public nodes
+    /// reach it (once it sent to them); others go through a relay.
+    Symmetric,
+    /// Behind NAT, mapping not seen yet by public nodes in other locations.
+    #[default]
+    Unknown,
+}
+
+impl NatKind {
+    /// The name as written in the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NatKind::Public => "Public",
+            NatKind::EndpointIndependent => "EndpointIndependent",
+            NatKind::Symmetric => "Symmetric",
+            NatKind::Unknown => "Unknown",
+        }
+    }
 }
 
 /// A node's view of its tunnels, summarised so that status writes stay O(1) per node.

@@ -34,6 +34,7 @@ pub mod duration;
 pub mod ipam;
 pub mod keys;
 pub mod net;
+pub mod paths;
 pub mod peers;
 pub mod rotation;
 pub mod selector;

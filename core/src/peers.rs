@@ -65,6 +65,8 @@ pub struct NodePeer {
     pub next_public_key: Option<String>,
     /// Endpoints the agent published (`host:port`).
     pub endpoints: Vec<String>,
+    /// Public endpoints the agent published (`host:port`): where other locations reach it.
+    pub public_endpoints: Vec<String>,
 }
 
 /// A user-created `MeshPeer` for a laptop, VM or other machine outside the cluster.
@@ -438,6 +440,8 @@ pub struct Approved {
     pub allowed_ips: Vec<IpNet>,
     /// Endpoints to configure, in the order published.
     pub endpoints: Vec<SocketAddr>,
+    /// Node peers: public endpoints, in the order published.
+    pub public_endpoints: Vec<SocketAddr>,
 }
 
 /// The admission decision for one peer.
@@ -515,12 +519,15 @@ pub fn admit(
 
     let keys = KeyCheck::new(&nodes, &externals);
 
-    // Node endpoints, for loop checks.
+    // Node endpoints (public ones too), for loop checks.
     let mut node_endpoints: Vec<(&str, SocketAddr)> = Vec::new();
+    let mut node_public: Vec<(&str, SocketAddr)> = Vec::new();
     let mut node_endpoint_problems: BTreeMap<&str, Vec<PeerProblem>> = BTreeMap::new();
     for node in &nodes {
-        for value in &node.endpoints {
+        let public = node.public_endpoints.iter().map(|v| (v, true));
+        for (value, is_public) in node.endpoints.iter().map(|v| (v, false)).chain(public) {
             match parse_endpoint(value) {
+                Ok(addr) if is_public => node_public.push((&node.name, addr)),
                 Ok(addr) => node_endpoints.push((&node.name, addr)),
                 Err(error) => node_endpoint_problems.entry(&node.name).or_default().push(
                     PeerProblem::InvalidEndpoint {
@@ -553,22 +560,27 @@ pub fn admit(
                     });
                 }
             }
-            problems.extend(captures(ours, node_endpoints.iter().copied()));
+            problems.extend(captures(
+                ours,
+                node_endpoints.iter().chain(&node_public).copied(),
+            ));
         }
         problems.extend(
             node_endpoint_problems
                 .remove(node.name.as_str())
                 .unwrap_or_default(),
         );
-        let endpoints = node_endpoints
-            .iter()
-            .filter(|(n, _)| *n == node.name)
-            .map(|(_, a)| *a)
-            .collect();
-        verdicts.insert(
-            node.name.clone(),
-            keys.verdict(subject, problems, pod_cidrs, endpoints),
-        );
+        let own = |list: &[(&str, SocketAddr)]| -> Vec<SocketAddr> {
+            list.iter()
+                .filter(|(n, _)| *n == node.name)
+                .map(|(_, a)| *a)
+                .collect()
+        };
+        let mut verdict = keys.verdict(subject, problems, pod_cidrs, own(&node_endpoints));
+        if let Some(a) = verdict.approved.as_mut() {
+            a.public_endpoints = own(&node_public);
+        }
+        verdicts.insert(node.name.clone(), verdict);
     }
 
     // Networks older external peers hold, and their endpoints, in seniority order.
@@ -598,6 +610,7 @@ pub fn admit(
             &claimed,
             node_endpoints
                 .iter()
+                .chain(&node_public)
                 .chain(&external_endpoints)
                 .copied()
                 .chain(own_endpoint.map(|a| (ext.name.as_str(), a))),
@@ -842,6 +855,7 @@ impl KeyCheck {
                 next_public_key,
                 allowed_ips,
                 endpoints,
+                public_endpoints: Vec::new(),
             }),
             _ => None,
         };
@@ -954,6 +968,7 @@ mod tests {
             public_key: key_id.map(key),
             next_public_key: None,
             endpoints: vec![format!("192.0.2.{}:51820", created % 250 + 1)],
+            public_endpoints: Vec::new(),
         }
     }
 
@@ -1182,6 +1197,22 @@ mod tests {
         assert!(verdicts["host-bits"].message().contains("192.168.1.0/24"));
         assert!(verdicts["bare"].message().contains("192.168.1.1/32"));
         assert!(verdicts["v4-default"].message().contains("all traffic"));
+    }
+
+    #[test]
+    fn public_endpoints_are_validated_and_approved_apart() {
+        let mut node = mk_node("n1", 1, &["10.244.1.0/24"], Some(1));
+        node.public_endpoints = vec!["198.51.100.7:51820".into()];
+        let v = admit(&pools(), std::slice::from_ref(&node), &[], &[]);
+        let approved = v["n1"].approved.clone().expect("approved");
+        assert_eq!(
+            approved.public_endpoints,
+            vec!["198.51.100.7:51820".parse().unwrap()]
+        );
+        assert_eq!(approved.endpoints.len(), 1);
+        node.public_endpoints = vec!["somewhere".into()];
+        let v = admit(&pools(), &[node], &[], &[]);
+        assert_eq!(v["n1"].reason(), Reason::InvalidEndpoint);
     }
 
     #[test]

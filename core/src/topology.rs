@@ -69,6 +69,16 @@ pub struct ApprovedPeer {
     pub endpoint: Option<SocketAddr>,
     /// Keepalive seconds; 0 for none.
     pub persistent_keepalive: u16,
+    /// Node peers: the node's location.
+    pub location: Option<String>,
+    /// Node peers: where nodes of other locations reach it.
+    pub public_endpoints: Vec<SocketAddr>,
+    /// Node peers: the NAT it is behind, as the operator learned it.
+    pub nat: crate::paths::Nat,
+    /// Node peers behind an endpoint-independent NAT: the NAT's mapping.
+    pub mapped_endpoint: Option<SocketAddr>,
+    /// Node peers: the node's underlay MTU.
+    pub underlay_mtu: Option<u32>,
 }
 
 /// What the agent knows about this node.
@@ -76,6 +86,8 @@ pub struct ApprovedPeer {
 pub struct LocalNode {
     /// This node's peer name (the node name); never configured as a peer of itself.
     pub name: String,
+    /// This node's location: host-gw is only ever planned within it.
+    pub location: Option<String>,
     /// The networks directly attached to this node's interfaces (no gateway), with this
     /// node's address in each: where on-link peers can be reached.
     pub on_link: Vec<IpNet>,
@@ -194,10 +206,11 @@ pub fn plan_node(
     peers.sort_by(|a, b| a.name.cmp(&b.name));
 
     for peer in peers {
-        let gateway = peer
-            .endpoint
-            .map(|e| e.ip())
-            .filter(|ip| peer.is_node && on_link_and_trusted(local, policy, *ip));
+        let gateway = peer.endpoint.map(|e| e.ip()).filter(|ip| {
+            peer.is_node
+                && peer.location == local.location
+                && on_link_and_trusted(local, policy, *ip)
+        });
         let transport = match (policy.host_gateway, gateway, local.device_up) {
             (HostGatewayPolicy::OnLink, Some(_), _) => Transport::HostGateway,
             (HostGatewayPolicy::Fallback, Some(_), false) if local.device_unavailable => {
@@ -314,12 +327,18 @@ mod tests {
             allowed_ips: allowed.iter().map(|a| net(a)).collect(),
             endpoint: Some(endpoint.parse().expect("endpoint")),
             persistent_keepalive: 0,
+            location: None,
+            public_endpoints: Vec::new(),
+            nat: crate::paths::Nat::Unknown,
+            mapped_endpoint: None,
+            underlay_mtu: None,
         }
     }
 
     fn mk_local(device_up: bool) -> LocalNode {
         LocalNode {
             name: "me".into(),
+            location: None,
             on_link: vec![net("192.168.1.10/24")],
             device_up,
             // A down device in these tests is one this node cannot have.
@@ -457,6 +476,19 @@ mod tests {
             &[],
         );
         assert!(never.routes.iter().all(|r| r.via == NextHop::Blackhole));
+    }
+
+    #[test]
+    fn host_gw_stays_within_a_location() {
+        let mut far = mk_peer("far", "192.168.1.20:51820", &["10.244.2.0/24"]);
+        far.location = Some("other".into());
+        let plan = plan_node(
+            &mk_local(true),
+            &policy(HostGatewayPolicy::OnLink),
+            &[far],
+            &[],
+        );
+        assert_eq!(plan.transports["far"], Transport::WireGuard);
     }
 
     #[test]

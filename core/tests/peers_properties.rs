@@ -109,6 +109,7 @@ fn arb_nodes() -> impl Strategy<Value = Vec<NodePeer>> {
                     public_key,
                     next_public_key: next.flatten(),
                     endpoints,
+                    public_endpoints: Vec::new(),
                 },
             )
             .collect()

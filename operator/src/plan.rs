@@ -35,7 +35,9 @@ use wgmesh_api::{
     Mesh, MeshPeer, MeshPeerSpec, MeshPeerStatus, PodCIDRPool, PodCIDRPoolStatus,
     consts::{self, condition},
     mesh::{IpamSource, MeshStatus},
-    peer::{ApprovedPeer, GrantReason, RotatingReason, RotationGrant, RotationPhase},
+    peer::{
+        ApprovedPeer, GrantReason, NatKind, PathKind, RotatingReason, RotationGrant, RotationPhase,
+    },
     pool::PoolCounts,
 };
 use wgmesh_core as core;
@@ -246,6 +248,8 @@ struct Settings {
     rotation: core::rotation::Policy,
     /// The ranges external peers may claim; empty: none.
     external_ranges: Vec<ipnet::IpNet>,
+    /// The Node label naming a node's location.
+    location_label: String,
 }
 
 impl Settings {
@@ -317,6 +321,11 @@ impl Settings {
         }
         let settings = Settings {
             external_ranges,
+            location_label: spec
+                .and_then(|s| s.topology.as_ref())
+                .and_then(|t| t.location_label.clone())
+                .filter(|l| !l.is_empty())
+                .unwrap_or_else(|| consts::DEFAULT_LOCATION_LABEL.to_owned()),
             grace,
             honour_node_pod_cidrs: ipam.and_then(|i| i.source) == Some(IpamSource::NodeSpec),
             keepalive: spec.and_then(|s| s.persistent_keepalive).unwrap_or(0),
@@ -557,6 +566,9 @@ pub fn plan(snap: &Snapshot) -> Plan {
                     public_key: status.and_then(|s| s.public_key.clone()),
                     next_public_key: status.and_then(|s| s.next_public_key.clone()),
                     endpoints: status.map(|s| s.endpoints.clone()).unwrap_or_default(),
+                    public_endpoints: status
+                        .map(|s| s.public_endpoints.clone())
+                        .unwrap_or_default(),
                 });
             }
             Some(PeerRole::External) => externals.push(core::ExternalPeer {
@@ -589,6 +601,16 @@ pub fn plan(snap: &Snapshot) -> Plan {
     }
     out.rotating = rotations.views.iter().filter(|v| v.rotating).count() + granted.len();
 
+    // Where each node is and how other locations reach it.
+    let places = places(
+        &nodes,
+        &peers,
+        &roles,
+        &verdicts,
+        &settings.location_label,
+        snap.now,
+    );
+
     // Peer status.
     let mut ready_peers: BTreeSet<&str> = BTreeSet::new();
     for (&name, &peer) in &peers {
@@ -607,7 +629,13 @@ pub fn plan(snap: &Snapshot) -> Plan {
                 match (verdict, peer_conflicts.is_empty()) {
                     (Some(v), true) if v.ready() => {
                         desired.push(Desired::new(condition::READY, true, v.reason().as_str(), v.message()));
-                        approved = v.approved.as_ref().map(|ap| approve(ap, peer, settings.keepalive));
+                        approved = v.approved.as_ref().map(|ap| {
+                            let mut a = approve(ap, peer, settings.keepalive);
+                            if let Some(place) = places.get(name) {
+                                place.approve(&mut a);
+                            }
+                            a
+                        });
                     }
                     (Some(v), true) => {
                         desired.push(Desired::new(condition::READY, false, v.reason().as_str(), v.message()));
@@ -1205,6 +1233,108 @@ fn new_node_peer(node: &Node, pod_cidrs: Vec<String>) -> MeshPeer {
     peer
 }
 
+/// Where a node is and how nodes of other locations reach it, for its approval.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Place {
+    location: Option<String>,
+    nat: core::paths::NatView,
+    underlay_mtu: Option<u32>,
+}
+
+impl Place {
+    fn approve(&self, a: &mut ApprovedPeer) {
+        a.location.clone_from(&self.location);
+        a.nat = Some(match self.nat.nat {
+            core::paths::Nat::Public => NatKind::Public,
+            core::paths::Nat::EndpointIndependent => NatKind::EndpointIndependent,
+            core::paths::Nat::Symmetric => NatKind::Symmetric,
+            core::paths::Nat::Unknown => NatKind::Unknown,
+        });
+        a.mapped_endpoint = self.nat.mapped.map(|m| m.to_string());
+        a.underlay_mtu = self.underlay_mtu;
+    }
+}
+
+/// The node's location: the value of the location label on its Node.
+fn location_of(node: Option<&&Node>, label: &str) -> Option<String> {
+    node?.metadata.labels.as_ref()?.get(label).cloned()
+}
+
+/// Every admitted node's [`Place`]: its location, and its NAT as the public nodes of other
+/// locations see it (`core::paths::classify` over what their agents report in
+/// `status.paths`).
+fn places(
+    nodes: &BTreeMap<&str, &Node>,
+    peers: &BTreeMap<&str, &MeshPeer>,
+    roles: &BTreeMap<&str, PeerRole>,
+    verdicts: &BTreeMap<String, core::Verdict>,
+    label: &str,
+    now: SystemTime,
+) -> BTreeMap<String, Place> {
+    let admitted: BTreeMap<&str, &core::Approved> = verdicts
+        .iter()
+        .filter(|(n, _)| matches!(roles.get(n.as_str()), Some(PeerRole::Node)))
+        .filter_map(|(n, v)| Some((n.as_str(), v.approved.as_ref()?)))
+        .collect();
+    let location: BTreeMap<&str, Option<String>> = admitted
+        .keys()
+        .map(|n| (*n, location_of(nodes.get(n), label)))
+        .collect();
+    let mut seen: BTreeMap<&str, Vec<core::paths::Observation>> = BTreeMap::new();
+    for (&observer, approved) in &admitted {
+        let Some(status) = peers.get(observer).and_then(|p| p.status.as_ref()) else {
+            continue;
+        };
+        for path in &status.paths {
+            let Some(endpoint) = path.endpoint.as_deref().and_then(|e| e.parse().ok()) else {
+                continue;
+            };
+            if path.path != PathKind::Direct || !admitted.contains_key(path.peer.as_str()) {
+                continue;
+            }
+            seen.entry(path.peer.as_str())
+                .or_default()
+                .push(core::paths::Observation {
+                    observer_location: location.get(observer).cloned().flatten(),
+                    observer_public: !approved.public_endpoints.is_empty(),
+                    endpoint,
+                    handshake_age: path
+                        .latest_handshake
+                        .as_ref()
+                        .map(|t| now.duration_since(system_time(t)).unwrap_or_default()),
+                });
+        }
+    }
+    admitted
+        .iter()
+        .map(|(&name, approved)| {
+            let loc = location.get(name).cloned().flatten();
+            let nat = core::paths::classify(
+                loc.as_deref(),
+                &approved.public_endpoints,
+                &approved.endpoints,
+                seen.get(name).map(Vec::as_slice).unwrap_or_default(),
+            );
+            let underlay_mtu = peers
+                .get(name)
+                .and_then(|p| p.status.as_ref()?.underlay_mtu)
+                .filter(|m| (MIN_UNDERLAY_MTU..=65535).contains(m));
+            (
+                name.to_owned(),
+                Place {
+                    location: loc,
+                    nat,
+                    underlay_mtu,
+                },
+            )
+        })
+        .collect()
+}
+
+/// The smallest underlay MTU a node may report: the IPv6 minimum. A smaller report is
+/// ignored, so that one node cannot shrink every path of the mesh below it.
+const MIN_UNDERLAY_MTU: u32 = 1280;
+
 fn approve(ap: &core::Approved, peer: &MeshPeer, mesh_keepalive: u16) -> ApprovedPeer {
     let key = ap.public_key.to_string();
     ApprovedPeer {
@@ -1214,6 +1344,11 @@ fn approve(ap: &core::Approved, peer: &MeshPeer, mesh_keepalive: u16) -> Approve
         key_generation: peer.status.as_ref().and_then(|s| s.key_generation),
         allowed_ips: ap.allowed_ips.iter().map(ToString::to_string).collect(),
         endpoint: ap.endpoints.first().map(ToString::to_string),
+        public_endpoints: ap
+            .public_endpoints
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
         persistent_keepalive: Some(
             peer.spec
                 .persistent_keepalive
@@ -1221,6 +1356,7 @@ fn approve(ap: &core::Approved, peer: &MeshPeer, mesh_keepalive: u16) -> Approve
                 .unwrap_or(mesh_keepalive),
         )
         .filter(|k| *k > 0),
+        ..ApprovedPeer::default()
     }
 }
 

@@ -955,3 +955,143 @@ fn a_mesh_revocation_revokes_every_node_one_slot_at_a_time() {
     let (queued, reason) = rotating(peer(&snap, "b"));
     assert_eq!((queued, reason.as_str()), (false, "Queued"));
 }
+
+fn mk_located(name: &str, uid: &str, region: &str) -> Arc<Node> {
+    let mut node = (*mk_node(name, uid)).clone();
+    node.metadata.labels = Some(BTreeMap::from([(
+        consts::DEFAULT_LOCATION_LABEL.to_owned(),
+        region.to_owned(),
+    )]));
+    Arc::new(node)
+}
+
+/// What the agent of `name` publishes: its key, endpoint, public endpoint, and the endpoint
+/// its device sends to for each peer, with the handshake time.
+fn publish_place(
+    snap: &mut Snapshot,
+    name: &str,
+    key: &str,
+    i: u8,
+    public: bool,
+    seen: &[(&str, &str, u64)],
+) {
+    for p in &mut snap.peers {
+        if p.metadata.name.as_deref() == Some(name) {
+            let p = Arc::make_mut(p);
+            let mut status = p.status.clone().unwrap_or_else(MeshPeerStatus::default);
+            status.public_key = Some(key.into());
+            status.endpoints = vec![format!("10.0.0.{i}:51820")];
+            status.public_endpoints = if public {
+                vec![format!("198.51.100.{i}:51820")]
+            } else {
+                vec![]
+            };
+            status.paths = seen
+                .iter()
+                .map(|(peer, endpoint, at_secs)| wgmesh_api::peer::PeerPath {
+                    peer: (*peer).into(),
+                    path: PathKind::Direct,
+                    via: None,
+                    endpoint: Some((*endpoint).into()),
+                    latest_handshake: Some(time(*at_secs)),
+                })
+                .collect();
+            status.underlay_mtu = Some(1500 - u32::from(i));
+            p.status = Some(status);
+        }
+    }
+}
+
+fn approval(snap: &Snapshot, name: &str) -> ApprovedPeer {
+    peer(snap, name)
+        .status
+        .as_ref()
+        .and_then(|s| s.approved.clone())
+        .unwrap_or_else(|| panic!("{name} not approved"))
+}
+
+#[test]
+fn a_nodes_location_and_nat_come_from_its_label_and_what_public_nodes_elsewhere_see() {
+    const KEY_3: &str = "AwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwM=";
+    let mut snap = mk_snapshot(
+        vec![
+            mk_located("n1", "u1", "a"),
+            mk_located("n2", "u2", "a"),
+            mk_located("n3", "u3", "b"),
+        ],
+        vec![],
+        vec![mk_pool("p", &["10.244.0.0/16"], 24, 0)],
+    );
+    converge(&mut snap);
+    let mapped = "203.0.113.9:40000";
+    publish_place(&mut snap, "n1", KEY_1, 1, true, &[("n3", mapped, 990)]);
+    publish_place(&mut snap, "n2", KEY_2, 2, true, &[("n3", mapped, 995)]);
+    // n3 sees the public nodes at their own addresses; it is behind NAT itself, so what it
+    // sees says nothing about them.
+    publish_place(
+        &mut snap,
+        "n3",
+        KEY_3,
+        3,
+        false,
+        &[("n1", "198.51.100.1:51820", 990)],
+    );
+    converge(&mut snap);
+    let a1 = approval(&snap, "n1");
+    assert_eq!(a1.location.as_deref(), Some("a"));
+    assert_eq!(a1.nat, Some(NatKind::Public));
+    assert_eq!(a1.public_endpoints, vec!["198.51.100.1:51820".to_string()]);
+    assert_eq!(a1.underlay_mtu, Some(1499));
+    let a3 = approval(&snap, "n3");
+    assert_eq!(a3.location.as_deref(), Some("b"));
+    assert_eq!(a3.nat, Some(NatKind::EndpointIndependent));
+    assert_eq!(a3.mapped_endpoint.as_deref(), Some(mapped));
+    assert_eq!(a3.endpoint.as_deref(), Some("10.0.0.3:51820"));
+
+    // The second public node sees another port: a symmetric NAT, no mapping to share.
+    publish_place(
+        &mut snap,
+        "n2",
+        KEY_2,
+        2,
+        true,
+        &[("n3", "203.0.113.9:40001", 995)],
+    );
+    converge(&mut snap);
+    let a3 = approval(&snap, "n3");
+    assert_eq!(
+        (a3.nat, a3.mapped_endpoint),
+        (Some(NatKind::Symmetric), None)
+    );
+
+    // Views without a recent handshake do not count.
+    publish_place(&mut snap, "n1", KEY_1, 1, true, &[("n3", mapped, 10)]);
+    publish_place(&mut snap, "n2", KEY_2, 2, true, &[("n3", mapped, 20)]);
+    converge(&mut snap);
+    assert_eq!(approval(&snap, "n3").nat, Some(NatKind::Unknown));
+}
+
+#[test]
+fn the_location_label_is_the_meshs_choice() {
+    let mut snap = mk_snapshot(
+        vec![],
+        vec![],
+        vec![mk_pool("p", &["10.244.0.0/16"], 24, 0)],
+    );
+    let mut node = (*mk_node("n1", "u1")).clone();
+    node.metadata.labels = Some(BTreeMap::from([(
+        "example.com/site".to_owned(),
+        "lab".to_owned(),
+    )]));
+    snap.nodes = vec![Arc::new(node)];
+    let mut mesh = open_mesh();
+    mesh.spec.topology = Some(wgmesh_api::mesh::MeshTopology {
+        location_label: Some("example.com/site".into()),
+        ..Default::default()
+    });
+    snap.mesh = Some(Arc::new(mesh));
+    converge(&mut snap);
+    publish_key(&mut snap, "n1", KEY_1);
+    converge(&mut snap);
+    assert_eq!(approval(&snap, "n1").location.as_deref(), Some("lab"));
+}

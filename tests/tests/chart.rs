@@ -552,7 +552,9 @@ fn defaults_common_shape() -> Result<()> {
     assert_eq!(
         mesh["spec"],
         json!({"listenPort": 51820, "mtu": "auto", "transport": {"hostGateway": "Never"},
-               "persistentKeepalive": 0, "masquerade": true, "endpointAddressType": "InternalIP"})
+               "persistentKeepalive": 0, "masquerade": true, "endpointAddressType": "InternalIP",
+               "topology": {"locationLabel": "topology.kubernetes.io/region", "natKeepalive": 25,
+                            "relay": "Auto"}})
     );
     let pool = find(&docs, "PodCIDRPool", "default")?;
     assert_eq!(
@@ -953,6 +955,9 @@ fn mesh_and_pool_values() -> Result<()> {
         "mesh.persistentKeepalive=25",
         "mesh.masquerade=false",
         "mesh.endpointAddressType=ExternalIP",
+        "mesh.topology.locationLabel=example.com/site",
+        "mesh.topology.natKeepalive=15",
+        "mesh.topology.relay=Never",
         "mesh.keyRotation.interval=720h",
         "mesh.keyRotation.maxConcurrent=2",
         "mesh.ipam.releaseGracePeriod=10m",
@@ -968,6 +973,7 @@ fn mesh_and_pool_values() -> Result<()> {
             "transport": {"hostGateway": "OnLink", "hostGatewaySubnets": ["192.168.0.0/16"]},
             "persistentKeepalive": 25, "masquerade": false, "endpointAddressType": "ExternalIP",
             "ipam": {"releaseGracePeriod": "10m"},
+            "topology": {"locationLabel": "example.com/site", "natKeepalive": 15, "relay": "Never"},
             "keyRotation": {"interval": "720h", "maxConcurrent": 2},
         })
     );
@@ -1031,6 +1037,8 @@ fn schema_refuses_bad_values() -> Result<()> {
         "mesh.keyRotation.interval=monthly",
         "operator.hostNetwork=yes",
         "mesh.listenPort=0",
+        "mesh.topology.relay=Sometimes",
+        "mesh.topology.natKeepalive=-1",
     ] {
         let err = render_err(&["--set", CIDRS, "--set", bad])?;
         assert!(

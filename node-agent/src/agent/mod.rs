@@ -18,7 +18,7 @@ pub mod rotation;
 mod status_plan;
 pub mod uninstall;
 
-use crate::device::config::{ConfigUpdate, Key};
+use crate::device::config::{ConfigUpdate, Key, PeerSnapshot};
 use crate::device::{Device, DeviceConfig, DeviceHandle};
 use crate::key::KeyState;
 use crate::uapi::server::UapiServer;
@@ -53,6 +53,8 @@ use wgmesh_api::{
 };
 use wgmesh_core::api_view::ApiView;
 use wgmesh_core::duration::backoff;
+use wgmesh_core::net::Family;
+use wgmesh_core::paths;
 use wgmesh_core::topology::{self, LocalNode, NodePlan};
 
 /// How often a pass runs without events: re-adds routes the kernel lost, refreshes stats.
@@ -215,6 +217,8 @@ struct Agent {
     masquerade_loaded: Option<masquerade::Loaded>,
     last_status: Option<serde_json::Value>,
     last_connectivity_write: Option<Instant>,
+    /// The paths of the last status, to tell when one changes (a `PathChanged` Event).
+    last_paths: Option<BTreeMap<String, status_plan::PathKey>>,
     /// Status writes failed in a row: the next pass comes sooner than the resync, so an
     /// acknowledgement a peer's rotation waits for is not held back by one refused write.
     status_failures: u32,
@@ -262,6 +266,16 @@ fn decode_key(b64: &str) -> Option<Key> {
 }
 
 use status_plan::time;
+
+/// What the node publishes about where it is reached.
+struct Published {
+    /// Its endpoint within its location.
+    endpoint: Option<SocketAddr>,
+    /// Its public endpoints (annotation or `ExternalIP`s).
+    public_endpoints: Vec<SocketAddr>,
+    /// The MTU of its underlay link.
+    underlay_mtu: u32,
+}
 
 /// Runs the agent until interrupted.
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
@@ -311,6 +325,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         masquerade_loaded: None,
         last_status: None,
         last_connectivity_write: None,
+        last_paths: None,
         status_failures: 0,
         fallback_reported: false,
         ready: false,
@@ -889,22 +904,37 @@ impl Agent {
         let device_up =
             self.device.as_ref().is_some_and(|d| !d.is_stopped()) && device_index.is_some();
 
+        // Paths across locations: which address of each peer, keepalives, relays.
+        let mut families: Vec<Family> = on_link.iter().map(Family::of).collect();
+        families.sort();
+        families.dedup();
+        let me = observe::me(own.as_deref(), &self.args.node_name, families);
+        let local_underlay_mtu = self.underlay_mtu(endpoint).await;
+        let path_plan = paths::plan(&me, &approved, Some(local_underlay_mtu), &mesh.paths);
         let plan = topology::plan_node(
             &LocalNode {
                 name: self.args.node_name.clone(),
+                location: me.location.clone(),
                 on_link,
                 device_up,
                 device_unavailable: !device_up && self.device_unavailable,
             },
             &mesh.transport,
-            &approved,
+            &path_plan.peers,
             &fences,
         );
 
         self.apply_listen_port(mesh.listen_port).await;
 
         // Key rotation: step it, then give the device the keys its phase calls for.
-        self.rotate(own.as_deref(), &peers, &approved, &mesh).await;
+        let relayed: BTreeSet<String> = path_plan
+            .paths
+            .iter()
+            .filter(|(_, p)| matches!(p.kind, paths::PathKind::Relay { .. }))
+            .map(|(name, _)| name.clone())
+            .collect();
+        self.rotate(own.as_deref(), &peers, &approved, &relayed, &mesh)
+            .await;
         self.apply_device_keys();
 
         // Apply: device, addresses, routes, CNI, masquerade.
@@ -919,10 +949,12 @@ impl Agent {
         let (routes_ok, fenced) = self.apply_routes(&plan, device_index).await;
         // The MTU the Mesh asks for (`auto`: from the underlay), on the device every pass,
         // and for the pods.
+        // `auto`: the smallest underlay of the mesh, less the overhead of the endpoints'
+        // family.
         let mtu = topology::mtu(
             mesh.mtu,
-            self.underlay_mtu(endpoint).await,
-            endpoint.is_some_and(|e| e.is_ipv6()),
+            path_plan.underlay_mtu.unwrap_or(local_underlay_mtu),
+            path_plan.ipv6_endpoints || endpoint.is_some_and(|e| e.is_ipv6()),
         );
         match kernel::apply_mtu(&self.netlink, device_link.as_ref(), mtu).await {
             Ok(Some(from)) => {
@@ -1009,12 +1041,21 @@ impl Agent {
 
         self.report_fallback(&plan).await;
         self.update_peer_metrics();
+        let published = Published {
+            endpoint,
+            public_endpoints: node
+                .as_deref()
+                .map(|n| observe::public_endpoints(n, mesh.listen_port))
+                .unwrap_or_default(),
+            underlay_mtu: local_underlay_mtu,
+        };
         self.publish_status(
             own.as_deref(),
-            endpoint,
+            &published,
             device_up,
             routes_ok,
             &plan,
+            &path_plan,
             &approved,
         )
         .await;
@@ -1059,6 +1100,7 @@ impl Agent {
         own: Option<&MeshPeer>,
         peers: &[Arc<MeshPeer>],
         approved: &[topology::ApprovedPeer],
+        relayed: &BTreeSet<String>,
         mesh: &observe::MeshSettings,
     ) {
         let status = own.and_then(|o| o.status.as_ref());
@@ -1086,9 +1128,11 @@ impl Agent {
             granted: grant.is_some(),
             revoke: grant.is_some_and(|g| g.reason == GrantReason::Revoke),
             next_approved,
+            // A peer reached through a relay has no session with this node to move; it
+            // still acknowledges the next key (it holds it for the peer).
             peers: approved
                 .iter()
-                .filter(|p| p.is_node)
+                .filter(|p| p.is_node && !relayed.contains(&p.name))
                 .map(|p| p.name.clone())
                 .collect(),
             acknowledged: match &self.keys.next {
@@ -1410,13 +1454,15 @@ impl Agent {
             .record_peers(&snapshot, &names, SystemTime::now());
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn publish_status(
         &mut self,
         own: Option<&MeshPeer>,
-        endpoint: Option<SocketAddr>,
+        published: &Published,
         device_up: bool,
         routes_ok: bool,
         plan: &NodePlan,
+        path_plan: &paths::PathPlan,
         approved: &[topology::ApprovedPeer],
     ) {
         let Some(own) = own else {
@@ -1461,6 +1507,33 @@ impl Agent {
         });
         let mut installed = self.installed_keys.clone();
         installed.sort_by(|a, b| a.peer.cmp(&b.peer));
+        let by_name: BTreeMap<String, PeerSnapshot> = self
+            .device
+            .as_ref()
+            .map(|d| {
+                let snap = d.snapshot();
+                let names: BTreeMap<Key, &str> = self
+                    .configured
+                    .names
+                    .iter()
+                    .map(|(name, k)| (*k, name.as_str()))
+                    .collect();
+                snap.peers
+                    .into_iter()
+                    .filter_map(|p| Some((names.get(&p.public_key)?.to_string(), p)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let paths = status_plan::paths(&path_plan.paths, &plan.transports, &by_name);
+        let keys = status_plan::path_keys(&paths);
+        if let Some(prev) = &self.last_paths
+            && let Some(note) = status_plan::path_changes(prev, &keys)
+        {
+            info!(changes = %note, "paths changed");
+            self.publish_event(false, "PathChanged", "Route", note)
+                .await;
+        }
+        self.last_paths = Some(keys);
         let status = MeshPeerStatus {
             conditions,
             public_key: Some(self.keys.current.public_base64()),
@@ -1475,7 +1548,19 @@ impl Agent {
                 .map(|k| k.public_base64()),
             key_generation: Some(self.keys.current.generation),
             key_created_at: time(self.keys.current.created_at),
-            endpoints: endpoint.map(|e| e.to_string()).into_iter().collect(),
+            endpoints: published
+                .endpoint
+                .map(|e| e.to_string())
+                .into_iter()
+                .collect(),
+            public_endpoints: published
+                .public_endpoints
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            underlay_mtu: Some(published.underlay_mtu),
+            path_summary: status_plan::summary(&paths),
+            paths,
             rotation: rotation_status,
             installed_keys: installed,
             ..Default::default()

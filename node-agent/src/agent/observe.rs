@@ -14,9 +14,14 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 use wgmesh_api::{
     ConditionStatus, Mesh, MeshPeer,
-    consts::{ENDPOINT_ANNOTATION, condition},
-    mesh::{EndpointAddressType, HostGateway, Mtu},
+    consts::{
+        DEFAULT_NAT_KEEPALIVE_SECONDS, ENDPOINT_ANNOTATION, PUBLIC_ENDPOINT_ANNOTATION, condition,
+    },
+    mesh::{EndpointAddressType, HostGateway, Mtu, RelayPolicy},
+    peer::NatKind,
 };
+use wgmesh_core::net::Family;
+use wgmesh_core::paths::{Me, Nat, PathSettings};
 use wgmesh_core::rotation::Timeouts;
 use wgmesh_core::topology::{ApprovedPeer, HostGatewayPolicy, TransportPolicy};
 
@@ -82,10 +87,47 @@ pub fn approved_peers<'a>(
             allowed_ips: allowed,
             endpoint: approved.endpoint.as_deref().and_then(|e| e.parse().ok()),
             persistent_keepalive: approved.persistent_keepalive.unwrap_or(0),
+            location: approved.location.clone(),
+            public_endpoints: approved
+                .public_endpoints
+                .iter()
+                .filter_map(|e| e.parse().ok())
+                .collect(),
+            nat: nat(approved.nat),
+            mapped_endpoint: approved
+                .mapped_endpoint
+                .as_deref()
+                .and_then(|e| e.parse().ok()),
+            underlay_mtu: approved.underlay_mtu,
         });
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
     out
+}
+
+fn nat(kind: Option<NatKind>) -> Nat {
+    match kind {
+        Some(NatKind::Public) => Nat::Public,
+        Some(NatKind::EndpointIndependent) => Nat::EndpointIndependent,
+        Some(NatKind::Symmetric) => Nat::Symmetric,
+        Some(NatKind::Unknown) | None => Nat::Unknown,
+    }
+}
+
+/// This node as its paths need it, from its own approval (`location`, `nat`,
+/// `mappedEndpoint`): what the operator learned of it, never what it claims. `families`:
+/// those of its underlay's networks.
+pub fn me(own: Option<&MeshPeer>, name: &str, families: Vec<Family>) -> Me {
+    let approved = own.and_then(|p| p.status.as_ref()?.approved.as_ref());
+    Me {
+        name: name.to_owned(),
+        location: approved.and_then(|a| a.location.clone()),
+        nat: nat(approved.and_then(|a| a.nat)),
+        mapped: approved
+            .and_then(|a| a.mapped_endpoint.as_deref())
+            .and_then(|e| e.parse().ok()),
+        families,
+    }
 }
 
 /// The generation each rotating peer's approved next key will have, by peer name: what this
@@ -137,6 +179,8 @@ pub struct MeshSettings {
     pub rotation_timeouts: Timeouts,
     /// How long a retired key is still answered for external peers.
     pub external_grace: Duration,
+    /// Keepalives through NAT and relays (`spec.topology`).
+    pub paths: PathSettings,
 }
 
 /// Defaults of the rotation's waits.
@@ -156,6 +200,7 @@ pub fn mesh_settings(mesh: Option<&Mesh>) -> MeshSettings {
     let spec = mesh.map(|m| &m.spec);
     let transport = spec.and_then(|s| s.transport.as_ref());
     let rotation = spec.and_then(|s| s.key_rotation.as_ref());
+    let topology = spec.and_then(|s| s.topology.as_ref());
     MeshSettings {
         listen_port: spec
             .and_then(|s| s.listen_port)
@@ -192,6 +237,12 @@ pub fn mesh_settings(mesh: Option<&Mesh>) -> MeshSettings {
             rotation.and_then(|r| r.external_grace_period.as_deref()),
             DEFAULT_EXTERNAL_GRACE,
         ),
+        paths: PathSettings {
+            nat_keepalive: topology
+                .and_then(|t| t.nat_keepalive)
+                .unwrap_or(DEFAULT_NAT_KEEPALIVE_SECONDS),
+            relay: topology.and_then(|t| t.relay) != Some(RelayPolicy::Never),
+        },
     }
 }
 
@@ -223,6 +274,37 @@ pub fn endpoint(node: &Node, kind: EndpointAddressType, port: u16) -> Option<Soc
         .filter(|a| a.type_ == want)
         .find_map(|a| a.address.parse::<IpAddr>().ok())
         .map(|ip| SocketAddr::new(ip, port))
+}
+
+/// The node's public endpoints: the `wgmesh.dev/public-endpoint` annotation (`ip` or
+/// `ip:port`, several separated by commas), else its `ExternalIP` addresses, with the listen
+/// port. A value that is neither is skipped.
+pub fn public_endpoints(node: &Node, port: u16) -> Vec<SocketAddr> {
+    let parse = |value: &str| {
+        let value = value.trim();
+        value.parse::<SocketAddr>().ok().or_else(|| {
+            value
+                .parse::<IpAddr>()
+                .ok()
+                .map(|ip| SocketAddr::new(ip, port))
+        })
+    };
+    if let Some(value) = node
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(PUBLIC_ENDPOINT_ANNOTATION))
+    {
+        return value.split(',').filter_map(parse).collect();
+    }
+    node.status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|a| a.type_ == "ExternalIP")
+        .filter_map(|a| parse(&a.address))
+        .collect()
 }
 
 #[cfg(test)]
@@ -373,5 +455,42 @@ mod tests {
             endpoint(&node, EndpointAddressType::InternalIP, 51820),
             Some("203.0.113.9:4500".parse().expect("sa"))
         );
+    }
+
+    #[test]
+    fn public_endpoints_are_the_annotation_or_every_external_address() {
+        let addr = |type_: &str, address: &str| k8s_openapi::api::core::v1::NodeAddress {
+            type_: type_.into(),
+            address: address.into(),
+        };
+        let mut node = Node {
+            status: Some(k8s_openapi::api::core::v1::NodeStatus {
+                addresses: Some(vec![
+                    addr("InternalIP", "10.0.0.5"),
+                    addr("ExternalIP", "198.51.100.5"),
+                    addr("ExternalIP", "2001:db8::5"),
+                ]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let got = |node: &Node| -> Vec<String> {
+            public_endpoints(node, 51820)
+                .iter()
+                .map(ToString::to_string)
+                .collect()
+        };
+        assert_eq!(got(&node), ["198.51.100.5:51820", "[2001:db8::5]:51820"]);
+        node.metadata.annotations = Some(
+            [(
+                PUBLIC_ENDPOINT_ANNOTATION.to_string(),
+                "203.0.113.9:4500, 2001:db8::9, junk".to_string(),
+            )]
+            .into(),
+        );
+        assert_eq!(got(&node), ["203.0.113.9:4500", "[2001:db8::9]:51820"]);
+        node.metadata.annotations = None;
+        node.status = None;
+        assert!(got(&node).is_empty(), "a node behind NAT has none");
     }
 }

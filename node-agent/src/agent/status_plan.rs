@@ -4,10 +4,15 @@
 
 use crate::device::config::PeerSnapshot;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 use wgmesh_api::{
-    Condition, ConditionStatus, MeshPeerStatus, consts::condition, peer::Connectivity,
+    Condition, ConditionStatus, MeshPeerStatus,
+    consts::condition,
+    peer::{Connectivity, PathKind, PeerPath},
 };
+use wgmesh_core::paths::{self, Path};
+use wgmesh_core::topology::Transport;
 
 /// A peer counts as connected while its last handshake is younger than this: WireGuard
 /// drops an idle session 180 s after its handshake.
@@ -143,6 +148,99 @@ pub(crate) fn connectivity(peers: &[PeerSnapshot], now: SystemTime) -> Connectiv
     }
 }
 
+/// The path to each peer as the status reports it: the kind the path plan chose (host-gw
+/// where the transport plan routes the peer in the clear), and what the device sees on the
+/// peer that carries the traffic (for a relay, the relay): the endpoint it sends to, as it
+/// learned it from authenticated packets, and the latest handshake.
+pub(crate) fn paths(
+    chosen: &BTreeMap<String, Path>,
+    transports: &BTreeMap<String, Transport>,
+    device: &BTreeMap<String, PeerSnapshot>,
+) -> Vec<PeerPath> {
+    chosen
+        .iter()
+        .map(|(name, path)| {
+            let (path_kind, via) = match &path.kind {
+                paths::PathKind::Direct
+                    if matches!(
+                        transports.get(name),
+                        Some(Transport::HostGateway | Transport::FallbackHostGateway)
+                    ) =>
+                {
+                    (PathKind::HostGateway, None)
+                }
+                paths::PathKind::Direct => (PathKind::Direct, None),
+                paths::PathKind::NatTraversal => (PathKind::NatTraversal, None),
+                paths::PathKind::Relay { via } => (PathKind::Relay, Some(via.clone())),
+            };
+            let carrier = device.get(via.as_ref().unwrap_or(name));
+            PeerPath {
+                peer: name.clone(),
+                path: path_kind,
+                endpoint: carrier
+                    .and_then(|p| p.endpoint)
+                    .or(path.endpoint)
+                    .map(|e| e.to_string()),
+                latest_handshake: carrier.and_then(|p| p.last_handshake).and_then(time),
+                via,
+            }
+        })
+        .collect()
+}
+
+/// How many peers each kind of path serves, for `kubectl get -o wide`: `3 Direct, 2 Relay`.
+pub(crate) fn summary(paths: &[PeerPath]) -> Option<String> {
+    let kinds = [
+        PathKind::Direct,
+        PathKind::HostGateway,
+        PathKind::NatTraversal,
+        PathKind::Relay,
+    ];
+    let parts: Vec<String> = kinds
+        .iter()
+        .filter_map(|k| {
+            let n = paths.iter().filter(|p| p.path == *k).count();
+            (n > 0).then(|| format!("{n} {}", k.as_str()))
+        })
+        .collect();
+    (!parts.is_empty()).then(|| parts.join(", "))
+}
+
+/// A path's kind and relay, what a change is about.
+pub(crate) type PathKey = (PathKind, Option<String>);
+
+/// The paths by peer, for comparing with the next pass.
+pub(crate) fn path_keys(paths: &[PeerPath]) -> BTreeMap<String, PathKey> {
+    paths
+        .iter()
+        .map(|p| (p.peer.clone(), (p.path, p.via.clone())))
+        .collect()
+}
+
+fn describe((kind, via): &PathKey) -> String {
+    match via {
+        Some(v) => format!("{} via {v}", kind.as_str()),
+        None => kind.as_str().to_owned(),
+    }
+}
+
+/// The note of a `PathChanged` Event: every peer whose path changed since `prev`, e.g.
+/// `node-5: Relay via node-1 (was NATTraversal)`. Peers new or gone are not changes. `None`
+/// when nothing changed.
+pub(crate) fn path_changes(
+    prev: &BTreeMap<String, PathKey>,
+    now: &BTreeMap<String, PathKey>,
+) -> Option<String> {
+    let changes: Vec<String> = now
+        .iter()
+        .filter_map(|(peer, key)| {
+            let before = prev.get(peer)?;
+            (before != key).then(|| format!("{peer}: {} (was {})", describe(key), describe(before)))
+        })
+        .collect();
+    (!changes.is_empty()).then(|| changes.join("; "))
+}
+
 /// A status write: the body to send, and what to remember once it was taken (the body
 /// without connectivity, which alone does not make a write due).
 #[derive(Debug, Clone, PartialEq)]
@@ -160,11 +258,17 @@ pub(crate) fn write(
     last: Option<&serde_json::Value>,
     connectivity_due: bool,
 ) -> Option<Write> {
-    let comparable = serde_json::to_value(status).unwrap_or_default();
+    let mut body = serde_json::to_value(status).unwrap_or_default();
+    // Handshake times alone, like connectivity, do not make a write due.
+    let mut comparable = body.clone();
+    if let Some(paths) = comparable.get_mut("paths").and_then(|p| p.as_array_mut()) {
+        for p in paths.iter_mut().filter_map(|p| p.as_object_mut()) {
+            p.remove("latestHandshake");
+        }
+    }
     if last == Some(&comparable) && !connectivity_due {
         return None;
     }
-    let mut body = comparable.clone();
     if let Some(c) = connectivity {
         body["connectivity"] = serde_json::to_value(c).unwrap_or_default();
     }
@@ -296,5 +400,119 @@ mod tests {
             ..Default::default()
         };
         assert!(write(&changed, Some(&conn), Some(&first.comparable), false).is_some());
+    }
+
+    fn path(kind: paths::PathKind, endpoint: Option<&str>) -> Path {
+        Path {
+            kind,
+            endpoint: endpoint.map(|e| e.parse().expect("endpoint")),
+        }
+    }
+
+    #[test]
+    fn a_path_reports_what_the_device_sees_on_the_peer_that_carries_it() {
+        let chosen = BTreeMap::from([
+            (
+                "a".to_owned(),
+                path(paths::PathKind::Direct, Some("198.51.100.1:51820")),
+            ),
+            (
+                "b".to_owned(),
+                path(paths::PathKind::NatTraversal, Some("203.0.113.2:4000")),
+            ),
+            (
+                "c".to_owned(),
+                path(paths::PathKind::Relay { via: "a".into() }, None),
+            ),
+            (
+                "d".to_owned(),
+                path(paths::PathKind::Direct, Some("10.0.0.4:51820")),
+            ),
+        ]);
+        let transports = BTreeMap::from([("d".to_owned(), Transport::HostGateway)]);
+        let mut roamed = peer(Some(at(5)));
+        roamed.endpoint = Some("198.51.100.1:40000".parse().expect("endpoint"));
+        let device = BTreeMap::from([("a".to_owned(), roamed), ("b".to_owned(), peer(None))]);
+        let got = super::paths(&chosen, &transports, &device);
+        let by: BTreeMap<&str, &PeerPath> = got.iter().map(|p| (p.peer.as_str(), p)).collect();
+        assert_eq!(by["a"].path, PathKind::Direct);
+        assert_eq!(
+            by["a"].endpoint.as_deref(),
+            Some("198.51.100.1:40000"),
+            "the learned endpoint"
+        );
+        assert_eq!(by["a"].latest_handshake, time(at(5)));
+        assert_eq!(by["b"].path, PathKind::NatTraversal);
+        assert_eq!(by["b"].endpoint.as_deref(), Some("203.0.113.2:4000"));
+        assert_eq!(
+            (by["c"].path, by["c"].via.as_deref()),
+            (PathKind::Relay, Some("a"))
+        );
+        assert_eq!(
+            by["c"].endpoint.as_deref(),
+            Some("198.51.100.1:40000"),
+            "the relay's"
+        );
+        assert_eq!(by["c"].latest_handshake, time(at(5)));
+        assert_eq!(by["d"].path, PathKind::HostGateway);
+        assert_eq!(
+            summary(&got).as_deref(),
+            Some("1 Direct, 1 HostGateway, 1 NATTraversal, 1 Relay")
+        );
+        assert_eq!(summary(&[]), None);
+    }
+
+    #[test]
+    fn a_changed_path_is_one_event_naming_each_change() {
+        let key = |k: PathKind, via: Option<&str>| (k, via.map(str::to_owned));
+        let prev = BTreeMap::from([
+            ("x".to_owned(), key(PathKind::NatTraversal, None)),
+            ("y".to_owned(), key(PathKind::Direct, None)),
+            ("gone".to_owned(), key(PathKind::Direct, None)),
+        ]);
+        let mut now = prev.clone();
+        now.remove("gone");
+        now.insert("new".to_owned(), key(PathKind::Direct, None));
+        assert_eq!(
+            path_changes(&prev, &now),
+            None,
+            "peers coming and going are no change"
+        );
+        now.insert("x".to_owned(), key(PathKind::Relay, Some("r")));
+        assert_eq!(
+            path_changes(&prev, &now).as_deref(),
+            Some("x: Relay via r (was NATTraversal)")
+        );
+    }
+
+    #[test]
+    fn a_handshake_alone_does_not_make_a_write_due_but_a_new_endpoint_does() {
+        let mk = |endpoint: &str, hs: u64| MeshPeerStatus {
+            paths: vec![PeerPath {
+                peer: "a".into(),
+                path: PathKind::Direct,
+                via: None,
+                endpoint: Some(endpoint.into()),
+                latest_handshake: time(at(hs)),
+            }],
+            ..Default::default()
+        };
+        let first = write(&mk("192.0.2.1:1", 0), None, None, false).expect("first");
+        assert!(first.body["paths"][0].get("latestHandshake").is_some());
+        assert_eq!(
+            write(
+                &mk("192.0.2.1:1", 120),
+                None,
+                Some(&first.comparable),
+                false
+            ),
+            None
+        );
+        let due = write(&mk("192.0.2.1:1", 120), None, Some(&first.comparable), true).expect("due");
+        assert_eq!(
+            due.body["paths"][0]["latestHandshake"],
+            serde_json::json!(time(at(120)))
+        );
+        assert!(write(&mk("192.0.2.9:1", 0), None, Some(&first.comparable), false).is_some());
     }
 }
