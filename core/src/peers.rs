@@ -1207,7 +1207,7 @@ mod tests {
         let approved = v["n1"].approved.clone().expect("approved");
         assert_eq!(
             approved.public_endpoints,
-            vec!["198.51.100.7:51820".parse().unwrap()]
+            vec!["198.51.100.7:51820".parse().expect("endpoint")]
         );
         assert_eq!(approved.endpoints.len(), 1);
         node.public_endpoints = vec!["somewhere".into()];
