@@ -6,6 +6,7 @@
 //! applies the difference. Unchanged peers are never touched, so their sessions survive.
 //! Routes fail closed: see `wgmesh_core::topology`.
 
+mod api_client;
 pub mod cni;
 mod device_plan;
 mod kernel;
@@ -291,9 +292,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     );
     let mut forwarding = enable_forwarding();
 
-    let client = kube::Client::try_default()
-        .await
-        .context("connecting to the Kubernetes API (in-cluster or KUBECONFIG)")?;
+    let client = api_client::client().await?;
     let netlink = netlink::Netlink::connect(args.route_protocol)?;
     let metrics = Arc::new(Metrics::new());
     let notify = Arc::new(Notify::new());
