@@ -5,9 +5,10 @@
 # own), each running wgmesh-agent, and pods as network namespaces plumbed by the CNI
 # reference plugins with the configuration the agent wrote, as a container runtime would.
 #
-#   hack/mesh.sh up [--nodes N] [--dir DIR] [--id ID] [--release] [--host-gw]
+#   hack/mesh.sh up [--nodes N] [--dir DIR] [--id ID] [--release] [--host-gw] [--clouds]
 #   hack/mesh.sh pod NODE POD          make a pod (netns ID-POD) on NODE via CNI ADD
-#   hack/mesh.sh add-node NODE         register one more node and start its agent
+#   hack/mesh.sh add-node NODE [SITE]  register one more node and start its agent (--clouds: at
+#                                      SITE, default the table's site for NODE, else a)
 #   hack/mesh.sh remove-node NODE      stop the node's agent, delete its Node and netns
 #   hack/mesh.sh stop-agent NODE [SIG] stop a node's agent (default TERM; KILL for a crash)
 #   hack/mesh.sh start-agent NODE      start a node's agent again
@@ -17,10 +18,29 @@
 #   hack/mesh.sh start-operator        start the operator again
 #   hack/mesh.sh down [--dir DIR]      stop everything, delete every namespace
 #   hack/mesh.sh env [--dir DIR]       print the variables tests and people use
+#   hack/mesh.sh address NODE          print the node's address (its Node's InternalIP)
+# With --clouds only:
+#   hack/mesh.sh site NODE             print the site the node is at now
+#   hack/mesh.sh wan SITE              print the address of the site's NAT router on the internet
+#   hack/mesh.sh flush-nat SITE        empty the site's NAT router's conntrack table (every
+#                                      mapping is gone, as when a router reboots)
+#   hack/mesh.sh move-node NODE SITE   move the node to SITE (its link goes to that site's LAN, it
+#                                      gets the lowest free address there) and update its Node's
+#                                      addresses as a kubelet would; its agent keeps running
+#
+# WGMESH_SKIP_BUILD=1: `up` runs the binaries in target/<profile> as they are, without cargo.
 #
 # The underlay is a /24 of 198.18.0.0/15 (the range set aside for benchmarking networks, so
 # it collides with no real one): nodes node-1..node-N are .11.., the API server .2, the
 # underlay's gateway .1, and the host joins as .254 to reach the API server. Needs root.
+#
+# --clouds: the underlay is the "internet" between sites, and the nodes are those of the table
+# in hack/lib/clouds.sh: sites a and f on the internet itself (node-1 and node-2 at a, node-8
+# at f; public and dual-stack: their Nodes have an IPv6 and an IPv4 ExternalIP), sites b, c
+# and d each a LAN behind a NAT router of its own (b and d endpoint-independent, c symmetric
+# with an MTU of 1400; their Nodes have only their LAN address), and a spare site e with no
+# node. hack/lib/clouds.sh says which addresses and rules each router has.
+# Every Node carries its site as `topology.kubernetes.io/region`, the Mesh's location label.
 #
 # Every component runs under its own identity, as the Helm chart sets them up (the chart's
 # RBAC and admission webhook, rendered with helm): the operator with its ServiceAccount's
@@ -32,6 +52,8 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(cd "$here/.." && pwd)
 # shellcheck source=hack/lib/common.sh
 source "$here/lib/common.sh"
+# shellcheck source=hack/lib/clouds.sh
+source "$here/lib/clouds.sh"
 WGMESH_LOG_PREFIX="[mesh]"
 
 dir=${WGMESH_MESH_DIR:-/tmp/wgmesh-mesh}
@@ -40,8 +62,11 @@ id=""
 profile=debug
 hostgw=""
 net=""
+clouds=""
+nodes_set=""
 
-usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
+# The comment block at the top of this file.
+usage() { sed -n '2,/^[^#]/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
 
 cmd=${1:-}
 [[ -n $cmd ]] || {
@@ -53,11 +78,12 @@ args=()
 while [[ $# -gt 0 ]]; do
 	case "$1" in
 	--dir) dir=$2; shift 2 ;;
-	--nodes) nodes=$2; shift 2 ;;
+	--nodes) nodes=$2; nodes_set=1; shift 2 ;;
 	--id) id=$2; shift 2 ;;
 	--net) net=$2; shift 2 ;;
 	--release) profile=release; shift ;;
 	--host-gw) hostgw=1; shift ;;
+	--clouds) clouds=1; shift ;;
 	-h | --help) usage; exit 0 ;;
 	*) args+=("$1"); shift ;;
 	esac
@@ -68,13 +94,24 @@ if [[ -f $dir/mesh.env ]]; then
 	# shellcheck disable=SC1091
 	source "$dir/mesh.env"
 fi
+# A mesh brought up before --clouds existed has no MESH_CLOUDS: a flat one.
+MESH_CLOUDS=${MESH_CLOUDS:-0}
+# Where hack/lib/clouds.sh records which node is at which site, with which address.
+CLOUDS_DIR="$dir/clouds"
 
 ns_ul() { echo "${MESH_ID}-ul"; }
 ns_cp() { echo "${MESH_ID}-cp"; }
 ns_node() { echo "${MESH_ID}-$1"; }
 ns_pod() { echo "${MESH_ID}-$1"; }
 node_index() { echo "${1#node-}"; }
-node_ip() { echo "${MESH_NET}.$((10 + $(node_index "$1")))"; }
+node_ip() {
+	if [[ $MESH_CLOUDS == 1 ]]; then
+		clouds_node_address "$1"
+	else
+		echo "${MESH_NET}.$((10 + $(node_index "$1")))"
+	fi
+}
+veth_node() { echo "m${MESH_ID}n$(node_index "$1")"; }
 iface() { echo "wg-${MESH_ID}-n$(node_index "$1")"; }
 kc() { KUBECONFIG="$dir/cp/kubeconfig" kubectl "$@"; }
 
@@ -239,11 +276,21 @@ upgrade_agent() {
 }
 
 add_node() {
-	local node=$1 ns ip
+	local node=$1 site=${2:-} ns ip
 	ns=$(ns_node "$node")
-	ip=$(node_ip "$node")
 	ip netns add "$ns"
 	ip -n "$ns" link set lo up
+	if [[ $MESH_CLOUDS == 1 ]]; then
+		[[ -n $site ]] || site=$(clouds_table_site "$node")
+		[[ -n $site ]] || site=a
+		ip link add "$(veth_node "$node")" type veth peer name eth0 netns "$ns"
+		clouds_attach "$node" "$site" "$(veth_node "$node")" "" "$(ns_ul)"
+		ip=$(clouds_node_address "$node")
+		register_cloud_node "$node" "$site" "$ip"
+		start_agent "$node"
+		return 0
+	fi
+	ip=$(node_ip "$node")
 	ip link add "m${MESH_ID}n$(node_index "$node")" type veth peer name eth0 netns "$ns"
 	ip link set "m${MESH_ID}n$(node_index "$node")" netns "$(ns_ul)"
 	ip -n "$(ns_ul)" link set "m${MESH_ID}n$(node_index "$node")" master ul0 up
@@ -265,6 +312,86 @@ YAML
 	start_agent "$node"
 }
 
+# The addresses of Node NODE at SITE with address ADDR, as a kubelet reports them (a JSON
+# list, YAML too): a public node's address is its InternalIP and, with its IPv6 address, its
+# ExternalIPs; a node behind NAT knows only its LAN address.
+cloud_node_addresses() {
+	local node=$1 site=$2 addr=$3 nat
+	nat=$(clouds_nat "$site")
+	if [[ $nat == none ]]; then
+		# Dual-stack: its IPv6 address first, the one nodes that have IPv6 prefer.
+		echo "[{\"type\": \"InternalIP\", \"address\": \"$addr\"}, {\"type\": \"ExternalIP\", \"address\": \"$(clouds_node_address6 "$node")\"}, {\"type\": \"ExternalIP\", \"address\": \"$addr\"}]"
+	else
+		echo "[{\"type\": \"InternalIP\", \"address\": \"$addr\"}]"
+	fi
+}
+
+# As a kubelet registers a node of site SITE at ADDR: its location label and addresses.
+register_cloud_node() {
+	local node=$1 site=$2 addr=$3 addresses
+	addresses=$(cloud_node_addresses "$node" "$site" "$addr")
+	cat <<YAML | kc create -f - >/dev/null
+apiVersion: v1
+kind: Node
+metadata:
+  name: $node
+  labels: {kubernetes.io/hostname: $node, topology.kubernetes.io/region: $site}
+status:
+  addresses: $addresses
+YAML
+}
+
+# What a kubelet does when its node's addresses change: it writes the Node's status. A PUT of
+# the whole object to the status subresource, which every kubectl can send (`kubectl patch
+# --subresource` is newer than Debian's kubectl 1.20); retried when another writer got there
+# first (409).
+update_node_addresses() {
+	local node=$1 site=$2 addr=$3 addresses file
+	addresses=$(cloud_node_addresses "$node" "$site" "$addr")
+	file="$dir/nodes/$node/node-status.json"
+	for _ in $(seq 10); do
+		if kc get node "$node" -o json |
+			ADDRESSES=$addresses python3 -c 'import json, os, sys
+node = json.load(sys.stdin)
+node.setdefault("status", {})["addresses"] = json.loads(os.environ["ADDRESSES"])
+json.dump(node, sys.stdout)' >"$file" &&
+			kc replace --raw "/api/v1/nodes/$node/status" -f "$file" >/dev/null; then
+			return 0
+		fi
+		sleep 0.5
+	done
+	die "could not write the addresses of Node $node"
+}
+
+# Moves NODE to SITE: its link, its address, its default route, its Node's addresses. Its
+# namespace, and with it its agent, its device and its pods' links, stay.
+move_node() {
+	local node=$1 site=$2 from from_nat from_ns addr
+	[[ $MESH_CLOUDS == 1 ]] || die "move-node needs a mesh brought up with --clouds"
+	from=$(clouds_node_site "$node")
+	[[ -n $from ]] || die "$node is at no site"
+	[[ $from != "$site" ]] || die "$node is at site $site already"
+	from_nat=$(clouds_nat "$from")
+	if [[ $from_nat == none ]]; then
+		from_ns=$(ns_ul)
+	else
+		from_ns=$(clouds_ns_router "$from")
+	fi
+	clouds_attach "$node" "$site" "$(veth_node "$node")" "$from_ns" "$(ns_ul)"
+	addr=$(clouds_node_address "$node")
+	update_node_addresses "$node" "$site" "$addr"
+	log "$node moved from site $from to site $site, at $addr"
+}
+
+# The site of NODE (--clouds).
+node_site() {
+	local site
+	[[ $MESH_CLOUDS == 1 ]] || die "no sites: the mesh in $dir was not brought up with --clouds"
+	site=$(clouds_node_site "$1")
+	[[ -n $site ]] || die "$1 is at no site"
+	echo "$site"
+}
+
 remove_node() {
 	local node=$1
 	stop_agent "$node" TERM
@@ -277,6 +404,7 @@ remove_node() {
 	done < <(cat "$dir/pods/$node" 2>/dev/null || true)
 	rm -f "$dir/pods/$node"
 	ip netns del "$(ns_node "$node")" 2>/dev/null || true
+	rm -f "$CLOUDS_DIR/$node"
 }
 
 make_pod() {
@@ -312,7 +440,7 @@ down() {
 		ip netns del "$ns" 2>/dev/null || true
 	done
 	ip link del "m${MESH_ID}h" 2>/dev/null || true
-	rm -f /var/run/wireguard/wg-"${MESH_ID}"-n*.sock
+	rm -f /var/run/wireguard/wg-"${MESH_ID}"-n*.sock /var/run/wireguard/wgx"${MESH_ID}".sock
 	rm -rf "$dir"
 	log "mesh ${MESH_ID} is down"
 }
@@ -320,20 +448,30 @@ down() {
 up() {
 	need_root "hack/mesh.sh"
 	[[ -f $dir/mesh.env ]] && die "a mesh is already up in $dir; run hack/mesh.sh down --dir $dir first"
+	[[ -z $clouds || -z $nodes_set ]] || die "--nodes and --clouds: the nodes of --clouds are the table's in hack/lib/clouds.sh"
 	# WGMESH_SKIP_DEPS=1: the caller ran hack/lib/deps.sh already (helm renders the identities).
 	[[ ${WGMESH_SKIP_DEPS:-0} == 1 ]] || bash "$here/lib/deps.sh"
 	bash "$here/cluster.sh" install
 	[[ -n $id ]] || id=$(printf 'm%03d' $((RANDOM % 1000)))
 	[[ -n $net ]] || net="198.18.$((RANDOM % 250))"
-	log "building ($profile)"
-	local flags=()
-	[[ $profile == release ]] && flags=(--release)
-	(cd "$root" && cargo build -q "${flags[@]}" -p wgmesh-operator -p wgmesh-agent -p wgmesh-tests --bin wgmesh-operator --bin wgmesh-agent --bin cni-exec)
+	if [[ ${WGMESH_SKIP_BUILD:-0} == 1 ]]; then
+		local bin
+		for bin in wgmesh-operator wgmesh-agent cni-exec; do
+			[[ -x $root/target/$profile/$bin ]] || die "WGMESH_SKIP_BUILD=1 but there is no $root/target/$profile/$bin"
+		done
+		log "not building (WGMESH_SKIP_BUILD=1): the binaries in target/$profile as they are"
+	else
+		log "building ($profile)"
+		local flags=()
+		[[ $profile == release ]] && flags=(--release)
+		(cd "$root" && cargo build -q "${flags[@]}" -p wgmesh-operator -p wgmesh-agent -p wgmesh-tests --bin wgmesh-operator --bin wgmesh-agent --bin cni-exec)
+	fi
 	mkdir -p "$dir/logs" "$dir/pids" "$dir/pods" "$dir/nodes"
 	cat >"$dir/mesh.env" <<ENV
 MESH_ID=$id
 MESH_NET=$net
 MESH_BIN=$root/target/$profile
+MESH_CLOUDS=${clouds:-0}
 ENV
 	# shellcheck disable=SC1091
 	source "$dir/mesh.env"
@@ -365,6 +503,9 @@ ENV
 	kc wait --for=condition=Established --timeout=60s -f "$root/crds" >/dev/null
 	local transport="{hostGateway: Never}"
 	[[ -n $hostgw ]] && transport="{hostGateway: OnLink}"
+	# --clouds: the sites are the locations (the default label, written out).
+	local topology=""
+	[[ -z $clouds ]] || topology="topology: {locationLabel: topology.kubernetes.io/region}"
 	cat <<YAML | kc apply -f - >/dev/null
 apiVersion: wgmesh.dev/v1alpha1
 kind: Mesh
@@ -373,6 +514,7 @@ spec:
   listenPort: 51820
   transport: $transport
   externalPeers: {allowedRanges: ["10.250.0.0/24"]}
+  $topology
 ---
 apiVersion: wgmesh.dev/v1alpha1
 kind: PodCIDRPool
@@ -384,14 +526,36 @@ YAML
 	install_identities
 	start_operator
 
-	for i in $(seq "$nodes"); do
-		log "node-$i at $(node_ip "node-$i") in netns $(ns_node "node-$i")"
-		add_node "node-$i"
-	done
+	if [[ -n $clouds ]]; then
+		up_clouds
+	else
+		for i in $(seq "$nodes"); do
+			log "node-$i at $(node_ip "node-$i") in netns $(ns_node "node-$i")"
+			add_node "node-$i"
+		done
+	fi
 	log "waiting for every node's peer to be Ready"
 	kc wait --for=condition=Ready --timeout=120s meshpeers --all >/dev/null ||
 		die "peers not Ready; see $dir/logs/"
+	[[ -z $clouds ]] || nodes=$(clouds_nodes | wc -l)
 	log "mesh ${MESH_ID} is up: $nodes nodes. KUBECONFIG=$dir/cp/kubeconfig"
+}
+
+# The NAT routers of hack/lib/clouds.sh's sites, then its nodes, each at its site.
+up_clouds() {
+	local site nat node
+	# The internet is dual-stack.
+	ip -n "$(ns_ul)" addr add "$(clouds_v6)::1/64" dev ul0 nodad
+	for site in $(clouds_sites); do
+		nat=$(clouds_nat "$site")
+		[[ $nat != none ]] || continue
+		log "site $site: NAT router ($nat) at $(clouds_wan "$site") in netns $(clouds_ns_router "$site"), LAN $(clouds_lan "$site").0/24"
+		clouds_router_up "$site" "$(ns_ul)"
+	done
+	for node in $(clouds_nodes); do
+		add_node "$node"
+		log "$node at site $(clouds_node_site "$node"), $(node_ip "$node"), in netns $(ns_node "$node")"
+	done
 }
 
 case "$cmd" in
@@ -404,8 +568,20 @@ env)
 	;;
 pod) make_pod "${args[0]:?NODE}" "${args[1]:?POD}" ;;
 add-node)
-	add_node "${args[0]:?NODE}"
+	[[ $MESH_CLOUDS == 1 || -z ${args[1]:-} ]] || die "no sites: the mesh in $dir was not brought up with --clouds"
+	add_node "${args[0]:?NODE}" "${args[1]:-}"
 	;;
+address) node_ip "${args[0]:?NODE}" ;;
+site) node_site "${args[0]:?NODE}" ;;
+wan)
+	[[ $MESH_CLOUDS == 1 ]] || die "no sites: the mesh in $dir was not brought up with --clouds"
+	clouds_wan "${args[0]:?SITE}"
+	;;
+flush-nat)
+	[[ $MESH_CLOUDS == 1 ]] || die "no NAT: the mesh in $dir was not brought up with --clouds"
+	clouds_flush "${args[0]:?SITE}"
+	;;
+move-node) move_node "${args[0]:?NODE}" "${args[1]:?SITE}" ;;
 remove-node) remove_node "${args[0]:?NODE}" ;;
 stop-agent) stop_agent "${args[0]:?NODE}" "${args[1]:-TERM}" ;;
 start-agent) start_agent "${args[0]:?NODE}" ;;

@@ -185,7 +185,9 @@ pub struct PathPlan {
     /// The smallest underlay MTU over this node and every node peer that reported one:
     /// what the device's MTU derives from.
     pub underlay_mtu: Option<u32>,
-    /// Whether any chosen endpoint is IPv6 (the larger overhead applies).
+    /// Whether the larger IPv6 overhead applies: any chosen endpoint, or any endpoint a node
+    /// of the mesh publishes, is IPv6. One MTU for the whole mesh, so that a relay never has
+    /// a packet to forward that is larger than its own device takes.
     pub ipv6_endpoints: bool,
 }
 
@@ -316,7 +318,9 @@ pub fn plan(
         {
             out.underlay_mtu = Some(out.underlay_mtu.map_or(m, |u| u.min(m)));
         }
-        out.ipv6_endpoints |= p.endpoint.is_some_and(|e| e.is_ipv6());
+        out.ipv6_endpoints |= p.endpoint.is_some_and(|e| e.is_ipv6())
+            || (p.is_node
+                && (peer.endpoint.iter().chain(&peer.public_endpoints)).any(SocketAddr::is_ipv6));
         out.paths.insert(p.name.clone(), path);
         out.peers.push(p);
     }
@@ -590,7 +594,11 @@ mod tests {
         let mut me = me_from(me);
         let plan4 = plan(&me, &all, None, &PathSettings::default());
         assert_eq!(plan4.paths["n1"].endpoint, Some(ep("198.51.100.1:51820")));
-        assert!(!plan4.ipv6_endpoints);
+        assert!(
+            plan4.ipv6_endpoints,
+            "n1 publishes an IPv6 endpoint: the mesh's MTU leaves room for it everywhere"
+        );
+        assert!(!plan_for("n3", &clouds()).ipv6_endpoints);
         me.families = vec![Family::V6];
         let plan6 = plan(&me, &all, None, &PathSettings::default());
         assert_eq!(plan6.paths["n1"].endpoint, Some(ep("[2001:db8::1]:51820")));

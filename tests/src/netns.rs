@@ -54,11 +54,24 @@ pub fn report(line: &str) {
 
 impl Mesh {
     pub fn up(nodes: usize) -> Result<Mesh> {
+        Mesh::up_with(&["--nodes", &nodes.to_string()])
+    }
+
+    /// The multi-cloud mesh of `hack/mesh.sh up --clouds`: the sites and nodes of the table
+    /// in `hack/lib/clouds.sh`, sites behind NAT routers, the underlay as their internet.
+    pub fn up_clouds() -> Result<Mesh> {
+        Mesh::up_with(&["--clouds"])
+    }
+
+    /// `hack/mesh.sh up ARGS --dir <a new directory>`.
+    fn up_with(args: &[&str]) -> Result<Mesh> {
         let dir = std::env::temp_dir().join(unique_name("wgmesh-e2e"));
         let script = repo_root().join("hack/mesh.sh");
         let out = run(Command::new("bash")
             .arg(&script)
-            .args(["up", "--nodes", &nodes.to_string(), "--dir"])
+            .arg("up")
+            .args(args)
+            .arg("--dir")
             .arg(&dir))?;
         let mut mesh = Mesh {
             dir,
@@ -194,6 +207,23 @@ impl Mesh {
         format!("{}.{}", self.net, 10 + i)
     }
 
+    /// The node's address as its Node has it (`hack/mesh.sh address`): on the underlay, or,
+    /// in a `--clouds` mesh, on its site's LAN when the site is behind NAT.
+    pub fn address(&self, node: &str) -> Result<String> {
+        Ok(self.script(&["address", node])?.trim().to_owned())
+    }
+
+    /// The site a node of a `--clouds` mesh is at now (`hack/mesh.sh site`).
+    pub fn site(&self, node: &str) -> Result<String> {
+        Ok(self.script(&["site", node])?.trim().to_owned())
+    }
+
+    /// The address of a site's NAT router on the underlay, the sites' internet
+    /// (`hack/mesh.sh wan`).
+    pub fn wan(&self, site: &str) -> Result<String> {
+        Ok(self.script(&["wan", site])?.trim().to_owned())
+    }
+
     pub fn iface(&self, node: &str) -> String {
         format!("wg-{}-n{}", self.id, node.trim_start_matches("node-"))
     }
@@ -273,6 +303,11 @@ pub struct Capture {
 }
 
 impl Capture {
+    /// The file the packets go to (a pcap file, readable with `tcpdump -r`).
+    pub fn path(&self) -> PathBuf {
+        self.file.clone()
+    }
+
     /// Stops capturing and counts the packets matching each filter.
     pub fn stop(mut self, filters: &[&str]) -> Result<Vec<usize>> {
         // Let the last packets reach the capture before it stops.
@@ -332,6 +367,28 @@ pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) ->
         std::thread::sleep(Duration::from_millis(100));
     }
     bail!("timed out after {timeout:?} waiting for {what}")
+}
+
+/// One ping (`-c 1 -W 2`) from each `(pod, address)` of `pings`, all at once; whether each
+/// was answered, in order.
+pub fn ping_at_once(mesh: &Mesh, pings: &[(&str, &str)]) -> Vec<bool> {
+    let children: Vec<Option<Child>> = pings
+        .iter()
+        .map(|(from, to)| {
+            mesh.exec(from, &["ping", "-c", "1", "-W", "2", to])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .ok()
+        })
+        .collect();
+    children
+        .into_iter()
+        .map(|c| {
+            c.and_then(|mut c| c.wait().ok())
+                .is_some_and(|s| s.success())
+        })
+        .collect()
 }
 
 pub fn all_pairs(mesh: &Mesh, pods: &[(&str, &str)]) -> Vec<String> {

@@ -574,6 +574,15 @@ fn wait_for_successor(device: &DeviceHandle, wait: Duration) {
     }
 }
 
+/// Whether an underlay address can reach another location: not link-local (every IPv6 link
+/// has an `fe80::` address, which says nothing about an IPv6 underlay).
+fn routable(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => !v4.is_link_local() && !v4.is_loopback(),
+        std::net::IpAddr::V6(v6) => !v6.is_unicast_link_local() && !v6.is_loopback(),
+    }
+}
+
 /// Turns IPv4 and IPv6 forwarding on, as routing between pods and the device needs, and
 /// reports whether IPv4 forwarding is on. A container without a writable `/proc/sys` (every
 /// unprivileged one) cannot set it; nodes normally have it on already (kubeadm requires it),
@@ -904,7 +913,11 @@ impl Agent {
             self.device.as_ref().is_some_and(|d| !d.is_stopped()) && device_index.is_some();
 
         // Paths across locations: which address of each peer, keepalives, relays.
-        let mut families: Vec<Family> = on_link.iter().map(Family::of).collect();
+        let mut families: Vec<Family> = on_link
+            .iter()
+            .filter(|n| routable(n.addr()))
+            .map(Family::of)
+            .collect();
         families.sort();
         families.dedup();
         let me = observe::me(own.as_deref(), &self.args.node_name, families);
