@@ -26,6 +26,16 @@ pub(crate) struct Configured {
     pub endpoints: BTreeMap<String, Option<SocketAddr>>,
 }
 
+impl Configured {
+    /// The peer names by key: what the device's peers are called.
+    pub fn names_by_key(&self) -> BTreeMap<Key, &str> {
+        self.names
+            .iter()
+            .map(|(name, k)| (*k, name.as_str()))
+            .collect()
+    }
+}
+
 /// The outcome of [`plan`].
 #[derive(Debug, Default)]
 pub(crate) struct DevicePlan {

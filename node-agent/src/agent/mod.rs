@@ -220,6 +220,8 @@ struct Agent {
     last_connectivity_write: Option<Instant>,
     /// The paths of the last status, to tell when one changes (a `PathChanged` Event).
     last_paths: Option<BTreeMap<String, status_plan::PathKey>>,
+    /// Values of the public endpoint annotation that are no endpoint, once said.
+    bad_public_endpoints: Vec<String>,
     /// Status writes failed in a row: the next pass comes sooner than the resync, so an
     /// acknowledgement a peer's rotation waits for is not held back by one refused write.
     status_failures: u32,
@@ -325,6 +327,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         last_status: None,
         last_connectivity_write: None,
         last_paths: None,
+        bad_public_endpoints: Vec::new(),
         status_failures: 0,
         fallback_reported: false,
         ready: false,
@@ -831,6 +834,23 @@ impl Agent {
         Ok(())
     }
 
+    /// The node's public endpoints; says once when its annotation holds a value that is no
+    /// endpoint (it is left out).
+    fn public_endpoints(&mut self, node: Option<&Node>, port: u16) -> Vec<SocketAddr> {
+        let (good, bad) = node
+            .map(|n| observe::public_endpoints(n, port))
+            .unwrap_or_default();
+        if !bad.is_empty() && self.bad_public_endpoints != bad {
+            warn!(
+                annotation = wgmesh_api::consts::PUBLIC_ENDPOINT_ANNOTATION,
+                values = ?bad,
+                "not an IP address or ip:port; left out of the node's public endpoints"
+            );
+        }
+        self.bad_public_endpoints = bad;
+        good
+    }
+
     /// Says once when this node has no peer of its own yet, and whether a peer with its
     /// name that it does not trust is in the way.
     fn report_own_peer(&mut self, found: bool, peers: &[Arc<MeshPeer>]) {
@@ -920,7 +940,13 @@ impl Agent {
             .collect();
         families.sort();
         families.dedup();
-        let me = observe::me(own.as_deref(), &self.args.node_name, families);
+        let me = observe::me(
+            &self.args.node_name,
+            own.as_deref(),
+            node.as_deref(),
+            &mesh.location_label,
+            families,
+        );
         let local_underlay_mtu = self.underlay_mtu(endpoint).await;
         let path_plan = paths::plan(&me, &approved, Some(local_underlay_mtu), &mesh.paths);
         let plan = topology::plan_node(
@@ -1055,10 +1081,7 @@ impl Agent {
         self.update_peer_metrics();
         let published = Published {
             endpoint,
-            public_endpoints: node
-                .as_deref()
-                .map(|n| observe::public_endpoints(n, mesh.listen_port))
-                .unwrap_or_default(),
+            public_endpoints: self.public_endpoints(node.as_deref(), mesh.listen_port),
             underlay_mtu: local_underlay_mtu,
         };
         self.publish_status(
@@ -1456,12 +1479,7 @@ impl Agent {
             return;
         };
         let snapshot = device.snapshot();
-        let names: BTreeMap<Key, &str> = self
-            .configured
-            .names
-            .iter()
-            .map(|(name, k)| (*k, name.as_str()))
-            .collect();
+        let names = self.configured.names_by_key();
         self.metrics
             .record_peers(&snapshot, &names, SystemTime::now());
     }
@@ -1523,14 +1541,9 @@ impl Agent {
             .device
             .as_ref()
             .map(|d| {
-                let snap = d.snapshot();
-                let names: BTreeMap<Key, &str> = self
-                    .configured
-                    .names
-                    .iter()
-                    .map(|(name, k)| (*k, name.as_str()))
-                    .collect();
-                snap.peers
+                let names = self.configured.names_by_key();
+                d.snapshot()
+                    .peers
                     .into_iter()
                     .filter_map(|p| Some((names.get(&p.public_key)?.to_string(), p)))
                     .collect()

@@ -15,7 +15,8 @@ use std::time::Duration;
 use wgmesh_api::{
     ConditionStatus, Mesh, MeshPeer,
     consts::{
-        DEFAULT_NAT_KEEPALIVE_SECONDS, ENDPOINT_ANNOTATION, PUBLIC_ENDPOINT_ANNOTATION, condition,
+        DEFAULT_LOCATION_LABEL, DEFAULT_NAT_KEEPALIVE_SECONDS, ENDPOINT_ANNOTATION,
+        PUBLIC_ENDPOINT_ANNOTATION, condition,
     },
     mesh::{EndpointAddressType, HostGateway, Mtu, RelayPolicy},
     peer::NatKind,
@@ -115,13 +116,25 @@ fn nat(kind: Option<NatKind>) -> Nat {
 }
 
 /// This node as its paths need it, from its own approval (`location`, `nat`,
-/// `mappedEndpoint`): what the operator learned of it, never what it claims. `families`:
-/// those of its underlay's networks.
-pub fn me(own: Option<&MeshPeer>, name: &str, families: Vec<Family>) -> Me {
+/// `mappedEndpoint`): what the operator learned of it, never what it claims. Until the
+/// approval is there, its location is its Node's label (`location_label`), so that it does
+/// not take the nodes of its own location for another's meanwhile. `families`: those of its
+/// underlay's networks.
+pub fn me(
+    name: &str,
+    own: Option<&MeshPeer>,
+    node: Option<&Node>,
+    location_label: &str,
+    families: Vec<Family>,
+) -> Me {
     let approved = own.and_then(|p| p.status.as_ref()?.approved.as_ref());
+    let label = || node?.metadata.labels.as_ref()?.get(location_label).cloned();
     Me {
         name: name.to_owned(),
-        location: approved.and_then(|a| a.location.clone()),
+        location: match approved {
+            Some(a) => a.location.clone(),
+            None => label(),
+        },
         nat: nat(approved.and_then(|a| a.nat)),
         mapped: approved
             .and_then(|a| a.mapped_endpoint.as_deref())
@@ -181,6 +194,8 @@ pub struct MeshSettings {
     pub external_grace: Duration,
     /// Keepalives through NAT and relays (`spec.topology`).
     pub paths: PathSettings,
+    /// The Node label naming a node's location (`spec.topology.locationLabel`).
+    pub location_label: String,
 }
 
 /// Defaults of the rotation's waits.
@@ -237,6 +252,10 @@ pub fn mesh_settings(mesh: Option<&Mesh>) -> MeshSettings {
             rotation.and_then(|r| r.external_grace_period.as_deref()),
             DEFAULT_EXTERNAL_GRACE,
         ),
+        location_label: topology
+            .and_then(|t| t.location_label.clone())
+            .filter(|l| !l.is_empty())
+            .unwrap_or_else(|| DEFAULT_LOCATION_LABEL.to_owned()),
         paths: PathSettings {
             nat_keepalive: topology
                 .and_then(|t| t.nat_keepalive)
@@ -278,33 +297,43 @@ pub fn endpoint(node: &Node, kind: EndpointAddressType, port: u16) -> Option<Soc
 
 /// The node's public endpoints: the `wgmesh.dev/public-endpoint` annotation (`ip` or
 /// `ip:port`, several separated by commas), else its `ExternalIP` addresses, with the listen
-/// port. A value that is neither is skipped.
-pub fn public_endpoints(node: &Node, port: u16) -> Vec<SocketAddr> {
+/// port. Values that are neither are returned apart, for the agent to say so.
+pub fn public_endpoints(node: &Node, port: u16) -> (Vec<SocketAddr>, Vec<String>) {
     let parse = |value: &str| {
         let value = value.trim();
-        value.parse::<SocketAddr>().ok().or_else(|| {
-            value
-                .parse::<IpAddr>()
-                .ok()
-                .map(|ip| SocketAddr::new(ip, port))
-        })
+        value
+            .parse::<SocketAddr>()
+            .ok()
+            .or_else(|| {
+                value
+                    .parse::<IpAddr>()
+                    .ok()
+                    .map(|ip| SocketAddr::new(ip, port))
+            })
+            .ok_or_else(|| value.to_owned())
     };
-    if let Some(value) = node
+    let values: Vec<Result<SocketAddr, String>> = match node
         .metadata
         .annotations
         .as_ref()
         .and_then(|a| a.get(PUBLIC_ENDPOINT_ANNOTATION))
     {
-        return value.split(',').filter_map(parse).collect();
-    }
-    node.status
-        .as_ref()
-        .and_then(|s| s.addresses.as_ref())
-        .into_iter()
-        .flatten()
-        .filter(|a| a.type_ == "ExternalIP")
-        .filter_map(|a| parse(&a.address))
-        .collect()
+        Some(value) => value.split(',').map(parse).collect(),
+        None => node
+            .status
+            .as_ref()
+            .and_then(|s| s.addresses.as_ref())
+            .into_iter()
+            .flatten()
+            .filter(|a| a.type_ == "ExternalIP")
+            .map(|a| parse(&a.address))
+            .collect(),
+    };
+    let (good, bad): (Vec<_>, Vec<_>) = values.into_iter().partition(Result::is_ok);
+    (
+        good.into_iter().filter_map(Result::ok).collect(),
+        bad.into_iter().filter_map(Result::err).collect(),
+    )
 }
 
 #[cfg(test)]
@@ -476,6 +505,7 @@ mod tests {
         };
         let got = |node: &Node| -> Vec<String> {
             public_endpoints(node, 51820)
+                .0
                 .iter()
                 .map(ToString::to_string)
                 .collect()
@@ -489,8 +519,36 @@ mod tests {
             .into(),
         );
         assert_eq!(got(&node), ["203.0.113.9:4500", "[2001:db8::9]:51820"]);
+        assert_eq!(
+            public_endpoints(&node, 51820).1,
+            ["junk"],
+            "said, not published"
+        );
         node.metadata.annotations = None;
         node.status = None;
         assert!(got(&node).is_empty(), "a node behind NAT has none");
+    }
+
+    #[test]
+    fn a_nodes_own_location_is_its_approvals_and_its_label_until_then() {
+        let mut node = Node::default();
+        node.metadata.labels =
+            Some([("topology.kubernetes.io/region".to_string(), "b".to_string())].into());
+        let label = "topology.kubernetes.io/region";
+        let me_of = |own: Option<&MeshPeer>| me("n", own, Some(&node), label, vec![]);
+        assert_eq!(me_of(None).location.as_deref(), Some("b"));
+        let mut own = mk_peer("n", true, true, &["10.244.1.0/24"], &["10.244.1.0/24"]);
+        if let Some(a) = own.status.as_mut().and_then(|s| s.approved.as_mut()) {
+            a.location = Some("a".into());
+            a.nat = Some(NatKind::EndpointIndependent);
+            a.mapped_endpoint = Some("203.0.113.1:4000".into());
+        }
+        let m = me_of(Some(&own));
+        assert_eq!(m.location.as_deref(), Some("a"), "the approval wins");
+        assert_eq!(m.nat, Nat::EndpointIndependent);
+        assert_eq!(
+            m.mapped,
+            Some("203.0.113.1:4000".parse().expect("endpoint"))
+        );
     }
 }
