@@ -107,7 +107,9 @@ fn steps(mesh: &Mesh, up: Instant) -> Result<()> {
         report(&format!("clouds:   {line}"));
     }
 
-    // 2b. IPv6 between the public sites, IPv4 from the others; the MTU; the Events.
+    // 2b. Keepalives where a NAT needs them only; IPv6 between the public sites, IPv4 from
+    //     the others; the MTU; the Events.
+    keepalives(mesh, &nodes)?;
     dual_stack(mesh, &nodes)?;
     full_size_packets(mesh, &nodes)?;
     let events = mesh.kubectl(&[
@@ -181,6 +183,73 @@ fn steps(mesh: &Mesh, up: Instant) -> Result<()> {
     // 6. node-7 moves from site d to site e (another NAT, another public address): how long
     //    until its pod and every other pod reach each other again.
     move_node(mesh, &nodes, "node-7", "e")
+}
+
+/// Keepalives only where a NAT needs them, as `wg show` reports them on every node's device:
+/// a node behind NAT sends them to each peer of another site it reaches directly or by NAT
+/// traversal (not to a peer reached through a relay: the relay gets them); a public node
+/// sends none, and no node sends any within its site.
+fn keepalives(mesh: &Mesh, nodes: &[Node]) -> Result<()> {
+    let peers: serde_json::Value =
+        serde_json::from_str(&mesh.kubectl(&["get", "meshpeers", "-o", "json"])?)?;
+    let mut name_of: BTreeMap<String, String> = BTreeMap::new();
+    let mut path: BTreeMap<(String, String), String> = BTreeMap::new();
+    for p in peers["items"].as_array().into_iter().flatten() {
+        let name = p["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        if let Some(key) = p["status"]["publicKey"].as_str() {
+            name_of.insert(key.to_owned(), name.clone());
+        }
+        for e in p["status"]["paths"].as_array().into_iter().flatten() {
+            let peer = e["peer"].as_str().unwrap_or_default().to_owned();
+            let kind = e["path"].as_str().unwrap_or_default().to_owned();
+            path.insert((name.clone(), peer), kind);
+        }
+    }
+    let site: BTreeMap<&str, &str> = nodes
+        .iter()
+        .map(|n| (n.name.as_str(), n.site.as_str()))
+        .collect();
+    let mut wrong = Vec::new();
+    let mut on = 0;
+    for n in nodes {
+        let out = ok(mesh.exec(
+            &n.name,
+            &["wg", "show", &mesh.iface(&n.name), "persistent-keepalive"],
+        ))?;
+        for line in out.lines() {
+            let Some((key, value)) = line.split_once('\t') else {
+                continue;
+            };
+            let peer = name_of.get(key).cloned().unwrap_or_else(|| key.to_owned());
+            let behind_nat = nat_of(&n.site)? != "Public";
+            let same_site = site.get(peer.as_str()) == Some(&n.site.as_str());
+            let relayed = path
+                .get(&(n.name.clone(), peer.clone()))
+                .map(String::as_str)
+                == Some("Relay");
+            let want = if behind_nat && !same_site && !relayed {
+                "25"
+            } else {
+                "off"
+            };
+            if value != want {
+                wrong.push(format!(
+                    "{} -> {peer}: keepalive {value}, want {want}",
+                    n.name
+                ));
+            }
+            on += usize::from(value != "off");
+        }
+    }
+    assert!(wrong.is_empty(), "keepalives:\n  {}", wrong.join("\n  "));
+    report(&format!(
+        "clouds: keepalives on {on} of {} device peers, exactly those from a node behind NAT to another site",
+        nodes.len() * (nodes.len() - 1)
+    ));
+    Ok(())
 }
 
 /// What a node's `status.paths` says of the endpoint it sends `peer`'s traffic to.
