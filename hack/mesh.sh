@@ -489,13 +489,7 @@ ENV
 	ip addr add "${MESH_NET}.254/24" dev "m${MESH_ID}h"
 	ip link set "m${MESH_ID}h" up
 	# The control plane's namespace.
-	ip netns add "$(ns_cp)"
-	ip -n "$(ns_cp)" link set lo up
-	ip link add "m${MESH_ID}c" type veth peer name eth0 netns "$(ns_cp)"
-	ip link set "m${MESH_ID}c" netns "$(ns_ul)"
-	ip -n "$(ns_ul)" link set "m${MESH_ID}c" master ul0 up
-	ip -n "$(ns_cp)" addr add "${MESH_NET}.2/24" dev eth0
-	ip -n "$(ns_cp)" link set eth0 up
+	bridged_ns "$(ns_cp)" eth0 "${MESH_NET}.2/24" "m${MESH_ID}c" "$(ns_ul)"
 
 	log "control plane in netns $(ns_cp)"
 	bash "$here/cluster.sh" up --dir "$dir/cp" --netns "$(ns_cp)" --address "${MESH_NET}.2" --port 6443 >/dev/null

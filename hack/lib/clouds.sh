@@ -205,13 +205,7 @@ clouds_router_up() {
 	ns=$(clouds_ns_router "$site") || exit 1
 	wan=$(clouds_wan "$site") || exit 1
 	lan=$(clouds_lan "$site") || exit 1
-	ip netns add "$ns"
-	ip -n "$ns" link set lo up
-	ip link add "m${MESH_ID}r$site" type veth peer name wan0 netns "$ns"
-	ip link set "m${MESH_ID}r$site" netns "$ul"
-	ip -n "$ul" link set "m${MESH_ID}r$site" master ul0 up
-	ip -n "$ns" addr add "$wan/24" dev wan0
-	ip -n "$ns" link set wan0 up
+	bridged_ns "$ns" wan0 "$wan/24" "m${MESH_ID}r$site" "$ul"
 	ip -n "$ns" route add default via "${MESH_NET}.1"
 	ip -n "$ns" link add lan0 type bridge
 	ip -n "$ns" link set lan0 mtu "$(clouds_mtu "$site")"

@@ -22,3 +22,16 @@ need_root() {
 have() {
 	command -v "$1" >/dev/null 2>&1
 }
+
+# bridged_ns NS IFNAME CIDR VETH UL makes network namespace NS with link IFNAME at address
+# CIDR, the other end of which (VETH) is a port of bridge ul0 in namespace UL.
+bridged_ns() {
+	local ns=$1 ifname=$2 cidr=$3 veth=$4 ul=$5
+	ip netns add "$ns"
+	ip -n "$ns" link set lo up
+	ip link add "$veth" type veth peer name "$ifname" netns "$ns"
+	ip link set "$veth" netns "$ul"
+	ip -n "$ul" link set "$veth" master ul0 up
+	ip -n "$ns" addr add "$cidr" dev "$ifname"
+	ip -n "$ns" link set "$ifname" up
+}
