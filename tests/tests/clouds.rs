@@ -148,18 +148,31 @@ fn steps(mesh: &Mesh, up: Instant) -> Result<()> {
     }
 
     let cp = format!("{}.2", mesh.net);
-    let [ipv4, udp, wg, other, plain] = cap.stop(&[
+    // A WireGuard message starts with its type (1-4) and three zero bytes, whatever the ports
+    // (the NATs change them).
+    let not_wireguard = format!(
+        "ip and udp and not host {cp} and not (udp[8:4] = 0x01000000 or udp[8:4] = 0x02000000 \
+         or udp[8:4] = 0x03000000 or udp[8:4] = 0x04000000)"
+    );
+    let [ipv4, udp, wg, other, plain, odd] = cap.stop(&[
         "ip",
         &format!("ip and udp and not host {cp}"),
         "ip and udp port 51820",
         &format!("ip and not udp and not (host {cp} and tcp port 6443)"),
         "net 10.244.0.0/16 or net fd00:10:244::/56",
+        &not_wireguard,
     ])?[..] else {
         bail!("capture counts");
     };
     report(&format!(
-        "clouds: on the internet during steps 4-5: {ipv4} IPv4 packets, {udp} UDP between nodes and routers ({wg} with port 51820 on a side), {other} other (not UDP, not the API server), {plain} with a pod address"
+        "clouds: on the internet during steps 4-5: {ipv4} IPv4 packets, {udp} UDP between nodes and routers ({wg} with port 51820 on a side, {odd} not WireGuard messages), {other} other (not UDP, not the API server), {plain} with a pod address"
     ));
+    assert_eq!(
+        odd,
+        0,
+        "UDP between nodes and routers that is no WireGuard message: {}",
+        first_packets(&pcap, &not_wireguard)
+    );
     assert_eq!(
         plain,
         0,
