@@ -149,6 +149,19 @@ pub struct Me {
     pub families: Vec<Family>,
 }
 
+impl Me {
+    /// A node as its own approval describes it: what the plan of a peer of it sees.
+    pub fn of(peer: &ApprovedPeer, families: Vec<Family>) -> Me {
+        Me {
+            name: peer.name.clone(),
+            location: peer.location.clone(),
+            nat: peer.nat,
+            mapped: peer.mapped_endpoint,
+            families,
+        }
+    }
+}
+
 /// The kind of a path as the plan chooses it (host-gw is decided later, per transport).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum PathKind {
@@ -442,13 +455,7 @@ mod tests {
     }
 
     fn me_from(p: &ApprovedPeer) -> Me {
-        Me {
-            name: p.name.clone(),
-            location: p.location.clone(),
-            nat: p.nat,
-            mapped: p.mapped_endpoint,
-            families: vec![Family::V4],
-        }
+        Me::of(p, vec![Family::V4])
     }
 
     /// Three clouds as in the docs: a public (n1, n2), b behind an endpoint-independent

@@ -50,13 +50,7 @@ fn mk_peer(i: usize, (location, nat, mapped): NodeSpec) -> ApprovedPeer {
 }
 
 fn me(p: &ApprovedPeer) -> Me {
-    Me {
-        name: p.name.clone(),
-        location: p.location.clone(),
-        nat: p.nat,
-        mapped: p.mapped_endpoint,
-        families: vec![Family::V4],
-    }
+    Me::of(p, vec![Family::V4])
 }
 
 proptest! {
