@@ -265,21 +265,28 @@ pub fn mesh_settings(mesh: Option<&Mesh>) -> MeshSettings {
     }
 }
 
+/// An endpoint written by a person: `ip:port`, or `ip` with the listen port.
+fn endpoint_value(value: &str, port: u16) -> Option<SocketAddr> {
+    let value = value.trim();
+    value.parse::<SocketAddr>().ok().or_else(|| {
+        value
+            .parse::<IpAddr>()
+            .ok()
+            .map(|ip| SocketAddr::new(ip, port))
+    })
+}
+
 /// The node's WireGuard endpoint: the `wgmesh.dev/endpoint` annotation (`ip` or `ip:port`),
 /// else the Node address of the configured type, with the listen port.
 pub fn endpoint(node: &Node, kind: EndpointAddressType, port: u16) -> Option<SocketAddr> {
-    if let Some(value) = node
+    if let Some(sa) = node
         .metadata
         .annotations
         .as_ref()
         .and_then(|a| a.get(ENDPOINT_ANNOTATION))
+        .and_then(|v| endpoint_value(v, port))
     {
-        if let Ok(sa) = value.parse::<SocketAddr>() {
-            return Some(sa);
-        }
-        if let Ok(ip) = value.parse::<IpAddr>() {
-            return Some(SocketAddr::new(ip, port));
-        }
+        return Some(sa);
     }
     let want = match kind {
         EndpointAddressType::InternalIP => "InternalIP",
@@ -299,19 +306,7 @@ pub fn endpoint(node: &Node, kind: EndpointAddressType, port: u16) -> Option<Soc
 /// `ip:port`, several separated by commas), else its `ExternalIP` addresses, with the listen
 /// port. Values that are neither are returned apart, for the agent to say so.
 pub fn public_endpoints(node: &Node, port: u16) -> (Vec<SocketAddr>, Vec<String>) {
-    let parse = |value: &str| {
-        let value = value.trim();
-        value
-            .parse::<SocketAddr>()
-            .ok()
-            .or_else(|| {
-                value
-                    .parse::<IpAddr>()
-                    .ok()
-                    .map(|ip| SocketAddr::new(ip, port))
-            })
-            .ok_or_else(|| value.to_owned())
-    };
+    let parse = |value: &str| endpoint_value(value, port).ok_or_else(|| value.trim().to_owned());
     let values: Vec<Result<SocketAddr, String>> = match node
         .metadata
         .annotations
