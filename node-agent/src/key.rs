@@ -13,7 +13,6 @@
 //! group or others may read it, and written through a fresh temporary file (`O_EXCL`,
 //! `O_NOFOLLOW`, mode 0600), fsynced, renamed over it, with the directory fsynced after.
 
-use crate::device::config::{Key, PrivateKey};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use serde::{Deserialize, Serialize};
@@ -23,6 +22,7 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsE
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 use wgmesh_core::rotation::{self, KeyRole, Phase};
+use wgmesh_device::config::{Key, PrivateKey};
 use x25519_dalek::{PublicKey, StaticSecret};
 use zeroize::Zeroizing;
 
@@ -34,18 +34,6 @@ const MAX_KEY_FILE_BYTES: u64 = 1 << 20;
 
 /// Length of a key in base64.
 const KEY_BASE64_BYTES: usize = 44;
-
-/// Makes this process non-dumpable (`prctl(PR_SET_DUMPABLE, 0)`): no core dump, and no
-/// `ptrace` or `/proc/<pid>/mem` for other users. Every command that holds a private key calls
-/// this first.
-pub fn forbid_core_dumps() -> std::io::Result<()> {
-    // SAFETY: prctl with PR_SET_DUMPABLE takes one integer argument and no pointers.
-    let rc = unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0 as libc::c_ulong, 0, 0, 0) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
 
 /// Base64 of a private key in the file, zeroized on drop.
 struct SecretText(Zeroizing<String>);
@@ -779,12 +767,5 @@ mod tests {
         let (back, _) = KeyState::load_or_generate(&dir, SystemTime::now()).expect("load");
         assert_eq!(back.current.private_key(), state.current.private_key());
         fs::remove_dir_all(&dir).ok();
-    }
-
-    #[test]
-    fn the_process_can_be_made_non_dumpable() {
-        forbid_core_dumps().expect("prctl");
-        // SAFETY: PR_GET_DUMPABLE takes no pointers.
-        assert_eq!(unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) }, 0);
     }
 }

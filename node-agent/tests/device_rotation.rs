@@ -10,6 +10,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "../../device/tests/common/mod.rs"]
 mod common;
 
 use base64::Engine as _;
@@ -19,9 +20,9 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
-use wgmesh_agent::device::config::{ConfigUpdate, Key, PeerSnapshot, PeerUpdate};
-use wgmesh_agent::device::{Device, DeviceConfig, DeviceHandle};
-use wgmesh_agent::uapi::server::UapiServer;
+use wgmesh_device::config::{ConfigUpdate, Key, PeerSnapshot, PeerUpdate};
+use wgmesh_device::uapi::server::UapiServer;
+use wgmesh_device::{Device, DeviceConfig, DeviceHandle};
 
 /// Ping interval of the floods: at least 100 packets/s. iputils ping sleeps in whole timer
 /// ticks, so `-i 0.01` sends only about 61 packets/s on a kernel with 250 Hz ticks; `-i 0.008`

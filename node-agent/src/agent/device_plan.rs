@@ -10,12 +10,12 @@
 //! (someone used `wg set`) is removed. An endpoint is written only when the approved one
 //! changes: the device may have roamed away from it, and that is not undone.
 
-use crate::device::config::{ConfigUpdate, Key, PeerSnapshot, PeerUpdate};
-use crate::device::{DeviceError, DeviceHandle};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use wgmesh_api::peer::InstalledKey;
 use wgmesh_core::topology::DevicePeer;
+use wgmesh_device::config::{ConfigUpdate, Key, PeerSnapshot, PeerUpdate};
+use wgmesh_device::{DeviceError, DeviceHandle};
 
 /// What the agent configured on the device.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -1,6 +1,5 @@
 //! The agent's Prometheus metrics, served by `wgmesh_telemetry` with `/healthz` and `/readyz`.
 
-use crate::device::config::{DeviceSnapshot, Key};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge},
@@ -10,6 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::SystemTime;
+use wgmesh_device::config::{DeviceSnapshot, Key};
 use wgmesh_telemetry::Telemetry;
 
 /// Labels of per-peer metrics.

@@ -19,10 +19,7 @@ pub mod rotation;
 mod status_plan;
 pub mod uninstall;
 
-use crate::device::config::{ConfigUpdate, Key, PeerSnapshot};
-use crate::device::{Device, DeviceConfig, DeviceHandle};
 use crate::key::KeyState;
-use crate::uapi::server::UapiServer;
 use anyhow::Context;
 use base64::Engine;
 use futures::StreamExt;
@@ -57,6 +54,9 @@ use wgmesh_core::duration::backoff;
 use wgmesh_core::net::Family;
 use wgmesh_core::paths;
 use wgmesh_core::topology::{self, LocalNode, NodePlan};
+use wgmesh_device::config::{ConfigUpdate, Key, PeerSnapshot};
+use wgmesh_device::uapi::server::UapiServer;
+use wgmesh_device::{Device, DeviceConfig, DeviceHandle};
 
 /// How often a pass runs without events: re-adds routes the kernel lost, refreshes stats.
 const RESYNC: Duration = Duration::from_secs(10);
@@ -119,7 +119,7 @@ pub struct AgentArgs {
     #[arg(long, env = "WGMESH_CNI_IPAM_DATA_DIR")]
     pub cni_ipam_data_dir: Option<PathBuf>,
     /// Directory of the WireGuard UAPI socket (`wg show` reads it).
-    #[arg(long, env = "WGMESH_SOCKET_DIR", default_value = crate::uapi::DEFAULT_SOCKET_DIR)]
+    #[arg(long, env = "WGMESH_SOCKET_DIR", default_value = wgmesh_device::uapi::DEFAULT_SOCKET_DIR)]
     pub socket_dir: PathBuf,
     /// Address of the metrics and health endpoint.
     #[arg(long, env = "WGMESH_METRICS_ADDR", default_value = "0.0.0.0:9091")]
@@ -247,9 +247,9 @@ fn answered(e: &kube::Error) -> bool {
 
 /// Whether a device start failed because the kernel offers no TUN device (no
 /// `/dev/net/tun`, no driver), not for a reason a retry may fix.
-fn no_tun(e: &crate::device::DeviceError) -> bool {
+fn no_tun(e: &wgmesh_device::DeviceError) -> bool {
     match e {
-        crate::device::DeviceError::CreateTun { source, .. } => {
+        wgmesh_device::DeviceError::CreateTun { source, .. } => {
             source.kind() == std::io::ErrorKind::NotFound
                 || matches!(
                     source.raw_os_error(),
@@ -775,7 +775,7 @@ impl Agent {
                 error!(interface = %self.args.interface, error = %format!("{e:#}"), retry_in = ?wait, "the WireGuard device could not come up");
                 // An interface of that name that cannot be attached to (kept by an agent
                 // whose device had other settings) is removed, so the next try creates it.
-                if matches!(e, crate::device::DeviceError::CreateTun { .. })
+                if matches!(e, wgmesh_device::DeviceError::CreateTun { .. })
                     && !self.device_unavailable
                     && self.netlink.link(&self.args.interface).await.is_ok()
                 {

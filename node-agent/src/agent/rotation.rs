@@ -6,7 +6,6 @@
 //! the device or the API: the caller configures the device from [`KeyState::device_keys`]
 //! after every persisted change, and publishes [`Rotator::status`].
 
-use crate::device::config::{DeviceSnapshot, Key, PeerSnapshot};
 use crate::key::{KeyFileError, KeyState, NodeKey};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use std::collections::{BTreeMap, BTreeSet};
@@ -14,6 +13,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 use wgmesh_api::peer::{KeyRotationStatus, RotationPhase};
 use wgmesh_core::rotation::{self, Action, LaggardStep, Observation, Phase, SessionView, Timeouts};
+use wgmesh_device::config::{DeviceSnapshot, Key, PeerSnapshot};
 
 /// What one tick observed, besides the device.
 #[derive(Debug, Clone, Default)]
@@ -462,8 +462,8 @@ impl Rotator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::config::SessionSnapshot;
     use std::path::PathBuf;
+    use wgmesh_device::config::SessionSnapshot;
 
     #[test]
     fn each_notice_makes_its_event_and_says_what_the_old_key_still_does() {

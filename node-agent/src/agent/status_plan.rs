@@ -2,7 +2,6 @@
 //! connectivity from the device's handshakes, and whether a write is due. Pure (the time is
 //! an argument); the agent sends what [`write`] returns and remembers it once it was taken.
 
-use crate::device::config::PeerSnapshot;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
@@ -13,6 +12,7 @@ use wgmesh_api::{
 };
 use wgmesh_core::paths::{self, Path};
 use wgmesh_core::topology::Transport;
+use wgmesh_device::config::PeerSnapshot;
 
 /// A peer counts as connected while its last handshake is younger than this: WireGuard
 /// drops an idle session 180 s after its handshake.

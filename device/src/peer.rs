@@ -326,7 +326,7 @@ impl IndexSource for PeerIndices<'_> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::device::slot::LocalKey;
+    use crate::slot::LocalKey;
 
     fn mk_peer(table: &mut PeerTable, key_byte: u8) -> PeerId {
         table.insert(PeerState::new([key_byte; 32], None, 0))
@@ -348,7 +348,7 @@ mod tests {
 
     #[test]
     fn peers_are_found_by_id_key_and_receiver_index() {
-        let local = LocalKey::new(&crate::device::config::PrivateKey::from_bytes([5; 32]), 10);
+        let local = LocalKey::new(&crate::config::PrivateKey::from_bytes([5; 32]), 10);
         let mut t = PeerTable::new(42);
         let a = mk_peer(&mut t, 1);
         let b = mk_peer(&mut t, 2);
@@ -390,7 +390,7 @@ mod tests {
 
     #[test]
     fn removal_frees_keys_indices_and_the_entry() {
-        let local = LocalKey::new(&crate::device::config::PrivateKey::from_bytes([5; 32]), 10);
+        let local = LocalKey::new(&crate::config::PrivateKey::from_bytes([5; 32]), 10);
         let mut t = PeerTable::new(7);
         let a = mk_peer(&mut t, 1);
         let b = mk_peer(&mut t, 2);

@@ -10,7 +10,7 @@
 //! at most [`MAX_SET_BYTES`], whatever it contains. The one answer that carries a private key
 //! (`get=1`) is built in a zeroizing buffer that never reallocates.
 
-use crate::device::config::{ConfigUpdate, DeviceSnapshot, Key, PeerUpdate, PrivateKey};
+use crate::config::{ConfigUpdate, DeviceSnapshot, Key, PeerUpdate, PrivateKey};
 use ipnet::IpNet;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -336,7 +336,7 @@ pub fn render_error(err: &UapiError) -> String {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::device::config::{PeerSnapshot, SessionSnapshot};
+    use crate::config::{PeerSnapshot, SessionSnapshot};
     use std::time::Duration;
 
     const K1: &str = "e84b5a6d2717c1003a13b431570353dbaca9146cf150c5f8575680feba52027a";

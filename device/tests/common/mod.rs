@@ -1,7 +1,8 @@
 //! Harness for the datapath tests: network namespaces joined by veth pairs, device processes
 //! (wgmesh, wireguard-go, boringtun-cli) run inside them with `ip netns exec`, and `wg`, `ping`
 //! and `iperf3` driven from outside. Everything created is removed by Drop guards, also when a
-//! test panics.
+//! test panics. The agent's tests share it (`#[path]` from `node-agent/tests/`); there the
+//! wgmesh device process is `wgmesh-agent device` (see [`WGMESH`]).
 //!
 //! Not root, a test fails, naming what it needs, unless `WGMESH_SKIP_PRIVILEGED=1` asks for
 //! the privileged tests to be skipped (each then says so); a missing tool fails the test and
@@ -16,7 +17,16 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-pub const WGMESH: &str = env!("CARGO_BIN_EXE_wgmesh-agent");
+/// The standalone wgmesh device: the program, and its arguments before the interface name.
+/// `wgmesh-device` in the device crate's tests; in the agent's, which have no such binary,
+/// the agent's `device` subcommand, so both are exercised by the same harness.
+pub const WGMESH: (&str, &[&str]) = match option_env!("CARGO_BIN_EXE_wgmesh-device") {
+    Some(bin) => (bin, &[]),
+    None => match option_env!("CARGO_BIN_EXE_wgmesh-agent") {
+        Some(bin) => (bin, &["device"]),
+        None => panic!("the datapath harness needs the wgmesh-device or wgmesh-agent binary"),
+    },
+};
 pub const INSTALL_SCRIPT: &str = "hack/lib/deps.sh";
 pub const SOCKET_DIR: &str = "/var/run/wireguard";
 
@@ -151,6 +161,14 @@ impl Netns {
     pub fn cmd(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &self.name]).arg(program);
+        c
+    }
+
+    /// The standalone wgmesh device for `iface`, run inside the namespace (see [`WGMESH`]);
+    /// further arguments go after the interface name.
+    pub fn wgmesh_device(&self, iface: &str) -> Command {
+        let mut c = self.cmd(WGMESH.0);
+        c.args(WGMESH.1).arg(iface);
         c
     }
 
@@ -292,9 +310,8 @@ impl DeviceProc {
         let logf = std::fs::File::create(&log).unwrap();
         let mut cmd = match kind {
             Impl::Wgmesh => {
-                let mut c = ns.cmd(WGMESH);
-                c.args(["device", iface, "--foreground"])
-                    .env("RUST_LOG", "info");
+                let mut c = ns.wgmesh_device(iface);
+                c.arg("--foreground").env("RUST_LOG", "info");
                 c
             }
             Impl::WireguardGo => {

@@ -1,15 +1,62 @@
-//! `wgmesh-agent device <iface>`: runs just the WireGuard device, configured through `wg(8)` on
-//! its UAPI socket, the way `wireguard-go <iface>` does. Daemonizes unless told to stay in the
-//! foreground; stops on SIGINT/SIGTERM or when the interface is deleted.
+//! `wgmesh-device <iface>` (and the same as `wgmesh-agent device <iface>`): runs just the
+//! WireGuard device, configured through `wg(8)` on its UAPI socket, the way
+//! `wireguard-go <iface>` does. Daemonizes unless told to stay in the foreground; stops on
+//! SIGINT/SIGTERM or when the interface is deleted. It owns the command's arguments, its
+//! process (signals, daemonizing) and nothing of the device itself.
 
-use crate::device::{Device, DeviceConfig, DeviceError, DeviceHandle};
 use crate::uapi::server::{ServeError, UapiServer};
+use crate::{Device, DeviceConfig, DeviceError, DeviceHandle};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// How long the parent waits for a daemonized device to bring up its socket.
 const DAEMON_START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The command's arguments, flattened into the `wgmesh-device` binary and the agent's `device`
+/// subcommand alike.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DeviceArgs {
+    /// Interface name.
+    pub interface: String,
+    /// Stay in the foreground instead of daemonizing.
+    #[arg(short, long, env = "WG_PROCESS_FOREGROUND", value_parser = parse_flag, default_value = "false", num_args = 0, default_missing_value = "true")]
+    pub foreground: bool,
+    /// Directory of the UAPI socket.
+    #[arg(long, env = "WGMESH_SOCKET_DIR", default_value = crate::uapi::DEFAULT_SOCKET_DIR)]
+    pub socket_dir: PathBuf,
+    /// Interface MTU.
+    #[arg(long, env = "WGMESH_MTU")]
+    pub mtu: Option<u32>,
+    /// Send and receive datagrams one by one, without UDP GSO/GRO.
+    #[arg(long, env = "WGMESH_NO_UDP_OFFLOAD")]
+    pub no_udp_offload: bool,
+    /// Read and write the TUN device packet by packet, without TSO/checksum offload.
+    #[arg(long, env = "WGMESH_NO_TUN_OFFLOAD")]
+    pub no_tun_offload: bool,
+}
+
+/// Accepts `1`/`0` (as wireguard-go's WG_PROCESS_FOREGROUND) as well as `true`/`false`.
+fn parse_flag(s: &str) -> Result<bool, String> {
+    match s {
+        "1" | "true" | "yes" => Ok(true),
+        "0" | "false" | "no" | "" => Ok(false),
+        other => Err(format!("not a boolean: {other}")),
+    }
+}
+
+impl From<DeviceArgs> for DeviceOptions {
+    fn from(args: DeviceArgs) -> Self {
+        DeviceOptions {
+            interface: args.interface,
+            foreground: args.foreground,
+            socket_dir: args.socket_dir,
+            mtu: args.mtu,
+            udp_offload: !args.no_udp_offload,
+            tun_offload: !args.no_tun_offload,
+        }
+    }
+}
 
 /// Options of the `device` command.
 #[derive(Debug, Clone)]
@@ -49,10 +96,12 @@ pub enum DeviceCmdError {
 }
 
 /// Runs the command; returns when the device has stopped (or, daemonizing, once the background
-/// device is up).
-pub fn run(opts: &DeviceOptions) -> Result<(), DeviceCmdError> {
+/// device is up). `subcommand` is what the running executable takes before the interface name
+/// to run this command again, in the foreground, when it daemonizes: nothing for
+/// `wgmesh-device`, `["device"]` for `wgmesh-agent`.
+pub fn run(opts: &DeviceOptions, subcommand: &[&str]) -> Result<(), DeviceCmdError> {
     if !opts.foreground {
-        return daemonize(opts);
+        return daemonize(opts, subcommand);
     }
     let signals = block_termination_signals()?;
     let device = Device::start(DeviceConfig {
@@ -107,13 +156,13 @@ fn spawn_signal_waiter(set: libc::sigset_t, device: DeviceHandle) {
 }
 
 /// Starts this program again in the foreground, detached, and waits for its socket.
-fn daemonize(opts: &DeviceOptions) -> Result<(), DeviceCmdError> {
+fn daemonize(opts: &DeviceOptions, subcommand: &[&str]) -> Result<(), DeviceCmdError> {
     use std::os::unix::process::CommandExt;
     let exe = std::env::current_exe().map_err(DeviceCmdError::Daemonize)?;
     let socket = opts.socket_dir.join(format!("{}.sock", opts.interface));
     let before = std::fs::metadata(&socket).and_then(|m| m.modified()).ok();
     let mut cmd = Command::new(exe);
-    cmd.arg("device")
+    cmd.args(subcommand)
         .arg(&opts.interface)
         .arg("--foreground")
         .arg("--socket-dir")

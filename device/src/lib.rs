@@ -1,24 +1,35 @@
-//! The userspace WireGuard device: a TUN interface, a UDP socket and the loop between them,
-//! built on boringtun's `noise::Tunn` (which does no I/O; this module is its caller).
+//! wgmesh-device: the userspace WireGuard device, its UAPI socket ([`uapi`]) and the
+//! standalone command ([`cmd`], the `wgmesh-device` binary and `wgmesh-agent device`). It knows
+//! nothing of Kubernetes and must not: no kube, no CRD types, no mesh plans. The node agent
+//! drives it in-process through [`DeviceHandle`]; `wg(8)` drives it through the UAPI socket.
 //!
-//! `Device::start` returns a [`DeviceHandle`] through which the node agent (in-process) or the
-//! UAPI server (for `wg(8)`) configures keys and peers, reads counters and stops the device. The
-//! device owns its threads (see [`datapath`]), its configuration state (see [`state`]: local
-//! keys, peer table, allowed IPs), the session slots of each peer (see [`slot`]: one `Tunn` per
-//! pair of local and remote key, so keys rotate without losing packets) and its timers (see
-//! [`timers`]); it does not configure addresses or routes on the interface.
+//! The device is a TUN interface, a UDP socket and the loop between them, built on boringtun's
+//! `noise::Tunn` (which does no I/O; this crate is its caller). `Device::start` returns a
+//! [`DeviceHandle`] through which the node agent (in-process) or the UAPI server (for `wg(8)`)
+//! configures keys and peers, reads counters and stops the device. The device owns its
+//! threads (see [`datapath`]), its configuration state (see [`state`]: local keys, peer table,
+//! allowed IPs), the session slots of each peer (see [`slot`]: one `Tunn` per pair of local
+//! and remote key, so keys rotate without losing packets) and its timers (see [`timers`]); it
+//! does not configure addresses or routes on the interface.
+//!
+//! The calls into the OS that need `unsafe` (ioctl, socket options, signals, `prctl`) live
+//! here, each block with its `// SAFETY:` line, behind safe functions; the agent forbids
+//! `unsafe`.
 
 pub mod allowed_ips;
+pub mod cmd;
 pub mod config;
 mod datapath;
 pub mod handover;
 pub mod offload;
 pub mod peer;
+pub mod process;
 pub mod slot;
 pub mod source_limit;
 mod state;
 pub mod timers;
 pub mod tun;
+pub mod uapi;
 pub mod udp;
 
 use config::{ConfigUpdate, DeviceSnapshot, Key, PeerSnapshot, PeerUpdate, PrivateKey};

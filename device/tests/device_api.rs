@@ -5,8 +5,8 @@
 #![allow(clippy::unwrap_used)]
 
 use std::net::SocketAddr;
-use wgmesh_agent::device::config::{ConfigUpdate, PeerUpdate};
-use wgmesh_agent::device::{Device, DeviceConfig, DeviceError};
+use wgmesh_device::config::{ConfigUpdate, PeerUpdate};
+use wgmesh_device::{Device, DeviceConfig, DeviceError};
 
 /// Runs `f` on a thread in a new, empty network namespace. Not root, it fails, unless
 /// `WGMESH_SKIP_PRIVILEGED=1` asks to skip (then `None`, after saying so).

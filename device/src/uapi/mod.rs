@@ -3,7 +3,7 @@
 //! configure this device exactly as they configure wireguard-go.
 //!
 //! [`protocol`] is the pure text layer; [`server`] owns the socket and applies requests through
-//! a [`crate::device::DeviceHandle`].
+//! a [`crate::DeviceHandle`].
 
 pub mod protocol;
 pub mod server;

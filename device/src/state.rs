@@ -379,7 +379,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::super::datapath::{Wire, decrypt_one, seal, tick_peer};
     use super::*;
-    use crate::device::config::DeviceSnapshot;
+    use crate::config::DeviceSnapshot;
     use std::cell::RefCell;
     use std::collections::VecDeque;
     use std::net::{IpAddr, Ipv4Addr};

@@ -335,8 +335,8 @@ fn a_stale_socket_is_replaced_and_a_live_one_is_not() {
     // A second device with the same name in another namespace must refuse to steal it.
     let ns2 = Netns::new("t");
     let out = ns2
-        .cmd(WGMESH)
-        .args(["device", &iface, "--foreground"])
+        .wgmesh_device(&iface)
+        .arg("--foreground")
         .output()
         .unwrap();
     assert!(
@@ -356,7 +356,7 @@ fn daemonized_device_comes_up_and_answers() {
     }
     let ns = Netns::new("t");
     let iface = unique("wd");
-    let status = ns.cmd(WGMESH).args(["device", &iface]).status().unwrap();
+    let status = ns.wgmesh_device(&iface).status().unwrap();
     assert!(status.success());
     // The parent returned only once the socket was there.
     assert!(

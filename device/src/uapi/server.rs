@@ -13,8 +13,8 @@
 //! It must not hold the device's state: it reads it through [`UapiDevice`] per request.
 
 use super::protocol::{MAX_LINE_BYTES, SetParser, UapiError, render_error, render_get};
-use crate::device::config::{ConfigUpdate, DeviceSnapshot, PrivateKey};
-use crate::device::{DeviceError, DeviceHandle};
+use crate::config::{ConfigUpdate, DeviceSnapshot, PrivateKey};
+use crate::{DeviceError, DeviceHandle};
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;

@@ -1,0 +1,38 @@
+//! `wgmesh-device`: the userspace WireGuard device alone, configured with `wg(8)` like
+//! wireguard-go; the same command as `wgmesh-agent device`.
+
+use anyhow::Context as _;
+use clap::Parser;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "wgmesh-device",
+    version,
+    about = "Run only the userspace WireGuard device, configured with wg(8), like wireguard-go"
+)]
+struct Cli {
+    /// Log as JSON.
+    #[arg(long, env = "WGMESH_LOG_JSON")]
+    log_json: bool,
+    #[command(flatten)]
+    device: wgmesh_device::cmd::DeviceArgs,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if cli.log_json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+    // Before any key is configured: no core dump or ptrace may expose it.
+    wgmesh_device::process::forbid_core_dumps()
+        .context("making the process non-dumpable (prctl PR_SET_DUMPABLE)")?;
+    wgmesh_device::cmd::run(&cli.device.into(), &[])?;
+    Ok(())
+}
