@@ -1,23 +1,28 @@
 #!/usr/bin/env bash
 # Datapath benchmark: two network namespaces joined by a veth pair, and through each of
 #   plain veth, wgmesh (release build), boringtun-cli 0.7.1 and Debian's wireguard-go
-# it measures iperf3 TCP throughput (1 and 4 streams), ping RTT (p50/p99) and the CPU time the
-# device processes spend per GB moved, then prints wgmesh's ratio to each other implementation.
+# it measures iperf3 TCP throughput (1 and 4 streams) with the sender's retransmits, ping RTT
+# (p50/p99) and the CPU time the device processes spend per GB moved; then, with 1000 more
+# peers set on one device (two allowed IPs and an endpoint each), how long `wg set` and
+# `wg show` take, the device's memory per peer and the 1-stream throughput. It prints wgmesh's
+# ratio to each other implementation and the datapath goals (docs/datapath.md) side by side.
 # All figures come from the same run. Figures, not assertions.
 #
-# usage: hack/bench-datapath.sh [--seconds N] [--pings N] [--only "plain wgmesh ..."]
+# usage: hack/bench-datapath.sh [--seconds N] [--pings N] [--peers N] [--only "plain wgmesh ..."]
 # needs root; installs its tools via hack/lib/deps.sh.
 set -euo pipefail
 
 SECONDS_PER_RUN=10
 PINGS=200
+PEERS=1000
 IMPLS="plain wgmesh boringtun wireguard-go"
 while (($#)); do
     case "$1" in
         --seconds) SECONDS_PER_RUN="$2"; shift 2 ;;
         --pings) PINGS="$2"; shift 2 ;;
+        --peers) PEERS="$2"; shift 2 ;;
         --only) IMPLS="$2"; shift 2 ;;
-        -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
         *) echo "unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -142,15 +147,47 @@ setup_tunnel() {
     ip netns exec "$NS_A" ping -c 1 -W 5 "$INNER_B" >/dev/null
 }
 
-# iperf_run <target> <streams>: prints "<bits/s> <bytes>".
+# iperf_run <target> <streams>: prints "<bits/s> <bytes> <retransmits>".
 iperf_run() {
     local target="$1" streams="$2"
     ip netns exec "$NS_A" iperf3 -c "$target" -t "$SECONDS_PER_RUN" -P "$streams" -J >"$WORK/iperf.json"
     python3 - "$WORK/iperf.json" <<'PY'
 import json, sys
-d = json.load(open(sys.argv[1]))["end"]["sum_received"]
-print(d["bits_per_second"], d["bytes"])
+end = json.load(open(sys.argv[1]))["end"]
+d = end["sum_received"]
+print(d["bits_per_second"], d["bytes"], end["sum_sent"].get("retransmits", 0))
 PY
+}
+
+# now: seconds since the epoch, with nanoseconds.
+now() { date +%s.%N; }
+
+# rss_kib <pid>: resident memory of the process.
+rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
+
+# peers_run <iface> <pid>: sets $PEERS more peers on device A with one `wg set`, reads them back
+# with `wg show dump`; prints "<set s> <show s> <KiB per peer>".
+peers_run() {
+    local iface="$1" pid="$2" before after t0 t1 t2 shown
+    python3 - "$PEERS" >"$WORK/peers.args" <<'PY'
+import base64, os, sys
+for i in range(int(sys.argv[1])):
+    key = base64.b64encode(os.urandom(32)).decode()
+    print(f"peer\n{key}\nallowed-ips\n10.{64 + i // 256}.{i % 256}.0/24,fd99:{i:x}::/64"
+          f"\nendpoint\n192.168.60.{100 + i % 100}:{20000 + i}")
+PY
+    mapfile -t args <"$WORK/peers.args"
+    before="$(rss_kib "$pid")"
+    t0="$(now)"
+    ip netns exec "$NS_A" wg set "$iface" "${args[@]}"
+    t1="$(now)"
+    shown="$(ip netns exec "$NS_A" wg show "$iface" dump | wc -l)"
+    t2="$(now)"
+    after="$(rss_kib "$pid")"
+    if ((shown != PEERS + 2)); then
+        echo "wg show listed $((shown - 1)) peers, expected $((PEERS + 1))" >&2
+    fi
+    python3 -c "print(f'{$t1-$t0:.3f} {$t2-$t1:.3f} {($after-$before)/$PEERS:.1f}')"
 }
 
 # ping_run <target>: prints "<p50 ms> <p99 ms>".
@@ -182,7 +219,8 @@ for impl in $IMPLS; do
     for streams in 1 4; do
         before=0; after=0
         if ((${#PIDS[@]})); then before="$(cpu_ticks "${PIDS[@]}")"; fi
-        read -r bps bytes < <(iperf_run "$target" "$streams")
+        read -r bps bytes retr < <(iperf_run "$target" "$streams")
+        R[$impl,retr$streams]="$retr"
         if ((${#PIDS[@]})); then after="$(cpu_ticks "${PIDS[@]}")"; fi
         R[$impl,gbps$streams]="$(python3 -c "print(f'{$bps/1e9:.2f}')")"
         if ((${#PIDS[@]})); then
@@ -196,6 +234,18 @@ for impl in $IMPLS; do
     read -r p50 p99 < <(ping_run "$target")
     R[$impl,p50]="$p50"
     R[$impl,p99]="$p99"
+    R[$impl,set]="-"; R[$impl,show]="-"; R[$impl,kib]="-"; R[$impl,gbpsN]="-"
+    if [[ "$impl" != plain ]] && ((PEERS > 0)); then
+        read -r pset pshow pkib < <(peers_run "wbga$$" "${PIDS[0]}")
+        R[$impl,set]="$pset"; R[$impl,show]="$pshow"; R[$impl,kib]="$pkib"
+        ip netns exec "$NS_B" iperf3 -s -D -I "$WORK/iperf-server.pid" >/dev/null
+        for _ in $(seq 1 50); do [[ -s "$WORK/iperf-server.pid" ]] && break; sleep 0.05; done
+        sleep 0.2
+        read -r bps _ _ < <(iperf_run "$target" 1)
+        R[$impl,gbpsN]="$(python3 -c "print(f'{$bps/1e9:.2f}')")"
+        kill "$(cat "$WORK/iperf-server.pid")" 2>/dev/null || true
+        rm -f "$WORK/iperf-server.pid"
+    fi
     stop_devices
     if [[ "$impl" != plain ]]; then
         ip -n "$NS_A" link del "wbga$$" 2>/dev/null || true
@@ -206,11 +256,24 @@ done
 echo
 echo "datapath benchmark: $(nproc) cores, $(uname -r), ${SECONDS_PER_RUN}s per iperf3 run, ${PINGS} pings at 10 ms"
 echo "CPU s/GB: utime+stime of both device processes per GB received (lower is better)"
-printf '%-14s %10s %10s %10s %10s %12s %12s\n' implementation "1x Gbit/s" "4x Gbit/s" "p50 ms" "p99 ms" "CPU s/GB 1x" "CPU s/GB 4x"
+echo "retr: TCP retransmits the sender counted in the run"
+printf '%-14s %10s %10s %8s %8s %10s %10s %12s %12s\n' implementation "1x Gbit/s" "4x Gbit/s" \
+    "retr 1x" "retr 4x" "p50 ms" "p99 ms" "CPU s/GB 1x" "CPU s/GB 4x"
 for impl in $IMPLS; do
-    printf '%-14s %10s %10s %10s %10s %12s %12s\n' "$impl" "${R[$impl,gbps1]}" "${R[$impl,gbps4]}" \
-        "${R[$impl,p50]}" "${R[$impl,p99]}" "${R[$impl,cpu1]}" "${R[$impl,cpu4]}"
+    printf '%-14s %10s %10s %8s %8s %10s %10s %12s %12s\n' "$impl" "${R[$impl,gbps1]}" \
+        "${R[$impl,gbps4]}" "${R[$impl,retr1]}" "${R[$impl,retr4]}" "${R[$impl,p50]}" \
+        "${R[$impl,p99]}" "${R[$impl,cpu1]}" "${R[$impl,cpu4]}"
 done
+if ((PEERS > 0)); then
+    echo
+    echo "with $PEERS more peers on one device (2 allowed IPs and an endpoint each)"
+    printf '%-14s %12s %12s %14s %12s\n' implementation "wg set s" "wg show s" "KiB per peer" "1x Gbit/s"
+    for impl in $IMPLS; do
+        [[ "$impl" == plain ]] && continue
+        printf '%-14s %12s %12s %14s %12s\n' "$impl" "${R[$impl,set]}" "${R[$impl,show]}" \
+            "${R[$impl,kib]}" "${R[$impl,gbpsN]}"
+    done
+fi
 if [[ " $IMPLS " == *" wgmesh "* ]]; then
     echo
     echo "wgmesh relative to each (throughput: >1 is faster; RTT and CPU/GB: <1 is better)"
@@ -231,4 +294,34 @@ cells = [ratio(v[i], v[i + 1]) for i in range(0, len(v), 2)]
 print(f"{name:<14} {cells[0]:>10} {cells[1]:>10} {cells[2]:>10} {cells[3]:>10} {cells[4]:>12} {cells[5]:>12}")
 PY
     done
+fi
+
+if [[ " $IMPLS " == *" wgmesh "* && " $IMPLS " == *" plain "* && " $IMPLS " == *" boringtun "* ]]; then
+    echo
+    echo "goals (docs/datapath.md)"
+    python3 - "${R[wgmesh,gbps1]}" "${R[boringtun,gbps1]}" "${R[plain,gbps1]}" "${R[wgmesh,gbps4]}" \
+        "${R[wgmesh,cpu1]}" "${R[wgmesh,p50]}" "${R[plain,p50]}" "${R[wgmesh,set]}" "${R[wgmesh,show]}" \
+        "${R[wgmesh,retr1]}" "${R[plain,retr1]}" <<'PY'
+import sys
+w1, b1, p1, w4, cpu, wp50, pp50, wset, wshow, wretr, pretr = sys.argv[1:]
+def f(x):
+    try:
+        return float(x)
+    except ValueError:
+        return float("nan")
+rows = [
+    ("wgmesh / boringtun-cli, 1 stream", f(w1) / f(b1), ">=", 6),
+    ("wgmesh / plain veth, 1 stream", f(w1) / f(p1), ">=", 0.25),
+    ("wgmesh 4 streams / 1 stream", f(w4) / f(w1), ">=", 1.3),
+    ("wgmesh CPU s/GB, both devices", f(cpu), "<=", 1.5),
+    ("wgmesh added p50 RTT over plain, ms", f(wp50) - f(pp50), "<=", 0.05),
+    ("wgmesh wg set of the peers, s", f(wset), "<", 1),
+    ("wgmesh wg show of the peers, s", f(wshow), "<", 1),
+]
+print(f"{'figure':<40} {'value':>8} {'goal':>8} {'met':>5}")
+for name, v, op, goal in rows:
+    met = {">=": v >= goal, "<=": v <= goal, "<": v < goal}[op]
+    print(f"{name:<40} {v:>8.2f} {op + ' ' + str(goal):>8} {'yes' if met else 'no':>5}")
+print(f"retransmits, 1 stream: wgmesh {wretr}, plain veth {pretr}")
+PY
 fi

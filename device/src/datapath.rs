@@ -26,6 +26,7 @@
 //! extra lookups, no clock reads per packet.
 
 use super::Shared;
+use super::coalesce::Coalescer;
 use super::handover::{self, Mode, Route};
 use super::offload::{self, VNET_HDR_LEN};
 use super::peer::{Peer, PeerState};
@@ -180,6 +181,8 @@ pub(crate) fn udp_rx(shared: &Shared, tun: &Tun) {
     // With a vnet header, every write starts with an all-zero one (no offload asked).
     let prefix = if tun.vnet_hdr() { VNET_HDR_LEN } else { 0 };
     let mut plain = vec![0u8; prefix + MAX_PACKET_BYTES + WG_OVERHEAD_BYTES];
+    // With TUN offload, consecutive segments of a TCP flow are joined into super-packets.
+    let mut coalescer = tun.vnet_hdr().then(Coalescer::new);
     let mut socket = shared.socket();
     let epoch = shared.handover.epoch;
     loop {
@@ -209,10 +212,18 @@ pub(crate) fn udp_rx(shared: &Shared, tun: &Tun) {
                             let out = &mut plain[prefix..];
                             if let Some(len) = decrypt_one(&state, &*socket.1, datagram, from, out)
                             {
-                                let _ = tun.write(&plain[..prefix + len]);
+                                let packet = &plain[..prefix + len];
+                                match &mut coalescer {
+                                    Some(c) => c.push(packet, |p| write_tun(tun, p)),
+                                    None => write_tun(tun, packet),
+                                }
                             }
                         }
                     }
+                }
+                // Nothing waits past the batch it came in.
+                if let Some(c) = &mut coalescer {
+                    c.flush(|p| write_tun(tun, p));
                 }
                 if n == 0 {
                     // A retired socket reads as empty; the generation check above moves on.
@@ -229,6 +240,13 @@ pub(crate) fn udp_rx(shared: &Shared, tun: &Tun) {
             }
         }
     }
+}
+
+/// Writes one packet (or super-packet) to the TUN device; a refusal (full queue, interface
+/// down) drops it, as a NIC's would.
+#[inline]
+fn write_tun(tun: &Tun, packet: &[u8]) {
+    let _ = tun.write(packet);
 }
 
 /// Delivers a datagram the other process of a handover forwarded (see `handover`): decrypts

@@ -18,6 +18,7 @@
 
 pub mod allowed_ips;
 pub mod cmd;
+pub mod coalesce;
 pub mod config;
 mod datapath;
 pub mod handover;
