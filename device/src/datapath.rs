@@ -81,7 +81,6 @@ pub(crate) fn tun_rx(shared: &Shared, tun: &Tun) {
         SEND_BATCH_GROUPS,
         MAX_PACKET_BYTES + WG_OVERHEAD_BYTES,
     );
-    let mut scratch = vec![0u8; MAX_PACKET_BYTES];
     let mut socket = shared.socket();
     batch.set_family(&socket.1);
     loop {
@@ -101,7 +100,7 @@ pub(crate) fn tun_rx(shared: &Shared, tun: &Tun) {
                 match tun.read(&mut packet) {
                     Ok(n) if tun.vnet_hdr() => {
                         // A super-packet may need more room than is left: flush as we go.
-                        let split = offload::split(&packet[..n], &mut scratch, |p| {
+                        let split = offload::split(&mut packet[..n], |p| {
                             if batch.is_full() {
                                 socket.1.send_batch(&mut batch);
                             }

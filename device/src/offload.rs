@@ -3,7 +3,9 @@
 //! whose transport checksum is left partial. This module turns them back into MTU-sized packets
 //! with complete checksums, the way a NIC would, so they can be encrypted one by one.
 //!
-//! Pure byte work: no fds, no allocation (the caller's scratch buffer holds each segment).
+//! Pure byte work: no fds, no allocation, no copy of the payload. Segments are cut in place:
+//! each one's headers are written just in front of its payload, over the tail of the segment
+//! before it, which the caller has consumed by then.
 
 /// Size of `struct virtio_net_hdr` (without `num_buffers`), the TUN default.
 pub const VNET_HDR_LEN: usize = 10;
@@ -28,9 +30,9 @@ pub enum OffloadError {
     /// A GSO type the device did not ask for.
     #[error("unsupported GSO type {0}")]
     UnsupportedGso(u8),
-    /// A segment does not fit the scratch buffer.
-    #[error("scratch buffer too small")]
-    ScratchTooSmall,
+    /// IP and TCP headers longer than any this module cuts up.
+    #[error("headers too long")]
+    HeadersTooLong,
 }
 
 /// The `virtio_net_hdr` fields we use (native byte order, as TUN writes them on this host).
@@ -58,32 +60,20 @@ impl VnetHdr {
 }
 
 /// Splits one read from the TUN device (`virtio_net_hdr` + packet) into plain IP packets with
-/// complete checksums and calls `emit` for each. Packets needing no work are passed through
-/// without a copy.
-pub fn split(
-    read: &[u8],
-    scratch: &mut [u8],
-    mut emit: impl FnMut(&[u8]),
-) -> Result<(), OffloadError> {
+/// complete checksums and calls `emit` for each, in order. Works in place: `read` is
+/// overwritten, and each packet given to `emit` is only valid until `emit` returns.
+pub fn split(read: &mut [u8], mut emit: impl FnMut(&[u8])) -> Result<(), OffloadError> {
     let hdr = VnetHdr::parse(read).ok_or(OffloadError::Malformed)?;
-    let pkt = &read[VNET_HDR_LEN..];
+    let pkt = &mut read[VNET_HDR_LEN..];
     match hdr.gso_type & !VIRTIO_NET_HDR_GSO_ECN {
         VIRTIO_NET_HDR_GSO_NONE => {
-            if hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM == 0 {
-                emit(pkt);
-                return Ok(());
+            if hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 {
+                finish_partial_checksum(pkt, hdr.csum_start.into(), hdr.csum_offset.into())?;
             }
-            let out = scratch
-                .get_mut(..pkt.len())
-                .ok_or(OffloadError::ScratchTooSmall)?;
-            out.copy_from_slice(pkt);
-            finish_partial_checksum(out, hdr.csum_start.into(), hdr.csum_offset.into())?;
-            emit(out);
+            emit(pkt);
             Ok(())
         }
-        VIRTIO_NET_HDR_GSO_TCPV4 | VIRTIO_NET_HDR_GSO_TCPV6 => {
-            segment_tcp(pkt, &hdr, scratch, &mut emit)
-        }
+        VIRTIO_NET_HDR_GSO_TCPV4 | VIRTIO_NET_HDR_GSO_TCPV6 => segment_tcp(pkt, &hdr, &mut emit),
         other => Err(OffloadError::UnsupportedGso(other)),
     }
 }
@@ -100,10 +90,12 @@ fn finish_partial_checksum(p: &mut [u8], start: usize, offset: usize) -> Result<
     Ok(())
 }
 
+/// Longest IP + TCP headers cut up: 60 bytes of TCP after IPv6 with extension headers.
+const MAX_HEADERS: usize = 256;
+
 fn segment_tcp(
-    pkt: &[u8],
+    pkt: &mut [u8],
     hdr: &VnetHdr,
-    scratch: &mut [u8],
     emit: &mut impl FnMut(&[u8]),
 ) -> Result<(), OffloadError> {
     let v4 = match pkt.first().map(|b| b >> 4) {
@@ -122,20 +114,26 @@ fn segment_tcp(
     if tcp_len < 20 || headers > pkt.len() || mss == 0 {
         return Err(OffloadError::Malformed);
     }
-    let payload = &pkt[headers..];
+    if headers > MAX_HEADERS {
+        return Err(OffloadError::HeadersTooLong);
+    }
+    // The headers every segment starts from; the original is overwritten as segments are cut.
+    let mut template = [0u8; MAX_HEADERS];
+    template[..headers].copy_from_slice(&pkt[..headers]);
+    let template = &template[..headers];
+    let payload_len = pkt.len() - headers;
     let seq = u32::from_be_bytes([pkt[l4 + 4], pkt[l4 + 5], pkt[l4 + 6], pkt[l4 + 7]]);
     let flags = pkt[l4 + 13];
     let ip_id = u16::from_be_bytes([pkt[4], pkt[5]]);
-    let count = payload.len().div_ceil(mss).max(1);
+    let count = payload_len.div_ceil(mss).max(1);
 
     for i in 0..count {
-        let chunk = &payload[(i * mss).min(payload.len())..((i + 1) * mss).min(payload.len())];
-        let len = headers + chunk.len();
-        let out = scratch
-            .get_mut(..len)
-            .ok_or(OffloadError::ScratchTooSmall)?;
-        out[..headers].copy_from_slice(&pkt[..headers]);
-        out[headers..].copy_from_slice(chunk);
+        // Segment i's payload starts at headers + i * mss; its headers go just before it.
+        let start = i * mss;
+        let end = headers + ((i + 1) * mss).min(payload_len);
+        let out = &mut pkt[start..end];
+        let len = out.len();
+        out[..headers].copy_from_slice(template);
         let last = i + 1 == count;
 
         if v4 {
@@ -274,9 +272,8 @@ mod tests {
     }
 
     fn split_all(read: &[u8]) -> Vec<Vec<u8>> {
-        let mut scratch = vec![0u8; 65_536];
         let mut out = Vec::new();
-        split(read, &mut scratch, |p| out.push(p.to_vec())).unwrap();
+        split(&mut read.to_vec(), |p| out.push(p.to_vec())).unwrap();
         out
     }
 
@@ -374,8 +371,44 @@ mod tests {
     }
 
     #[test]
+    fn segments_smaller_than_their_headers_are_cut_in_place_correctly() {
+        // Each segment's headers overwrite the original headers' bytes: the template holds.
+        let payload: Vec<u8> = (0..100u32).map(|i| (i * 13) as u8).collect();
+        for (pkt, gso, l4) in [
+            (
+                ipv4_tcp(&payload, TCP_FLAG_PSH),
+                VIRTIO_NET_HDR_GSO_TCPV4,
+                20,
+            ),
+            (
+                ipv6_tcp(&payload, TCP_FLAG_PSH),
+                VIRTIO_NET_HDR_GSO_TCPV6,
+                40,
+            ),
+        ] {
+            let mut read = vnet(VIRTIO_NET_HDR_F_NEEDS_CSUM, gso, 7, l4 as u16, 16);
+            read.extend_from_slice(&pkt);
+            let segs = split_all(&read);
+            assert_eq!(segs.len(), 15, "100 bytes at 7 per segment");
+            let mut joined = Vec::new();
+            for (i, s) in segs.iter().enumerate() {
+                let addrs = if l4 == 20 { 12..20 } else { 8..40 };
+                assert_eq!(s[addrs.clone()], pkt[addrs], "addresses of segment {i}");
+                assert_eq!(s[l4..l4 + 4], pkt[l4..l4 + 4], "ports of segment {i}");
+                if l4 == 20 {
+                    assert_eq!(fold(sum16(&s[..20], 0)), 0xffff, "IPv4 header checksum");
+                }
+                let seq = u32::from_be_bytes([s[l4 + 4], s[l4 + 5], s[l4 + 6], s[l4 + 7]]);
+                assert_eq!(seq, 1000 + (i * 7) as u32);
+                assert!(tcp_checksum_ok(s), "segment {i} checksum");
+                joined.extend_from_slice(&s[l4 + 20..]);
+            }
+            assert_eq!(joined, payload);
+        }
+    }
+
+    #[test]
     fn malformed_reads_are_rejected_not_panicked_on() {
-        let mut scratch = vec![0u8; 65_536];
         let pkt = ipv4_tcp(&[0; 100], 0);
         let cases: Vec<Vec<u8>> = vec![
             vec![],
@@ -388,7 +421,7 @@ mod tests {
             [vnet(1, 1, 1000, 20, 16), pkt[..30].to_vec()].concat(),
         ];
         for c in cases {
-            assert!(split(&c, &mut scratch, |_| {}).is_err(), "{c:?}");
+            assert!(split(&mut c.clone(), |_| {}).is_err(), "{c:?}");
         }
     }
 }

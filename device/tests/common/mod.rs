@@ -541,9 +541,12 @@ pub fn add_peer(end: &End<'_>, peer: &End<'_>, endpoint: &str, keepalive: Option
         peer.keys.public.clone(),
         "allowed-ips".into(),
         allowed,
-        "endpoint".into(),
-        endpoint.into(),
     ];
+    // An empty endpoint: none; the peer is learned from its first handshake.
+    if !endpoint.is_empty() {
+        args.push("endpoint".into());
+        args.push(endpoint.into());
+    }
     if let Some(k) = keepalive {
         args.push("persistent-keepalive".into());
         args.push(k.to_string());
