@@ -200,3 +200,18 @@ fn daemonize(opts: &DeviceOptions, subcommand: &[&str]) -> Result<(), DeviceCmdE
         DAEMON_START_TIMEOUT
     )))
 }
+
+/// Sets up logging to stderr, as text or JSON lines; levels from `RUST_LOG` (default `info`).
+/// For the binaries that run a device: `wgmesh-device` and `wgmesh-agent`.
+pub fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

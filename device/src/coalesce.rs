@@ -19,19 +19,16 @@
 //!
 //! Pure byte work: no fds. Buffers are allocated once, in [`Coalescer::new`].
 
-use crate::offload::{VNET_HDR_LEN, fold, sum16};
+use crate::offload::{
+    IPPROTO_TCP, TCP_FLAG_ACK, TCP_FLAG_PSH, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4,
+    VIRTIO_NET_HDR_GSO_TCPV6, VNET_HDR_LEN, fold, pseudo_header_sum, sum16,
+};
 
 /// Flows joined at once; a packet of another flow flushes the least recently used one.
 const FLOWS: usize = 8;
 /// Largest super-packet (IP header included): the IPv4 total-length field's limit.
 const MAX_SUPER_PACKET: usize = 65_535;
 
-const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
-const VIRTIO_NET_HDR_GSO_TCPV4: u8 = 1;
-const VIRTIO_NET_HDR_GSO_TCPV6: u8 = 4;
-const IPPROTO_TCP: u8 = 6;
-const TCP_FLAG_PSH: u8 = 0x08;
-const TCP_FLAG_ACK: u8 = 0x10;
 const TCP_FIXED_HEADER: usize = 20;
 
 /// Addresses and ports of a TCP flow, one direction.
@@ -256,12 +253,7 @@ impl Pending {
             p[4..6].copy_from_slice(&((total - 40) as u16).to_be_bytes());
         }
         // CHECKSUM_PARTIAL: the field holds the pseudo-header sum, not complemented.
-        let mut pseudo = if v4 {
-            sum16(&p[12..20], 0)
-        } else {
-            sum16(&p[8..40], 0)
-        };
-        pseudo += u64::from(IPPROTO_TCP) + (total - l4) as u64;
+        let pseudo = pseudo_header_sum(p, v4, total - l4);
         p[l4 + 16..l4 + 18].copy_from_slice(&fold(pseudo).to_be_bytes());
 
         let h = &mut self.buf[..VNET_HDR_LEN];
@@ -393,17 +385,16 @@ mod tests {
         };
         let l4 = p.len();
         p.extend_from_slice(&tcp);
-        let c = {
-            let mut s = if v6 {
-                sum16(&p[8..40], 0)
-            } else {
-                sum16(&p[12..20], 0)
-            };
-            s += u64::from(IPPROTO_TCP) + tcp.len() as u64;
-            !fold(sum16(&p[l4..], s))
-        };
-        p[l4 + 16..l4 + 18].copy_from_slice(&c.to_be_bytes());
+        set_tcp_checksum(&mut p, l4);
         p
+    }
+
+    /// Computes the TCP checksum of `p`, whose TCP header starts at `l4`.
+    fn set_tcp_checksum(p: &mut [u8], l4: usize) {
+        p[l4 + 16..l4 + 18].fill(0);
+        let sum = pseudo_header_sum(p, l4 == 20, p.len() - l4);
+        let c = !fold(sum16(&p[l4..], sum));
+        p[l4 + 16..l4 + 18].copy_from_slice(&c.to_be_bytes());
     }
 
     fn framed(p: &[u8]) -> Vec<u8> {
@@ -497,14 +488,7 @@ mod tests {
         let s = stream(false, 1, &[1000, 1000, 1000]);
         let mut psh = s[1].clone();
         psh[33] |= TCP_FLAG_PSH;
-        // Fix the checksum after the flag change.
-        psh[36..38].fill(0);
-        let c = {
-            let mut sum = sum16(&psh[12..20], 0) + 6 + (psh.len() - 20) as u64;
-            sum = sum16(&psh[20..], sum);
-            !fold(sum)
-        };
-        psh[36..38].copy_from_slice(&c.to_be_bytes());
+        set_tcp_checksum(&mut psh, 20);
         let out = run(&[s[0].clone(), psh.clone(), s[2].clone()]);
         assert_eq!(out.len(), 2, "PSH is joined, then nothing more");
         assert_eq!(resegment(&out[0]), vec![s[0].clone(), psh]);

@@ -20,16 +20,7 @@ struct Cli {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if cli.log_json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
+    wgmesh_device::cmd::init_logging(cli.log_json);
     // Before any key is configured: no core dump or ptrace may expose it.
     wgmesh_device::process::forbid_core_dumps()
         .context("making the process non-dumpable (prctl PR_SET_DUMPABLE)")?;

@@ -10,16 +10,17 @@
 /// Size of `struct virtio_net_hdr` (without `num_buffers`), the TUN default.
 pub const VNET_HDR_LEN: usize = 10;
 
-const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
+pub(crate) const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
 const VIRTIO_NET_HDR_GSO_NONE: u8 = 0;
-const VIRTIO_NET_HDR_GSO_TCPV4: u8 = 1;
-const VIRTIO_NET_HDR_GSO_TCPV6: u8 = 4;
+pub(crate) const VIRTIO_NET_HDR_GSO_TCPV4: u8 = 1;
+pub(crate) const VIRTIO_NET_HDR_GSO_TCPV6: u8 = 4;
 const VIRTIO_NET_HDR_GSO_ECN: u8 = 0x80;
 
 const TCP_FLAG_FIN: u8 = 0x01;
-const TCP_FLAG_PSH: u8 = 0x08;
+pub(crate) const TCP_FLAG_PSH: u8 = 0x08;
+pub(crate) const TCP_FLAG_ACK: u8 = 0x10;
 const TCP_FLAG_CWR: u8 = 0x80;
-const IPPROTO_TCP: u8 = 6;
+pub(crate) const IPPROTO_TCP: u8 = 6;
 
 /// Why a packet from the TUN device could not be split.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -162,19 +163,19 @@ fn segment_tcp(
         tcp[13] = f;
         tcp[16..18].fill(0);
 
-        // Pseudo-header: addresses, protocol, TCP length.
-        let seg_len = (len - l4) as u32;
-        let mut sum = if v4 {
-            sum16(&out[12..20], 0)
-        } else {
-            sum16(&out[8..40], 0)
-        };
-        sum += u64::from(IPPROTO_TCP) + u64::from(seg_len);
+        let sum = pseudo_header_sum(out, v4, len - l4);
         let csum = !fold(sum16(&out[l4..], sum));
         out[l4 + 16..l4 + 18].copy_from_slice(&csum.to_be_bytes());
         emit(out);
     }
     Ok(())
+}
+
+/// The partial sum of a TCP packet's pseudo-header: addresses, protocol, TCP length.
+#[inline]
+pub(crate) fn pseudo_header_sum(packet: &[u8], v4: bool, tcp_len: usize) -> u64 {
+    let addrs = if v4 { &packet[12..20] } else { &packet[8..40] };
+    sum16(addrs, u64::from(IPPROTO_TCP) + tcp_len as u64)
 }
 
 /// One's-complement partial sum of big-endian 16-bit words, added to `acc`.
@@ -262,12 +263,9 @@ mod tests {
 
     /// Whether the TCP checksum of an IPv4 or IPv6 packet verifies.
     fn tcp_checksum_ok(p: &[u8]) -> bool {
-        let (l4, mut sum) = if p[0] >> 4 == 4 {
-            (20, sum16(&p[12..20], 0))
-        } else {
-            (40, sum16(&p[8..40], 0))
-        };
-        sum += 6 + (p.len() - l4) as u64;
+        let v4 = p[0] >> 4 == 4;
+        let l4 = if v4 { 20 } else { 40 };
+        let sum = pseudo_header_sum(p, v4, p.len() - l4);
         fold(sum16(&p[l4..], sum)) == 0xffff
     }
 
@@ -311,12 +309,7 @@ mod tests {
         ] {
             let l4 = if pkt[0] >> 4 == 4 { 20 } else { 40 };
             // The kernel leaves the pseudo-header sum in the field.
-            let mut pseudo = if l4 == 20 {
-                sum16(&pkt[12..20], 0)
-            } else {
-                sum16(&pkt[8..40], 0)
-            };
-            pseudo += 6 + (pkt.len() - l4) as u64;
+            let pseudo = pseudo_header_sum(&pkt, l4 == 20, pkt.len() - l4);
             pkt[l4 + 16..l4 + 18].copy_from_slice(&fold(pseudo).to_be_bytes());
             let mut read = vnet(VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, l4 as u16, 16);
             read.extend_from_slice(&pkt);

@@ -354,19 +354,5 @@ fn daemonized_device_comes_up_and_answers() {
     if !privileged() {
         return;
     }
-    let ns = Netns::new("t");
-    let iface = unique("wd");
-    let status = ns.wgmesh_device(&iface).status().unwrap();
-    assert!(status.success());
-    // The parent returned only once the socket was there.
-    assert!(
-        ns.wg(&["show", &iface])
-            .contains(&format!("interface: {iface}"))
-    );
-    // Deleting the link stops the background device and removes its socket.
-    ns.ip(&["link", "del", &iface]);
-    let sock = std::path::Path::new(SOCKET_DIR).join(format!("{iface}.sock"));
-    wait_until("background device to exit", Duration::from_secs(5), || {
-        !sock.exists()
-    });
+    daemonized_device_comes_up_and_stops_with_its_link();
 }

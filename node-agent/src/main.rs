@@ -30,16 +30,7 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if cli.log_json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
+    wgmesh_device::cmd::init_logging(cli.log_json);
     if !matches!(cli.command, Command::InstallCni(_)) {
         // Before any key is read or generated: no core dump or ptrace may expose it.
         wgmesh_device::process::forbid_core_dumps()

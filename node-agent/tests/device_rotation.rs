@@ -447,18 +447,8 @@ fn both_sides_rotate_at_once_without_losing_a_packet() {
 
 /// An iperf3 client run in the background, with 0.2 s intervals.
 fn iperf_background(ns: &Netns, server: &str, port: u16, seconds: u32) -> Child {
-    ns.cmd("iperf3")
-        .args([
-            "-c",
-            server,
-            "-p",
-            &port.to_string(),
-            "-t",
-            &seconds.to_string(),
-            "-i",
-            "0.2",
-            "--json",
-        ])
+    iperf_client(ns, server, port, seconds)
+        .args(["-i", "0.2", "--json"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

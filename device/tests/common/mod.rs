@@ -632,22 +632,46 @@ impl Drop for IperfServer {
     }
 }
 
+/// Starts the standalone device daemonized (see [`WGMESH`]): the parent returns once the
+/// device answers on its socket; deleting the link stops the background device and removes
+/// the socket.
+pub fn daemonized_device_comes_up_and_stops_with_its_link() {
+    let ns = Netns::new("t");
+    let iface = unique("wd");
+    let status = ns.wgmesh_device(&iface).status().unwrap();
+    assert!(status.success());
+    assert!(
+        ns.wg(&["show", &iface])
+            .contains(&format!("interface: {iface}"))
+    );
+    ns.ip(&["link", "del", &iface]);
+    let sock = std::path::Path::new(SOCKET_DIR).join(format!("{iface}.sock"));
+    wait_until("background device to exit", Duration::from_secs(5), || {
+        !sock.exists()
+    });
+}
+
+/// The iperf3 client command from `ns` to `server`, for `seconds`.
+pub fn iperf_client(ns: &Netns, server: &str, port: u16, seconds: u32) -> Command {
+    let mut c = ns.cmd("iperf3");
+    c.args([
+        "-c",
+        server,
+        "-p",
+        &port.to_string(),
+        "-t",
+        &seconds.to_string(),
+    ]);
+    c
+}
+
 /// Runs an iperf3 client from `ns` to `server` and returns received bits per second.
 /// Retries while the server is still coming up.
 pub fn iperf(ns: &Netns, server: &str, port: u16, seconds: u32, extra: &[&str]) -> f64 {
     let mut last = String::new();
     for _ in 0..20 {
-        let out = ns
-            .cmd("iperf3")
-            .args([
-                "-c",
-                server,
-                "-p",
-                &port.to_string(),
-                "-t",
-                &seconds.to_string(),
-                "-J",
-            ])
+        let out = iperf_client(ns, server, port, seconds)
+            .arg("-J")
             .args(extra)
             .output()
             .unwrap();
