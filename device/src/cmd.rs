@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 /// How long the parent waits for a daemonized device to bring up its socket.
 const DAEMON_START_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The command's arguments, flattened into the `wgmesh-device` binary and the agent's `device`
+/// The command's arguments (and options), flattened into the `wgmesh-device` binary and the agent's `device`
 /// subcommand alike.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DeviceArgs {
@@ -45,36 +45,6 @@ fn parse_flag(s: &str) -> Result<bool, String> {
     }
 }
 
-impl From<DeviceArgs> for DeviceOptions {
-    fn from(args: DeviceArgs) -> Self {
-        DeviceOptions {
-            interface: args.interface,
-            foreground: args.foreground,
-            socket_dir: args.socket_dir,
-            mtu: args.mtu,
-            udp_offload: !args.no_udp_offload,
-            tun_offload: !args.no_tun_offload,
-        }
-    }
-}
-
-/// Options of the `device` command.
-#[derive(Debug, Clone)]
-pub struct DeviceOptions {
-    /// Interface name.
-    pub interface: String,
-    /// Stay in the foreground.
-    pub foreground: bool,
-    /// Directory of the UAPI socket.
-    pub socket_dir: PathBuf,
-    /// MTU of the interface.
-    pub mtu: Option<u32>,
-    /// Use UDP GSO/GRO.
-    pub udp_offload: bool,
-    /// Use TUN TSO/checksum offload.
-    pub tun_offload: bool,
-}
-
 /// Why the `device` command failed.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceCmdError {
@@ -99,15 +69,15 @@ pub enum DeviceCmdError {
 /// device is up). `subcommand` is what the running executable takes before the interface name
 /// to run this command again, in the foreground, when it daemonizes: nothing for
 /// `wgmesh-device`, `["device"]` for `wgmesh-agent`.
-pub fn run(opts: &DeviceOptions, subcommand: &[&str]) -> Result<(), DeviceCmdError> {
+pub fn run(opts: &DeviceArgs, subcommand: &[&str]) -> Result<(), DeviceCmdError> {
     if !opts.foreground {
         return daemonize(opts, subcommand);
     }
     let signals = block_termination_signals()?;
     let device = Device::start(DeviceConfig {
         mtu: opts.mtu,
-        udp_offload: opts.udp_offload,
-        tun_offload: opts.tun_offload,
+        udp_offload: !opts.no_udp_offload,
+        tun_offload: !opts.no_tun_offload,
         ..DeviceConfig::new(opts.interface.clone())
     })
     .map_err(DeviceCmdError::Start)?;
@@ -156,7 +126,7 @@ fn spawn_signal_waiter(set: libc::sigset_t, device: DeviceHandle) {
 }
 
 /// Starts this program again in the foreground, detached, and waits for its socket.
-fn daemonize(opts: &DeviceOptions, subcommand: &[&str]) -> Result<(), DeviceCmdError> {
+fn daemonize(opts: &DeviceArgs, subcommand: &[&str]) -> Result<(), DeviceCmdError> {
     use std::os::unix::process::CommandExt;
     let exe = std::env::current_exe().map_err(DeviceCmdError::Daemonize)?;
     let socket = opts.socket_dir.join(format!("{}.sock", opts.interface));
@@ -174,10 +144,10 @@ fn daemonize(opts: &DeviceOptions, subcommand: &[&str]) -> Result<(), DeviceCmdE
     if let Some(mtu) = opts.mtu {
         cmd.arg("--mtu").arg(mtu.to_string());
     }
-    if !opts.udp_offload {
+    if opts.no_udp_offload {
         cmd.arg("--no-udp-offload");
     }
-    if !opts.tun_offload {
+    if opts.no_tun_offload {
         cmd.arg("--no-tun-offload");
     }
     let mut child = cmd.spawn().map_err(DeviceCmdError::Daemonize)?;

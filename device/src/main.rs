@@ -24,6 +24,6 @@ fn main() -> anyhow::Result<()> {
     // Before any key is configured: no core dump or ptrace may expose it.
     wgmesh_device::process::forbid_core_dumps()
         .context("making the process non-dumpable (prctl PR_SET_DUMPABLE)")?;
-    wgmesh_device::cmd::run(&cli.device.into(), &[])?;
+    wgmesh_device::cmd::run(&cli.device, &[])?;
     Ok(())
 }

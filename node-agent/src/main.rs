@@ -46,7 +46,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::InstallCni(args) => wgmesh_agent::cni_install::run(&args)?,
         // A daemonizing device starts this binary again with its subcommand, `device`.
-        Command::Device(args) => wgmesh_device::cmd::run(&args.into(), &["device"])?,
+        Command::Device(args) => wgmesh_device::cmd::run(&args, &["device"])?,
     }
     Ok(())
 }
