@@ -147,6 +147,22 @@ setup_tunnel() {
     ip netns exec "$NS_A" ping -c 1 -W 5 "$INNER_B" >/dev/null
 }
 
+# iperf_server_start: an iperf3 server in namespace B, returning once it listens.
+iperf_server_start() {
+    ip netns exec "$NS_B" iperf3 -s -D -I "$WORK/iperf-server.pid" >/dev/null
+    for _ in $(seq 1 100); do
+        if [[ -n "$(ip netns exec "$NS_B" ss -Hltn 'sport = :5201')" ]]; then return 0; fi
+        sleep 0.05
+    done
+    echo "iperf3 server did not start listening" >&2
+    exit 1
+}
+
+iperf_server_stop() {
+    kill "$(cat "$WORK/iperf-server.pid")" 2>/dev/null || true
+    rm -f "$WORK/iperf-server.pid"
+}
+
 # iperf_run <target> <streams>: prints "<bits/s> <bytes> <retransmits>".
 iperf_run() {
     local target="$1" streams="$2"
@@ -213,9 +229,7 @@ for impl in $IMPLS; do
         setup_tunnel "$impl"
         target="$INNER_B"
     fi
-    ip netns exec "$NS_B" iperf3 -s -D -I "$WORK/iperf-server.pid" >/dev/null
-    for _ in $(seq 1 50); do [[ -s "$WORK/iperf-server.pid" ]] && break; sleep 0.05; done
-    sleep 0.2
+    iperf_server_start
     for streams in 1 4; do
         before=0; after=0
         if ((${#PIDS[@]})); then before="$(cpu_ticks "${PIDS[@]}")"; fi
@@ -229,8 +243,7 @@ for impl in $IMPLS; do
             R[$impl,cpu$streams]="-"
         fi
     done
-    kill "$(cat "$WORK/iperf-server.pid")" 2>/dev/null || true
-    rm -f "$WORK/iperf-server.pid"
+    iperf_server_stop
     read -r p50 p99 < <(ping_run "$target")
     R[$impl,p50]="$p50"
     R[$impl,p99]="$p99"
@@ -238,13 +251,10 @@ for impl in $IMPLS; do
     if [[ "$impl" != plain ]] && ((PEERS > 0)); then
         read -r pset pshow pkib < <(peers_run "wbga$$" "${PIDS[0]}")
         R[$impl,set]="$pset"; R[$impl,show]="$pshow"; R[$impl,kib]="$pkib"
-        ip netns exec "$NS_B" iperf3 -s -D -I "$WORK/iperf-server.pid" >/dev/null
-        for _ in $(seq 1 50); do [[ -s "$WORK/iperf-server.pid" ]] && break; sleep 0.05; done
-        sleep 0.2
+        iperf_server_start
         read -r bps _ _ < <(iperf_run "$target" 1)
         R[$impl,gbpsN]="$(python3 -c "print(f'{$bps/1e9:.2f}')")"
-        kill "$(cat "$WORK/iperf-server.pid")" 2>/dev/null || true
-        rm -f "$WORK/iperf-server.pid"
+        iperf_server_stop
     fi
     stop_devices
     if [[ "$impl" != plain ]]; then
