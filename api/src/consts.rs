@@ -24,9 +24,9 @@ pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 /// Value of [`MANAGED_BY_LABEL`].
 pub const MANAGED_BY: &str = "wgmesh";
 
-/// Label on subnet claims: `Lease`s in the operator's namespace, one per allocated pod
-/// subnet, named by `wgmesh_core::claim_name`, holder the node. Creating one is the
-/// create-only lock that keeps two writers from giving one subnet to two nodes.
+/// Label on subnet claims as versions before the subnet ledger kept them: `Lease`s in the
+/// operator's namespace, one per allocated pod subnet, named by `wgmesh_core::claim_name`,
+/// holder the node. A new leader moves them into the ledger and deletes them.
 pub const CLAIM_LABEL: &str = "wgmesh.dev/claim";
 /// Value of [`CLAIM_LABEL`].
 pub const CLAIM_SUBNET: &str = "subnet";

@@ -29,8 +29,8 @@
 //!    `spec.podCIDRs`, then reclaimed subnets, then the pools. A family a node got any of these
 //!    for is settled; a node's own `spec.podCIDRs` entry that cannot be used is reported and not
 //!    replaced from a pool, since the node's CNI would use it anyway.
-//! 6. **Claims**: a subnet is written to a peer only after a claim naming it was created
-//!    ([`claim_name`]: one object per subnet, so the API server refuses a second claim). A
+//! 6. **Claims**: a subnet is written to a peer only after a claim naming it was stored (the
+//!    operator's subnet ledger, swapped on its version, so a second writer's claim fails). A
 //!    claim whose subnet no peer holds yet is occupied: nobody but its holder can be given the
 //!    subnet, and the holder gets it back first ([`Source::Claimed`]). Two writers that plan
 //!    from different views therefore cannot both write one subnet.
@@ -356,8 +356,8 @@ pub struct Node {
     pub pod_cidrs: Vec<String>,
 }
 
-/// A subnet claimed for a node: the claim object exists, whether or not the node's peer holds
-/// the subnet yet.
+/// A subnet claimed for a node: the claim is stored, whether or not the node's peer holds the
+/// subnet yet.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Claim {
     pub subnet: IpNet,
@@ -365,8 +365,9 @@ pub struct Claim {
     pub holder: String,
 }
 
-/// The name of the claim object of `subnet`: one name per subnet, valid as a Kubernetes
-/// object name (a DNS subdomain), so creating it is the create-only lock on the subnet.
+/// The name of the claim object of `subnet` as versions before the subnet ledger kept it (one
+/// `Lease` per subnet), valid as a Kubernetes object name (a DNS subdomain); the operator
+/// moves such claims into the ledger.
 /// `10.244.4.0/24` is `wgmesh-subnet-10.244.4.0-24`; an IPv6 subnet is written with all eight
 /// groups in full, `fd00:10:244:4::/64` as `wgmesh-subnet-fd00-0010-0244-0004-0000-0000-0000-0000-64`.
 pub fn claim_name(subnet: &IpNet) -> String {

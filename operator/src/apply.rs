@@ -1,8 +1,9 @@
 //! The operator's apply step: performs a [`Plan`]'s writes, and nothing else.
 //!
-//! A subnet is written to a peer only after its claim was created for that node (or found
-//! to be the node's already); a claim naming another node stops the write, and the next
-//! pass plans again from a view that includes the other writer's work.
+//! A subnet is written to a peer only after the ledger holding its claim for that node was
+//! stored ([`crate::ledger`]): one swap per pass claims the subnets of every write. A claim
+//! naming another node stops the write, and the next pass plans again from the ledger as the
+//! other writer left it.
 //!
 //! Every write is made only while this replica leads; its acting deadline is checked before
 //! each one, so a replica that loses the lease mid-pass, or was frozen past its deadline,
@@ -10,44 +11,44 @@
 //! counted and logged here, once, and the pass goes on: the next pass retries whatever
 //! did not happen.
 
+use crate::ledger::{LEDGER_NAME, Ledger, Removal, Verdict};
 use crate::lease::Leadership;
 use crate::metrics::Metrics;
-use crate::plan::{EventSpec, EventTarget, Plan, RELEASE_FINALIZER, claim_object, read_claim};
+use crate::plan::{EventSpec, EventTarget, Plan, RELEASE_FINALIZER, read_claim};
 use futures::{StreamExt, stream};
+use ipnet::IpNet;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference};
 use kube::{
     Api, Client,
-    api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions},
+    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions},
     runtime::events::{Event, EventType, Recorder, Reporter},
 };
 use serde_json::json;
 use std::sync::Arc;
-use tracing::{debug, info, warn};
-use wgmesh_api::{Mesh, MeshPeer, PodCIDRPool, consts::OPERATOR_MANAGER};
+use std::time::SystemTime;
+use tracing::{debug, error, info, warn};
+use wgmesh_api::{
+    Mesh, MeshPeer, PodCIDRPool,
+    consts::{CLAIM_LABEL, CLAIM_SUBNET, OPERATOR_MANAGER},
+};
 
-/// How many writes of one kind are in flight at once. Each allocation is three writes in a
-/// row (claims, then the peer), so the API server's create rate is reached only with many
-/// nodes under way: 5000 nodes had their subnets after 41 s with 64, 48.5 s with 16
-/// (`hack/bench-operator.sh --nodes 5000`), well inside the server's own in-flight limits.
+/// How many writes of one kind are in flight at once: enough to reach the API server's
+/// create rate (`hack/bench-operator.sh --nodes 5000`), well inside its own in-flight limits.
 const CONCURRENT_WRITES: usize = 64;
 
-/// The outcome of claiming a write's subnets.
-enum Claimed {
-    /// Every claim is the node's.
-    Ours,
-    /// A claim names another node (or is malformed): the write must not happen.
-    Theirs(String),
-    /// This replica stopped leading: nothing more is written.
-    NotLeading,
-}
+/// How many times a pass reads the ledger again after another writer swapped it first.
+const LEDGER_ATTEMPTS: usize = 5;
 
 /// Performs plans against the API server.
 pub struct Writer {
     peers: Api<MeshPeer>,
     pools: Api<PodCIDRPool>,
     meshes: Api<Mesh>,
-    claims: Api<Lease>,
+    ledger: Api<ConfigMap>,
+    /// Where claims were kept before the ledger, one `Lease` per subnet.
+    legacy_claims: Api<Lease>,
+    namespace: String,
     recorder: Recorder,
     leader: Leadership,
     metrics: Arc<Metrics>,
@@ -85,7 +86,9 @@ impl Writer {
             peers: Api::all(client.clone()),
             pools: Api::all(client.clone()),
             meshes: Api::all(client.clone()),
-            claims: Api::namespaced(client.clone(), namespace),
+            ledger: Api::namespaced(client.clone(), namespace),
+            legacy_claims: Api::namespaced(client.clone(), namespace),
+            namespace: namespace.to_owned(),
             recorder: Recorder::new(client, reporter),
             leader,
             metrics,
@@ -101,42 +104,124 @@ impl Writer {
         warn!(%name, error = %err, "{kind} failed");
     }
 
-    /// Claims every subnet of `subnets` for `node`. Only [`Claimed::Ours`] lets the subnets
-    /// be written to the node's peer.
-    async fn claim(&self, node: &str, subnets: &[String]) -> Result<Claimed, kube::Error> {
+    /// Reads the ledger (a quorum read). Lines that do not parse are logged and left out;
+    /// the next swap writes the ledger without them.
+    pub async fn read_ledger(&self) -> Result<Ledger, kube::Error> {
+        let Some(cm) = self.ledger.get_opt(LEDGER_NAME).await? else {
+            return Ok(Ledger::default());
+        };
+        let (ledger, malformed) = Ledger::from_object(&cm);
+        for m in malformed {
+            self.metrics.error("ledger_malformed");
+            warn!(
+                configmap = LEDGER_NAME, line = m.line, text = %m.text,
+                "a line of the subnet ledger does not parse (node, claim time in seconds, subnets); it is left out"
+            );
+        }
+        Ok(ledger)
+    }
+
+    /// Claims each write's subnets for its node and takes out `removals`, in one swap of the
+    /// ledger; when another writer swapped it first, reads it again and merges anew. `None`:
+    /// this replica stopped leading, and nothing was claimed.
+    async fn claim(
+        &self,
+        ledger: &mut Arc<Ledger>,
+        writes: &[(&str, &[IpNet])],
+        removals: &[Removal],
+    ) -> anyhow::Result<Option<Vec<Verdict>>> {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
         let pp = PostParams {
             field_manager: Some(OPERATOR_MANAGER.into()),
             ..Default::default()
         };
-        for text in subnets {
-            // A malformed value in an existing peer is reported by the plan; it has no claim.
-            let Ok(subnet) = wgmesh_core::parse_network(text) else {
-                continue;
-            };
-            let claim = claim_object(&subnet, node);
-            let name = claim.metadata.name.clone().unwrap_or_default();
-            if !self.leading() {
-                return Ok(Claimed::NotLeading);
+        for _ in 0..LEDGER_ATTEMPTS {
+            let mut next = Ledger::clone(ledger);
+            let (verdicts, changed) = next.merge(writes, removals, now);
+            if !changed {
+                return Ok(Some(verdicts));
             }
-            match self.claims.create(&pp, &claim).await {
-                Ok(_) => debug!(%subnet, %node, claim = %name, "claimed subnet"),
-                Err(kube::Error::Api(s)) if s.is_already_exists() => {
-                    let found = self.claims.get(&name).await?;
-                    match read_claim(&found) {
-                        Some((_, holder)) if holder == node => {}
-                        Some((_, holder)) => return Ok(Claimed::Theirs(holder)),
-                        None => return Ok(Claimed::Theirs(format!("(malformed claim {name})"))),
-                    }
+            if !self.leading() {
+                return Ok(None);
+            }
+            let object = next.to_object(&self.namespace);
+            let stored = match &next.resource_version {
+                None => self.ledger.create(&pp, &object).await,
+                Some(_) => self.ledger.replace(LEDGER_NAME, &pp, &object).await,
+            };
+            match stored {
+                Ok(stored) => {
+                    next.resource_version = stored.metadata.resource_version;
+                    *ledger = Arc::new(next);
+                    return Ok(Some(verdicts));
                 }
-                Err(e) => return Err(e),
+                Err(kube::Error::Api(s)) if s.is_conflict() || s.is_already_exists() => {
+                    debug!("the subnet ledger changed since it was read; reading it again");
+                    *ledger = Arc::new(self.read_ledger().await?);
+                }
+                Err(e) => return Err(e.into()),
             }
         }
-        Ok(Claimed::Ours)
+        anyhow::bail!("the subnet ledger kept changing under {LEDGER_ATTEMPTS} attempts")
     }
 
-    /// Performs every write of `plan`, in order: releases, deletions, stale claims,
-    /// creations and allocations (each after its claims), missing claims, statuses, events.
-    pub async fn apply(&self, plan: &Plan) -> Written {
+    /// Moves claims kept as one `Lease` per subnet (before the ledger) into the ledger, then
+    /// deletes those `Lease`s. Run by a new leader before its first pass.
+    pub async fn migrate_lease_claims(&self, ledger: &mut Arc<Ledger>) -> anyhow::Result<()> {
+        let leases = self
+            .legacy_claims
+            .list(&ListParams::default().labels(&format!("{CLAIM_LABEL}={CLAIM_SUBNET}")))
+            .await?
+            .items;
+        if leases.is_empty() {
+            return Ok(());
+        }
+        let claims: Vec<(String, [IpNet; 1])> = leases
+            .iter()
+            .filter_map(read_claim)
+            .map(|(subnet, holder)| (holder, [subnet]))
+            .collect();
+        let writes: Vec<(&str, &[IpNet])> = claims
+            .iter()
+            .map(|(holder, subnet)| (holder.as_str(), &subnet[..]))
+            .collect();
+        if self.claim(ledger, &writes, &[]).await?.is_none() {
+            return Ok(());
+        }
+        for lease in &leases {
+            if !self.leading() {
+                return Ok(());
+            }
+            let name = lease.metadata.name.clone().unwrap_or_default();
+            let params = DeleteParams {
+                preconditions: Some(Preconditions {
+                    uid: lease.metadata.uid.clone(),
+                    resource_version: lease.metadata.resource_version.clone(),
+                }),
+                ..DeleteParams::background()
+            };
+            match self.legacy_claims.delete(&name, &params).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.is_not_found() || s.is_conflict() => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        info!(
+            leases = leases.len(),
+            claims = claims.len(),
+            configmap = LEDGER_NAME,
+            "moved the subnet claims kept as Leases into the subnet ledger"
+        );
+        Ok(())
+    }
+
+    /// Performs every write of `plan`, in order: releases, deletions, one swap of the ledger
+    /// (the claims of every creation and allocation, missing claims in, stale ones out),
+    /// creations and allocations (those whose claims are the node's), statuses, events.
+    /// `ledger` is the ledger as this replica last read or stored it, and is kept current.
+    pub async fn apply(&self, plan: &Plan, ledger: &mut Arc<Ledger>) -> Written {
         let mut written = Written::default();
 
         let results: Vec<_> = stream::iter(&plan.releases)
@@ -176,24 +261,63 @@ impl Writer {
             }
         }
 
-        for stale in &plan.stale_claims {
-            if !self.leading() {
-                return written;
-            }
-            let params = DeleteParams {
-                preconditions: Some(Preconditions {
-                    uid: stale.uid.clone(),
-                    resource_version: stale.resource_version.clone(),
-                }),
-                ..DeleteParams::background()
-            };
-            match self.claims.delete(&stale.name, &params).await {
-                Ok(_) => info!(claim = %stale.name, "deleted a claim no peer holds"),
-                Err(kube::Error::Api(s)) if s.is_not_found() || s.is_conflict() => {}
+        // Every write's subnets, claimed in one swap. A malformed value in an existing peer
+        // is reported by the plan; it has no claim.
+        let subnets = |texts: &[String]| -> Vec<IpNet> {
+            texts
+                .iter()
+                .filter_map(|t| wgmesh_core::parse_network(t).ok())
+                .collect()
+        };
+        let create_nets: Vec<Vec<IpNet>> =
+            plan.creates.iter().map(|p| subnets(&p.spec.pod_cidrs)).collect();
+        let alloc_nets: Vec<Vec<IpNet>> =
+            plan.allocations.iter().map(|a| subnets(&a.pod_cidrs)).collect();
+        let missing_nets: Vec<Vec<IpNet>> = plan
+            .claims
+            .iter()
+            .map(|c| subnets(std::slice::from_ref(&c.subnet)))
+            .collect();
+        let writes: Vec<(&str, &[IpNet])> = plan
+            .creates
+            .iter()
+            .map(|p| p.metadata.name.as_deref().unwrap_or_default())
+            .zip(&create_nets)
+            .chain(plan.allocations.iter().map(|a| a.name.as_str()).zip(&alloc_nets))
+            .chain(plan.claims.iter().map(|c| c.holder.as_str()).zip(&missing_nets))
+            .map(|(name, nets)| (name, nets.as_slice()))
+            .collect();
+        let verdicts = if writes.is_empty() && plan.stale_claims.is_empty() {
+            Vec::new()
+        } else {
+            match self.claim(ledger, &writes, &plan.stale_claims).await {
+                Ok(Some(v)) => v,
+                Ok(None) => return written,
                 Err(e) => {
                     written.errors += 1;
-                    self.failed("delete_claim", &stale.name, &e);
+                    self.metrics.error("ledger");
+                    warn!(error = %format!("{e:#}"), configmap = LEDGER_NAME, "storing the subnet ledger failed; no subnet is written this pass");
+                    vec![Verdict::Theirs(String::new()); writes.len()]
                 }
+            }
+        };
+        if !plan.stale_claims.is_empty() && !verdicts.is_empty() {
+            for r in &plan.stale_claims {
+                info!(subnet = %r.subnet, node = %r.holder, "took out a claim no peer holds");
+            }
+        }
+        let (create_verdicts, rest) = verdicts.split_at(plan.creates.len().min(verdicts.len()));
+        let (alloc_verdicts, missing_verdicts) =
+            rest.split_at(plan.allocations.len().min(rest.len()));
+        for (c, v) in plan.claims.iter().zip(missing_verdicts) {
+            match v {
+                Verdict::Ours => {
+                    info!(subnet = %c.subnet, node = %c.holder, "claimed a subnet its peer held without a claim")
+                }
+                Verdict::Theirs(other) if !other.is_empty() => {
+                    warn!(subnet = %c.subnet, node = %c.holder, claimed_for = %other, "a subnet a peer holds is claimed for another node")
+                }
+                _ => {}
             }
         }
 
@@ -201,20 +325,11 @@ impl Writer {
             field_manager: Some(OPERATOR_MANAGER.into()),
             ..Default::default()
         };
-        let results: Vec<_> = stream::iter(&plan.creates)
+        let results: Vec<_> = stream::iter(plan.creates.iter().zip(create_verdicts))
+            .filter_map(|(peer, v)| async move { self.allowed(peer.metadata.name.as_deref().unwrap_or_default(), &peer.spec.pod_cidrs, v).then_some(peer) })
             .map(|peer| {
                 let pp = &pp;
                 async move {
-                    let name = peer.metadata.name.as_deref().unwrap_or_default();
-                    match self.claim(name, &peer.spec.pod_cidrs).await {
-                        Ok(Claimed::Ours) => {}
-                        Ok(Claimed::NotLeading) => return None,
-                        Ok(Claimed::Theirs(other)) => {
-                            self.claimed_by_another(name, &peer.spec.pod_cidrs, &other);
-                            return None;
-                        }
-                        Err(e) => return Some((peer, Err(e))),
-                    }
                     if !self.leading() {
                         return None;
                     }
@@ -241,17 +356,9 @@ impl Writer {
             }
         }
 
-        let results: Vec<_> = stream::iter(&plan.allocations)
+        let results: Vec<_> = stream::iter(plan.allocations.iter().zip(alloc_verdicts))
+            .filter_map(|(a, v)| async move { self.allowed(&a.name, &a.pod_cidrs, v).then_some(a) })
             .map(|a| async move {
-                match self.claim(&a.name, &a.pod_cidrs).await {
-                    Ok(Claimed::Ours) => {}
-                    Ok(Claimed::NotLeading) => return None,
-                    Ok(Claimed::Theirs(other)) => {
-                        self.claimed_by_another(&a.name, &a.pod_cidrs, &other);
-                        return None;
-                    }
-                    Err(e) => return Some((a, Err(e))),
-                }
                 if !self.leading() {
                     return None;
                 }
@@ -288,39 +395,6 @@ impl Writer {
                 Err(e) => {
                     written.errors += 1;
                     self.failed("allocate", &a.name, &e);
-                }
-            }
-        }
-
-        let results: Vec<_> = stream::iter(&plan.claims)
-            .map(|c| {
-                let pp = &pp;
-                async move {
-                    if !self.leading() {
-                        return None;
-                    }
-                    let subnet = wgmesh_core::parse_network(&c.subnet).ok()?;
-                    Some((
-                        c,
-                        self.claims
-                            .create(pp, &claim_object(&subnet, &c.holder))
-                            .await,
-                    ))
-                }
-            })
-            .buffer_unordered(CONCURRENT_WRITES)
-            .filter_map(|r| async move { r })
-            .collect()
-            .await;
-        for (c, r) in results {
-            match r {
-                Ok(_) => {
-                    info!(subnet = %c.subnet, node = %c.holder, "claimed a subnet its peer held without a claim")
-                }
-                Err(kube::Error::Api(s)) if s.is_already_exists() => {}
-                Err(e) => {
-                    written.errors += 1;
-                    self.failed("claim", &c.subnet, &e);
                 }
             }
         }
@@ -408,12 +482,29 @@ impl Writer {
         written
     }
 
-    fn claimed_by_another(&self, node: &str, subnets: &[String], other: &str) {
-        self.metrics.error("claim_taken");
-        warn!(
-            %node, ?subnets, claimed_for = %other,
-            "a subnet planned for this node is claimed for another: another writer acted on a newer view; planning again"
-        );
+    /// Whether a write may happen after the ledger's verdict on its subnets; says why not.
+    fn allowed(&self, node: &str, subnets: &[String], verdict: &Verdict) -> bool {
+        match verdict {
+            Verdict::Ours => true,
+            // The swap failed; already said.
+            Verdict::Theirs(other) if other.is_empty() => false,
+            Verdict::Theirs(other) => {
+                self.metrics.error("claim_taken");
+                warn!(
+                    %node, ?subnets, claimed_for = %other,
+                    "a subnet planned for this node is claimed for another: another writer acted on a newer view; planning again"
+                );
+                false
+            }
+            Verdict::Full => {
+                self.metrics.error("ledger_full");
+                error!(
+                    %node, ?subnets, configmap = LEDGER_NAME,
+                    "the subnet ledger is full; no more subnets can be claimed"
+                );
+                false
+            }
+        }
     }
 
     /// Removes the release finalizer from a terminating peer, if it is still there.

@@ -1,8 +1,9 @@
 //! The operator's control loop: watches Nodes, MeshPeers, PodCIDRPools and the Mesh into
 //! caches, and, while this replica leads, runs passes of observe → plan → apply.
 //!
-//! Subnet claims (`Lease`s labelled `wgmesh.dev/claim=subnet`) are watched in the operator's
-//! namespace.
+//! The subnet ledger is not watched: only the leader writes it, so it keeps the version it
+//! read when it became leader and the ones it stored since; a swap that finds the ledger
+//! changed by another writer reads it again.
 //!
 //! Allocation is global (a subnet's freedom depends on every other peer), so a pass plans
 //! the whole mesh at once from one snapshot. Bursts of watch events are coalesced into one
@@ -11,10 +12,10 @@
 
 use crate::apply::Writer;
 use crate::lease::Leadership;
+use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::plan::{self, Snapshot};
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
 use kube::{
     Api, Client, Resource, ResourceExt,
@@ -33,10 +34,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::Notify;
 use tracing::{error, info, instrument};
-use wgmesh_api::{
-    Mesh, MeshPeer, PodCIDRPool,
-    consts::{CLAIM_LABEL, CLAIM_SUBNET, DEFAULT_MESH},
-};
+use wgmesh_api::{Mesh, MeshPeer, PodCIDRPool, consts::DEFAULT_MESH};
 
 /// How long to let a burst of events accumulate before a pass.
 const COALESCE: Duration = Duration::from_millis(200);
@@ -50,7 +48,6 @@ struct Caches {
     peers: Store<MeshPeer>,
     pools: Store<PodCIDRPool>,
     meshes: Store<Mesh>,
-    claims: Store<Lease>,
 }
 
 fn cache<K, S>(stream: S, notify: Arc<Notify>) -> (Store<K>, impl std::future::Future<Output = ()>)
@@ -165,15 +162,6 @@ pub async fn run(
         ),
         notify.clone(),
     );
-    let (claims, claims_task) = cache(
-        watcher(
-            Api::<Lease>::namespaced(client.clone(), &namespace),
-            watcher::Config::default().labels(&format!("{CLAIM_LABEL}={CLAIM_SUBNET}")),
-        )
-        .modify(|l| l.metadata.managed_fields = None),
-        notify.clone(),
-    );
-    tokio::spawn(claims_task);
     tokio::spawn(nodes_task);
     tokio::spawn(peers_task);
     tokio::spawn(pools_task);
@@ -183,14 +171,12 @@ pub async fn run(
         peers,
         pools,
         meshes,
-        claims,
     };
     for ready in [
         caches.nodes.wait_until_ready().await,
         caches.peers.wait_until_ready().await,
         caches.pools.wait_until_ready().await,
         caches.meshes.wait_until_ready().await,
-        caches.claims.wait_until_ready().await,
     ] {
         if ready.is_err() {
             error!("a cache's writer stopped before it was ready");
@@ -209,6 +195,7 @@ pub async fn run(
     );
     let peers_api = Api::<MeshPeer>::all(client);
     let mut overlay = Overlay::default();
+    let mut ledger = Arc::new(Ledger::default());
     let mut carry_over = BTreeMap::new();
     let mut was_leader = false;
     loop {
@@ -223,17 +210,25 @@ pub async fn run(
         }
         if !was_leader {
             // A new leader must not plan from a cache that may lag the previous leader's
-            // last writes: read the peers afresh (a quorum read) and lay them over it.
-            match peers_api.list(&ListParams::default()).await {
-                Ok(list) => {
+            // last writes: read the peers and the ledger afresh (quorum reads), lay the
+            // peers over the cache, and move claims still kept as Leases into the ledger.
+            let fresh = async {
+                let list = peers_api.list(&ListParams::default()).await?;
+                let mut read = Arc::new(writer.read_ledger().await?);
+                writer.migrate_lease_claims(&mut read).await?;
+                anyhow::Ok((list, read))
+            };
+            match fresh.await {
+                Ok((list, read)) => {
                     for p in list.items {
                         overlay.record(Arc::new(p));
                     }
+                    ledger = read;
                     was_leader = true;
                 }
                 Err(e) => {
                     metrics.error("list");
-                    error!(error = %e, "listing peers after becoming leader failed; retrying");
+                    error!(error = %format!("{e:#}"), "reading the peers and the subnet ledger after becoming leader failed; retrying");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     continue;
                 }
@@ -251,13 +246,14 @@ pub async fn run(
                 .into_iter()
                 .find(|m| m.name_any() == DEFAULT_MESH),
             carry_over: carry_over.clone(),
-            claims: caches.claims.state(),
+            ledger: ledger.clone(),
             now: SystemTime::now(),
         };
         let plan = plan::plan(&snapshot);
+        drop(snapshot);
         carry_over = plan.carry_over.clone();
         let requeue_at = plan.requeue_at;
-        let written = writer.apply(&plan).await;
+        let written = writer.apply(&plan, &mut ledger).await;
         for p in written.peers {
             overlay.record(p);
         }

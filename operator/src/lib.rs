@@ -10,6 +10,7 @@ pub mod apply;
 pub mod conditions;
 pub mod controller;
 pub mod lease;
+pub mod ledger;
 pub mod metrics;
 pub mod plan;
 pub mod webhook;
@@ -27,8 +28,8 @@ pub struct Args {
     #[arg(long, env = "WGMESH_METRICS_ADDR", default_value = "0.0.0.0:9090")]
     pub metrics_addr: SocketAddr,
 
-    /// Namespace of the leader-election Lease, and of the subnet claims (Leases labelled
-    /// `wgmesh.dev/claim=subnet`, one per allocated pod subnet).
+    /// Namespace of the leader-election Lease, and of the subnet ledger (the ConfigMap
+    /// `wgmesh-subnet-claims`: the node each allocated pod subnet is claimed for).
     #[arg(long, env = "WGMESH_LEASE_NAMESPACE", default_value = "kube-system")]
     pub lease_namespace: String,
 

@@ -15,15 +15,16 @@
 //! - a Node that comes back while its old peer terminates gets the old subnets back: the old
 //!   peer is released at once and its subnets carried over to the new one.
 //!
-//! Subnet claims: every subnet a node peer holds has a claim, a `Lease` in the operator's
-//! namespace named after the subnet ([`core::claim_name`]), holder the node. `apply` creates a
-//! subnet's claim before it writes the subnet to a peer and writes nothing if the claim
-//! names another node, so two writers planning from different views cannot hand one subnet
-//! to two nodes. The plan creates the claims peers lack (peers written before claims
-//! existed) and deletes a claim once no peer holds its subnet and no write needs it, no
-//! sooner than [`CLAIM_GRACE`] after it was made.
+//! Subnet claims: every subnet a node peer holds has a claim in the subnet ledger
+//! ([`crate::ledger`]), naming the node. `apply` stores a subnet's claim before it writes the
+//! subnet to a peer and writes nothing if the ledger names another node, so two writers
+//! planning from different views cannot hand one subnet to two nodes. The plan claims what
+//! peers hold without a claim (peers written before the ledger existed) and takes a claim out
+//! once no peer holds its subnet and no write needs it, no sooner than [`CLAIM_GRACE`] after
+//! it was made.
 
 use crate::conditions::{self, Desired};
+use crate::ledger::{Ledger, Removal};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
@@ -64,9 +65,8 @@ pub struct Snapshot {
     /// Subnets of released peers whose node came back, by node name, until the new peer
     /// holds them. Kept by the caller between passes.
     pub carry_over: BTreeMap<String, Vec<String>>,
-    /// The subnet claims (`Lease`s labelled `wgmesh.dev/claim=subnet` in the operator's
-    /// namespace).
-    pub claims: Vec<Arc<Lease>>,
+    /// The subnet ledger as this replica last read or stored it.
+    pub ledger: Arc<Ledger>,
     pub now: SystemTime,
 }
 
@@ -77,50 +77,10 @@ pub struct ClaimWrite {
     pub holder: String,
 }
 
-/// A claim to delete, only if it is still the object the plan saw.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ClaimDelete {
-    pub name: String,
-    pub uid: Option<String>,
-    pub resource_version: Option<String>,
-}
-
-/// The claim of `subnet` for `holder`, as `apply` creates it.
-pub fn claim_object(subnet: &ipnet::IpNet, holder: &str) -> Lease {
-    Lease {
-        metadata: ObjectMeta {
-            name: Some(core::claim_name(subnet)),
-            labels: Some(
-                [
-                    (
-                        consts::CLAIM_LABEL.to_owned(),
-                        consts::CLAIM_SUBNET.to_owned(),
-                    ),
-                    (
-                        consts::MANAGED_BY_LABEL.to_owned(),
-                        consts::MANAGED_BY.to_owned(),
-                    ),
-                ]
-                .into(),
-            ),
-            annotations: Some(
-                [(
-                    consts::CLAIM_SUBNET_ANNOTATION.to_owned(),
-                    subnet.trunc().to_string(),
-                )]
-                .into(),
-            ),
-            ..ObjectMeta::default()
-        },
-        spec: Some(k8s_openapi::api::coordination::v1::LeaseSpec {
-            holder_identity: Some(holder.to_owned()),
-            ..Default::default()
-        }),
-    }
-}
-
-/// The subnet and holder of a well-formed claim: its annotation names a subnet whose claim
-/// name is the object's name, and it has a holder.
+/// The subnet and holder of a well-formed claim of the kind kept before the ledger (a
+/// `Lease` per subnet, labelled `wgmesh.dev/claim=subnet`): its annotation names a subnet
+/// whose claim name is the object's name, and it has a holder. The leader moves such claims
+/// into the ledger.
 pub fn read_claim(lease: &Lease) -> Option<(ipnet::IpNet, String)> {
     let subnet = core::parse_network(
         lease
@@ -213,10 +173,10 @@ pub struct Plan {
     pub releases: Vec<String>,
     /// Peer statuses that change.
     pub peer_status: Vec<StatusWrite<MeshPeerStatus>>,
-    /// Claims to create for subnets peers hold without one.
+    /// Claims to add for subnets peers hold without one.
     pub claims: Vec<ClaimWrite>,
     /// Claims no peer holds and no write needs, past [`CLAIM_GRACE`].
-    pub stale_claims: Vec<ClaimDelete>,
+    pub stale_claims: Vec<Removal>,
     /// Pool statuses that change.
     pub pool_status: Vec<StatusWrite<PodCIDRPoolStatus>>,
     /// The mesh's status, if it changes.
@@ -478,15 +438,7 @@ pub fn plan(snap: &Snapshot) -> Plan {
                 .unwrap_or_default(),
         })
         .collect();
-    let claims: Vec<(&Lease, Option<core::Claim>)> = snap
-        .claims
-        .iter()
-        .map(|l| {
-            let claim = read_claim(l).map(|(subnet, holder)| core::Claim { subnet, holder });
-            (l.as_ref(), claim)
-        })
-        .collect();
-    let valid_claims: Vec<core::Claim> = claims.iter().filter_map(|(_, c)| c.clone()).collect();
+    let valid_claims = snap.ledger.claims();
     let alloc = core::plan_allocations(&core::AllocationRequest {
         pools: &validation.valid,
         nodes: &core_nodes,
@@ -945,7 +897,7 @@ pub fn plan(snap: &Snapshot) -> Plan {
         }
     }
 
-    plan_claims(&mut out, snap, &claims, &existing, &released, &alloc);
+    plan_claims(&mut out, snap, &existing, &released, &alloc);
     out.usage = alloc.usage;
     out.carry_over = carry_over;
     out
@@ -1537,13 +1489,12 @@ fn pool_reason(errors: &[core::PoolError]) -> &'static str {
 #[path = "plan_tests.rs"]
 mod tests;
 
-/// The claims to create (subnets node peers hold without one) and to delete: a claim no peer
+/// The claims to add (subnets node peers hold without one) and to take out: a claim no peer
 /// holds and the plan does not give to its holder goes once its holder's grace period for the
 /// subnet is over, or else [`CLAIM_GRACE`] after it was made (a write that never landed).
 fn plan_claims(
     out: &mut Plan,
     snap: &Snapshot,
-    claims: &[(&Lease, Option<core::Claim>)],
     existing: &BTreeMap<String, Vec<String>>,
     released: &[core::Released],
     alloc: &core::AllocationPlan,
@@ -1558,43 +1509,37 @@ fn plan_claims(
         held.entry(h.subnet).or_insert(&h.peer);
     }
     let freed: BTreeSet<&ipnet::IpNet> = alloc.grace.freed.iter().collect();
-    let names: BTreeSet<&str> = claims
-        .iter()
-        .filter_map(|(l, _)| l.metadata.name.as_deref())
-        .collect();
     for (subnet, holder) in &held {
-        if !names.contains(core::claim_name(subnet).as_str()) {
+        if !snap.ledger.entries.contains_key(subnet) {
             out.claims.push(ClaimWrite {
                 subnet: subnet.to_string(),
                 holder: (*holder).to_owned(),
             });
         }
     }
-    for (lease, claim) in claims {
-        let needed = claim.as_ref().is_some_and(|c| {
-            held.get(&c.subnet) == Some(&c.holder.as_str())
-                || alloc
-                    .nodes
-                    .get(&c.holder)
-                    .is_some_and(|a| a.subnets.contains(&c.subnet))
-        });
+    for (subnet, entry) in &snap.ledger.entries {
+        let needed = held.get(subnet) == Some(&entry.holder.as_str())
+            || alloc
+                .nodes
+                .get(&entry.holder)
+                .is_some_and(|a| a.subnets.contains(subnet));
         if needed {
             continue;
         }
-        let released_by_holder = claim.as_ref().is_some_and(|c| {
-            freed.contains(&c.subnet)
-                && released
-                    .iter()
-                    .any(|r| r.peer == c.holder && r.subnets.contains(&c.subnet))
-        });
-        let Some(due) = created(&lease.metadata).checked_add(CLAIM_GRACE) else {
+        let released_by_holder = freed.contains(subnet)
+            && released
+                .iter()
+                .any(|r| r.peer == entry.holder && r.subnets.contains(subnet));
+        let Some(due) = (SystemTime::UNIX_EPOCH + Duration::from_secs(entry.claimed_at))
+            .checked_add(CLAIM_GRACE)
+        else {
             continue;
         };
         if released_by_holder || due <= snap.now {
-            out.stale_claims.push(ClaimDelete {
-                name: lease.metadata.name.clone().unwrap_or_default(),
-                uid: lease.metadata.uid.clone(),
-                resource_version: lease.metadata.resource_version.clone(),
+            out.stale_claims.push(Removal {
+                subnet: *subnet,
+                holder: entry.holder.clone(),
+                claimed_at: entry.claimed_at,
             });
         } else {
             out.requeue_at = Some(out.requeue_at.map_or(due, |r| r.min(due)));

@@ -85,51 +85,75 @@ fn mk_snapshot(
         pools,
         mesh: Some(Arc::new(open_mesh())),
         carry_over: BTreeMap::new(),
-        claims: vec![],
+        ledger: Arc::new(Ledger::default()),
         now: at(1000),
     }
 }
 
-fn mk_claim(subnet: &str, holder: &str, created: SystemTime) -> Arc<Lease> {
-    let mut l = claim_object(&subnet.parse().expect("subnet"), holder);
-    l.metadata.creation_timestamp = Some(Time(
-        k8s_openapi::jiff::Timestamp::try_from(created).expect("time"),
-    ));
-    l.metadata.uid = Some(format!("claim-{subnet}"));
-    l.metadata.resource_version = Some("1".into());
-    Arc::new(l)
+fn secs(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .expect("after the epoch")
+        .as_secs()
 }
 
-/// Creates the claim of each subnet, unless one exists (whoever it names), as `apply` does.
-fn claim_in_memory(snap: &mut Snapshot, holder: &str, subnets: &[String]) {
-    for subnet in subnets {
-        let name = core::claim_name(&subnet.parse().expect("subnet"));
-        if !snap
-            .claims
-            .iter()
-            .any(|c| c.metadata.name.as_deref() == Some(name.as_str()))
-        {
-            snap.claims.push(mk_claim(subnet, holder, snap.now));
-        }
-    }
+/// Adds a claim of `subnet` for `holder` made at `created`, as another writer would.
+fn add_claim(snap: &mut Snapshot, subnet: &str, holder: &str, created: SystemTime) {
+    let net: ipnet::IpNet = subnet.parse().expect("subnet");
+    let (verdicts, _) = Arc::make_mut(&mut snap.ledger).merge(&[(holder, &[net])], &[], secs(created));
+    assert_eq!(verdicts, vec![crate::ledger::Verdict::Ours]);
+}
+
+/// The ledger's claims as (subnet, holder).
+fn claims_of(snap: &Snapshot) -> BTreeSet<(String, String)> {
+    snap.ledger
+        .entries
+        .iter()
+        .map(|(s, e)| (s.to_string(), e.holder.clone()))
+        .collect()
+}
+
+/// Claims each write's subnets in the ledger, as `apply` does, and says which writes may
+/// happen.
+fn claim_in_memory(snap: &mut Snapshot, plan: &Plan) -> (Vec<bool>, Vec<bool>) {
+    let nets = |texts: &[String]| -> Vec<ipnet::IpNet> {
+        texts.iter().map(|t| t.parse().expect("subnet")).collect()
+    };
+    let creates: Vec<(String, Vec<ipnet::IpNet>)> = plan
+        .creates
+        .iter()
+        .map(|p| (p.metadata.name.clone().expect("name"), nets(&p.spec.pod_cidrs)))
+        .collect();
+    let allocations: Vec<(String, Vec<ipnet::IpNet>)> = plan
+        .allocations
+        .iter()
+        .map(|a| (a.name.clone(), nets(&a.pod_cidrs)))
+        .collect();
+    let missing: Vec<(String, Vec<ipnet::IpNet>)> = plan
+        .claims
+        .iter()
+        .map(|c| (c.holder.clone(), nets(std::slice::from_ref(&c.subnet))))
+        .collect();
+    let writes: Vec<(&str, &[ipnet::IpNet])> = creates
+        .iter()
+        .chain(&allocations)
+        .chain(&missing)
+        .map(|(h, n)| (h.as_str(), n.as_slice()))
+        .collect();
+    let now = secs(snap.now);
+    let (verdicts, _) = Arc::make_mut(&mut snap.ledger).merge(&writes, &plan.stale_claims, now);
+    let ours: Vec<bool> = verdicts
+        .iter()
+        .map(|v| *v == crate::ledger::Verdict::Ours)
+        .collect();
+    (
+        ours[..creates.len()].to_vec(),
+        ours[creates.len()..creates.len() + allocations.len()].to_vec(),
+    )
 }
 
 /// Lays a plan's writes onto the snapshot, as the API server would.
 fn apply_in_memory(snap: &mut Snapshot, plan: &Plan) {
-    for stale in &plan.stale_claims {
-        snap.claims
-            .retain(|c| c.metadata.name.as_deref() != Some(stale.name.as_str()));
-    }
-    for create in &plan.creates {
-        let holder = create.metadata.name.clone().expect("name");
-        claim_in_memory(snap, &holder, &create.spec.pod_cidrs);
-    }
-    for a in &plan.allocations {
-        claim_in_memory(snap, &a.name, &a.pod_cidrs);
-    }
-    for c in &plan.claims {
-        claim_in_memory(snap, &c.holder, std::slice::from_ref(&c.subnet));
-    }
+    let (create_ok, alloc_ok) = claim_in_memory(snap, plan);
     let mut rv = 100;
     let mut bump = |p: &mut MeshPeer| {
         rv += 1;
@@ -156,7 +180,7 @@ fn apply_in_memory(snap: &mut Snapshot, plan: &Plan) {
             }
         }
     }
-    for create in &plan.creates {
+    for (create, _) in plan.creates.iter().zip(create_ok).filter(|(_, ok)| *ok) {
         let mut p = create.clone();
         p.metadata.creation_timestamp = Some(Time(
             k8s_openapi::jiff::Timestamp::try_from(snap.now).expect("time"),
@@ -165,7 +189,7 @@ fn apply_in_memory(snap: &mut Snapshot, plan: &Plan) {
         bump(&mut p);
         snap.peers.push(Arc::new(p));
     }
-    for a in &plan.allocations {
+    for (a, _) in plan.allocations.iter().zip(alloc_ok).filter(|(_, ok)| *ok) {
         for p in &mut snap.peers {
             if p.metadata.name.as_deref() == Some(a.name.as_str()) {
                 let p = Arc::make_mut(p);
@@ -292,14 +316,7 @@ fn every_node_gets_a_peer_owned_by_it_with_a_distinct_subnet() {
     // Without keys the nodes are not ready yet, and say why.
     assert_eq!(ready(peer(&snap, "n2")), (false, "NoPublicKey".into()));
     // Each subnet has its claim, naming its node.
-    let claims: BTreeSet<(String, String)> = snap
-        .claims
-        .iter()
-        .map(|c| {
-            let (subnet, holder) = read_claim(c).expect("well-formed claim");
-            (subnet.to_string(), holder)
-        })
-        .collect();
+    let claims = claims_of(&snap);
     let held: BTreeSet<(String, String)> = snap
         .peers
         .iter()
@@ -322,7 +339,7 @@ fn a_subnet_another_writer_claimed_goes_to_its_holder_and_nobody_else() {
         vec![],
         vec![mk_pool("p", &["10.244.0.0/16"], 24, 0)],
     );
-    snap.claims = vec![mk_claim("10.244.0.0/24", "n2", at(990))];
+    add_claim(&mut snap, "10.244.0.0/24", "n2", at(990));
     let first = plan(&snap);
     let subnets: BTreeMap<String, Vec<String>> = first
         .creates
@@ -338,7 +355,7 @@ fn a_subnet_another_writer_claimed_goes_to_its_holder_and_nobody_else() {
     assert_eq!(subnets["n2"], vec!["10.244.0.0/24".to_string()]);
     assert!(first.stale_claims.is_empty());
     converge(&mut snap);
-    assert_eq!(snap.claims.len(), 2);
+    assert_eq!(snap.ledger.entries.len(), 2);
 }
 
 #[test]
@@ -350,7 +367,7 @@ fn a_claim_no_peer_holds_is_deleted_only_after_the_claim_grace() {
     );
     converge(&mut snap);
     // A writer claimed a subnet for a node that is gone, and never wrote a peer.
-    snap.claims.push(mk_claim("10.244.9.0/24", "gone", at(900)));
+    add_claim(&mut snap, "10.244.9.0/24", "gone", at(900));
     let first = plan(&snap);
     assert!(first.stale_claims.is_empty());
     assert_eq!(first.requeue_at, Some(at(900) + CLAIM_GRACE));
@@ -366,10 +383,10 @@ fn a_claim_no_peer_holds_is_deleted_only_after_the_claim_grace() {
     let later = plan(&snap);
     assert_eq!(
         later.stale_claims,
-        vec![ClaimDelete {
-            name: "wgmesh-subnet-10.244.9.0-24".into(),
-            uid: Some("claim-10.244.9.0/24".into()),
-            resource_version: Some("1".into()),
+        vec![Removal {
+            subnet: "10.244.9.0/24".parse().expect("subnet"),
+            holder: "gone".into(),
+            claimed_at: secs(at(900)),
         }]
     );
     // Claims of subnets peers hold are kept however old.
@@ -384,7 +401,7 @@ fn peers_written_before_claims_existed_get_theirs() {
         vec![mk_pool("p", &["10.244.0.0/16"], 24, 0)],
     );
     converge(&mut snap);
-    snap.claims.clear();
+    snap.ledger = Arc::new(Ledger::default());
     let p = plan(&snap);
     assert_eq!(
         p.claims,
@@ -545,11 +562,9 @@ fn a_released_subnets_claim_goes_with_the_release_however_young() {
     snap.now = at(1000 + 11);
     converge(&mut snap);
     assert_eq!(peer(&snap, "n3").spec.pod_cidrs, n1_subnet);
-    let holder = snap
-        .claims
-        .iter()
-        .filter_map(|c| read_claim(c))
-        .find(|(s, _)| s.to_string() == n1_subnet[0])
+    let holder = claims_of(&snap)
+        .into_iter()
+        .find(|(s, _)| *s == n1_subnet[0])
         .map(|(_, h)| h);
     assert_eq!(holder.as_deref(), Some("n3"));
 }

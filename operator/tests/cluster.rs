@@ -168,6 +168,26 @@ fn assert_disjoint(allocs: &BTreeMap<String, Vec<String>>) {
     }
 }
 
+/// The subnet ledger the tests' operators keep in kube-system: subnet → node.
+async fn ledger() -> Result<BTreeMap<String, String>> {
+    let cms: Api<k8s_openapi::api::core::v1::ConfigMap> =
+        Api::namespaced(client().await?, "kube-system");
+    let cm = cms.get("wgmesh-subnet-claims").await?;
+    let text = cm
+        .data
+        .unwrap_or_default()
+        .remove("claims")
+        .unwrap_or_default();
+    let mut claims = BTreeMap::new();
+    for line in text.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        for subnet in words.iter().skip(2) {
+            claims.insert((*subnet).to_owned(), words[0].to_owned());
+        }
+    }
+    Ok(claims)
+}
+
 #[tokio::test]
 async fn every_node_gets_a_distinct_subnet_visible_in_kubectl() -> Result<()> {
     let _serial = SERIAL.lock().await;
@@ -305,7 +325,7 @@ async fn two_replicas_at_once_never_double_allocate() -> Result<()> {
 
 /// Two operators that both lead, each holding its own lease (what a split brain looks like to
 /// the API server), while 150 nodes join one at a time: they plan from different views, and
-/// the subnet claims still keep every subnet to one node, each claim naming the node whose
+/// the subnet ledger still keeps every subnet to one node, each claim naming the node whose
 /// peer holds the subnet. (Without claims, this gave subnets twice.)
 #[tokio::test]
 async fn two_leaders_at_once_never_give_one_subnet_to_two_nodes() -> Result<()> {
@@ -341,19 +361,7 @@ async fn two_leaders_at_once_never_give_one_subnet_to_two_nodes() -> Result<()> 
     let allocs = env.allocated(NODES, 1, Duration::from_secs(180)).await?;
     assert_disjoint(&allocs);
 
-    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
-        Api::namespaced(client().await?, "kube-system");
-    let claims: BTreeMap<String, String> = leases
-        .list(&ListParams::default().labels("wgmesh.dev/claim=subnet"))
-        .await?
-        .items
-        .into_iter()
-        .map(|l| {
-            let subnet = l.metadata.annotations.unwrap_or_default()["wgmesh.dev/subnet"].clone();
-            let holder = l.spec.and_then(|s| s.holder_identity).unwrap_or_default();
-            (subnet, holder)
-        })
-        .collect();
+    let claims = ledger().await?;
     for (node, subnets) in &allocs {
         for subnet in subnets {
             assert_eq!(
@@ -649,5 +657,58 @@ async fn a_v4_and_a_v6_pool_give_each_node_one_of_each() -> Result<()> {
     let mut got = approved.allowed_ips.clone();
     got.sort();
     assert_eq!(got, want);
+    Ok(())
+}
+
+/// An operator upgraded from one that kept its claims as one `Lease` per subnet moves them
+/// into the ledger before its first pass and deletes the `Lease`s: a subnet claimed for a
+/// node whose peer was never written stays that node's, and nobody else gets it.
+#[tokio::test]
+async fn claims_kept_as_leases_move_into_the_ledger() -> Result<()> {
+    use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+    let _serial = SERIAL.lock().await;
+    let env = setup().await?;
+    env.pools
+        .create(
+            &PostParams::default(),
+            &mk_pool("legacy", &["10.205.0.0/16"], Some(24), None),
+        )
+        .await?;
+    let leases: Api<Lease> = Api::namespaced(client().await?, "kube-system");
+    let mut lease = Lease {
+        spec: Some(LeaseSpec {
+            holder_identity: Some("ghost".into()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    lease.metadata.name = Some("wgmesh-subnet-10.205.0.0-24".into());
+    lease.metadata.labels = Some([("wgmesh.dev/claim".to_owned(), "subnet".to_owned())].into());
+    lease.metadata.annotations =
+        Some([("wgmesh.dev/subnet".to_owned(), "10.205.0.0/24".to_owned())].into());
+    leases.create(&PostParams::default(), &lease).await?;
+
+    let _op = OperatorProcess::start(OPERATOR, &env.lease, &[])?;
+    env.add_nodes(["m1".to_owned()]).await?;
+    let allocs = env.allocated(1, 1, Duration::from_secs(60)).await?;
+    // The first subnet would be m1's but for the claim.
+    assert_eq!(allocs["m1"], vec!["10.205.1.0/24".to_owned()]);
+    let claims = ledger().await?;
+    assert_eq!(
+        claims.get("10.205.0.0/24").map(String::as_str),
+        Some("ghost")
+    );
+    assert_eq!(claims.get("10.205.1.0/24").map(String::as_str), Some("m1"));
+    wait_for("the legacy claim to be deleted", Duration::from_secs(30), || {
+        let leases = leases.clone();
+        async move {
+            let gone = leases
+                .get_opt("wgmesh-subnet-10.205.0.0-24")
+                .await?
+                .is_none();
+            Ok(gone.then_some(()))
+        }
+    })
+    .await?;
     Ok(())
 }

@@ -296,7 +296,16 @@ pub async fn reset_mesh(client: &kube::Client) -> Result<()> {
     Api::<Node>::all(client.clone())
         .delete_collection(&DeleteParams::default(), &ListParams::default())
         .await?;
-    // The operators the tests start keep their subnet claims in kube-system.
+    // The operators the tests start keep their subnet ledger in kube-system (and kept
+    // their claims as Leases before it).
+    match Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(client.clone(), "kube-system")
+        .delete("wgmesh-subnet-claims", &DeleteParams::default())
+        .await
+    {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.is_not_found() => {}
+        Err(e) => return Err(e.into()),
+    }
     Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(client.clone(), "kube-system")
         .delete_collection(
             &DeleteParams::default(),

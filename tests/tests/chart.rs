@@ -741,12 +741,13 @@ fn rbac_least_privilege() -> Result<()> {
         Some("kube-system"),
         Some(OPERATOR)
     ));
-    // Subnet claims (Leases named after subnets) are created, watched and collected here,
-    // and nowhere else; never updated.
-    for v in ["list", "watch", "delete"] {
+    // Subnet claims kept as Leases by earlier versions are listed and deleted here (moved
+    // into the ledger), and nowhere else; never updated, no longer watched.
+    for v in ["list", "delete"] {
         assert!(can(&docs, OPERATOR, v, lease, here, None));
         assert!(!can(&docs, OPERATOR, v, lease, Some("kube-system"), None));
     }
+    assert!(!can(&docs, OPERATOR, "watch", lease, here, None));
     assert!(!can(
         &docs,
         OPERATOR,
@@ -755,6 +756,19 @@ fn rbac_least_privilege() -> Result<()> {
         here,
         Some("wgmesh-subnet-10.244.0.0-24")
     ));
+    // The subnet ledger: one ConfigMap here, read and replaced by name; no other ConfigMap
+    // is read or changed, and none elsewhere.
+    let cm = ("", "configmaps");
+    const LEDGER: &str = "wgmesh-subnet-claims";
+    assert!(can(&docs, OPERATOR, "create", cm, here, None));
+    for v in ["get", "update"] {
+        assert!(can(&docs, OPERATOR, v, cm, here, Some(LEDGER)), "operator {v} the ledger");
+        assert!(!can(&docs, OPERATOR, v, cm, here, Some("kube-root-ca.crt")));
+        assert!(!can(&docs, OPERATOR, v, cm, Some("kube-system"), Some(LEDGER)));
+    }
+    for v in ["list", "watch", "delete", "patch"] {
+        assert!(!can(&docs, OPERATOR, v, cm, here, None));
+    }
     for v in ["create", "patch"] {
         assert!(can(
             &docs,
