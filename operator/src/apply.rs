@@ -11,8 +11,8 @@
 //! counted and logged here, once, and the pass goes on: the next pass retries whatever
 //! did not happen.
 
-use crate::ledger::{LEDGER_NAME, Ledger, Removal, Verdict};
 use crate::lease::Leadership;
+use crate::ledger::{LEDGER_NAME, Ledger, Removal, Verdict};
 use crate::metrics::Metrics;
 use crate::plan::{EventSpec, EventTarget, Plan, RELEASE_FINALIZER, read_claim};
 use futures::{StreamExt, stream};
@@ -269,10 +269,16 @@ impl Writer {
                 .filter_map(|t| wgmesh_core::parse_network(t).ok())
                 .collect()
         };
-        let create_nets: Vec<Vec<IpNet>> =
-            plan.creates.iter().map(|p| subnets(&p.spec.pod_cidrs)).collect();
-        let alloc_nets: Vec<Vec<IpNet>> =
-            plan.allocations.iter().map(|a| subnets(&a.pod_cidrs)).collect();
+        let create_nets: Vec<Vec<IpNet>> = plan
+            .creates
+            .iter()
+            .map(|p| subnets(&p.spec.pod_cidrs))
+            .collect();
+        let alloc_nets: Vec<Vec<IpNet>> = plan
+            .allocations
+            .iter()
+            .map(|a| subnets(&a.pod_cidrs))
+            .collect();
         let missing_nets: Vec<Vec<IpNet>> = plan
             .claims
             .iter()
@@ -283,8 +289,18 @@ impl Writer {
             .iter()
             .map(|p| p.metadata.name.as_deref().unwrap_or_default())
             .zip(&create_nets)
-            .chain(plan.allocations.iter().map(|a| a.name.as_str()).zip(&alloc_nets))
-            .chain(plan.claims.iter().map(|c| c.holder.as_str()).zip(&missing_nets))
+            .chain(
+                plan.allocations
+                    .iter()
+                    .map(|a| a.name.as_str())
+                    .zip(&alloc_nets),
+            )
+            .chain(
+                plan.claims
+                    .iter()
+                    .map(|c| c.holder.as_str())
+                    .zip(&missing_nets),
+            )
             .map(|(name, nets)| (name, nets.as_slice()))
             .collect();
         let verdicts = if writes.is_empty() && plan.stale_claims.is_empty() {
@@ -326,7 +342,14 @@ impl Writer {
             ..Default::default()
         };
         let results: Vec<_> = stream::iter(plan.creates.iter().zip(create_verdicts))
-            .filter_map(|(peer, v)| async move { self.allowed(peer.metadata.name.as_deref().unwrap_or_default(), &peer.spec.pod_cidrs, v).then_some(peer) })
+            .filter_map(|(peer, v)| async move {
+                self.allowed(
+                    peer.metadata.name.as_deref().unwrap_or_default(),
+                    &peer.spec.pod_cidrs,
+                    v,
+                )
+                .then_some(peer)
+            })
             .map(|peer| {
                 let pp = &pp;
                 async move {

@@ -166,9 +166,8 @@ impl Ledger {
                     return Verdict::Ours;
                 }
                 // An upper bound: a line of its own per write.
-                let grows = holder.len()
-                    + 22
-                    + new.iter().map(|s| s.to_string().len() + 1).sum::<usize>();
+                let grows =
+                    holder.len() + 22 + new.iter().map(|s| s.to_string().len() + 1).sum::<usize>();
                 if size + grows > LEDGER_MAX_BYTES {
                     return Verdict::Full;
                 }
@@ -371,7 +370,10 @@ mod tests {
             .map(|((h, _), n)| (h.as_str(), &n[..]))
             .collect();
         let (v, _) = l.merge(&writes, &[], 1_764_570_000);
-        let full = v.iter().position(|v| *v == Verdict::Full).expect("fills up");
+        let full = v
+            .iter()
+            .position(|v| *v == Verdict::Full)
+            .expect("fills up");
         assert!(v[full..].iter().all(|v| *v == Verdict::Full));
         assert!(print(&l.entries).len() <= LEDGER_MAX_BYTES);
         // What it holds is still its holders'.

@@ -54,6 +54,12 @@ pub const DEFAULT_RELEASE_GRACE: Duration = Duration::from_secs(300);
 /// and leadership lasts far shorter, so a claim is never collected under a write in flight.
 pub const CLAIM_GRACE: Duration = Duration::from_secs(300);
 
+/// The most node peers one pass creates. Thousands of nodes registering at once are taken a
+/// slice at a time: each pass's writes finish sooner, so the statuses of the peers made
+/// meanwhile (their approval, once their agent published a key) are not held back behind
+/// thousands of creations, and what a pass holds in memory stays bounded.
+pub const MAX_CREATES_PER_PASS: usize = 500;
+
 /// Everything a pass looks at.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
@@ -460,17 +466,26 @@ pub fn plan(snap: &Snapshot) -> Plan {
             continue;
         };
         let subnets: Vec<String> = a.subnets.iter().map(ToString::to_string).collect();
-        out.allocated += a.added.len();
         match peers.get(name) {
+            // The rest wait for the next pass, which comes at once.
+            None if out.creates.len() >= MAX_CREATES_PER_PASS => {}
             None => {
+                out.allocated += a.added.len();
                 out.creates.push(new_node_peer(node, subnets.clone()));
                 carry_over.remove(*name);
-                if !a.added.is_empty() {
+                // A new node's subnets from the pools are in its peer's spec and in its
+                // `PeerReady` Event; an Event each would double the writes of a join.
+                // Where else they came from is worth one.
+                if a.added
+                    .iter()
+                    .any(|x| !matches!(x.source, core::Source::Pool(_)))
+                {
                     out.events.push(allocated_event(name, None, &a.added));
                 }
             }
             Some(peer) if matches!(roles.get(name), Some(PeerRole::Node)) => {
                 if !a.added.is_empty() {
+                    out.allocated += a.added.len();
                     out.allocations.push(AllocationWrite {
                         name: (*name).to_owned(),
                         resource_version: peer.metadata.resource_version.clone(),
@@ -701,7 +716,14 @@ pub fn plan(snap: &Snapshot) -> Plan {
         {
             continue;
         }
+        let had_ready =
+            current.is_some_and(|s| s.conditions.iter().any(|c| c.type_ == condition::READY));
         for change in changes.iter().filter(|c| c.type_ == condition::READY) {
+            // A new peer waiting for its agent's first key is where every peer starts, not
+            // a change worth an Event.
+            if !had_ready && !change.status && change.reason == "NoPublicKey" {
+                continue;
+            }
             out.events.push(EventSpec {
                 kind: EventTarget::Peer,
                 name: name.to_owned(),

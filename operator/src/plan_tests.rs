@@ -99,7 +99,8 @@ fn secs(t: SystemTime) -> u64 {
 /// Adds a claim of `subnet` for `holder` made at `created`, as another writer would.
 fn add_claim(snap: &mut Snapshot, subnet: &str, holder: &str, created: SystemTime) {
     let net: ipnet::IpNet = subnet.parse().expect("subnet");
-    let (verdicts, _) = Arc::make_mut(&mut snap.ledger).merge(&[(holder, &[net])], &[], secs(created));
+    let (verdicts, _) =
+        Arc::make_mut(&mut snap.ledger).merge(&[(holder, &[net])], &[], secs(created));
     assert_eq!(verdicts, vec![crate::ledger::Verdict::Ours]);
 }
 
@@ -121,7 +122,12 @@ fn claim_in_memory(snap: &mut Snapshot, plan: &Plan) -> (Vec<bool>, Vec<bool>) {
     let creates: Vec<(String, Vec<ipnet::IpNet>)> = plan
         .creates
         .iter()
-        .map(|p| (p.metadata.name.clone().expect("name"), nets(&p.spec.pod_cidrs)))
+        .map(|p| {
+            (
+                p.metadata.name.clone().expect("name"),
+                nets(&p.spec.pod_cidrs),
+            )
+        })
         .collect();
     let allocations: Vec<(String, Vec<ipnet::IpNet>)> = plan
         .allocations
@@ -1109,4 +1115,31 @@ fn the_location_label_is_the_meshs_choice() {
     publish_key(&mut snap, "n1", KEY_1);
     converge(&mut snap);
     assert_eq!(approval(&snap, "n1").location.as_deref(), Some("lab"));
+}
+
+#[test]
+fn thousands_of_new_nodes_are_created_a_slice_per_pass() {
+    let n = MAX_CREATES_PER_PASS * 2 + 7;
+    let nodes = (0..n)
+        .map(|i| mk_node(&format!("n{i:05}"), &format!("u{i}")))
+        .collect();
+    let mut snap = mk_snapshot(nodes, vec![], vec![mk_pool("p", &["10.0.0.0/8"], 24, 0)]);
+    let first = plan(&snap);
+    assert_eq!(first.creates.len(), MAX_CREATES_PER_PASS);
+    // The first slice in name order, each with its subnet, as the whole plan would give it.
+    assert_eq!(first.creates[0].metadata.name.as_deref(), Some("n00000"));
+    assert_eq!(first.allocated, MAX_CREATES_PER_PASS);
+    apply_in_memory(&mut snap, &first);
+    let second = plan(&snap);
+    assert_eq!(second.creates.len(), MAX_CREATES_PER_PASS);
+    apply_in_memory(&mut snap, &second);
+    let third = plan(&snap);
+    assert_eq!(third.creates.len(), 7);
+    converge(&mut snap);
+    let subnets: BTreeSet<_> = snap
+        .peers
+        .iter()
+        .map(|p| p.spec.pod_cidrs.clone())
+        .collect();
+    assert_eq!(subnets.len(), n, "every node its own subnet");
 }

@@ -699,16 +699,20 @@ async fn claims_kept_as_leases_move_into_the_ledger() -> Result<()> {
         Some("ghost")
     );
     assert_eq!(claims.get("10.205.1.0/24").map(String::as_str), Some("m1"));
-    wait_for("the legacy claim to be deleted", Duration::from_secs(30), || {
-        let leases = leases.clone();
-        async move {
-            let gone = leases
-                .get_opt("wgmesh-subnet-10.205.0.0-24")
-                .await?
-                .is_none();
-            Ok(gone.then_some(()))
-        }
-    })
+    wait_for(
+        "the legacy claim to be deleted",
+        Duration::from_secs(30),
+        || {
+            let leases = leases.clone();
+            async move {
+                let gone = leases
+                    .get_opt("wgmesh-subnet-10.205.0.0-24")
+                    .await?
+                    .is_none();
+                Ok(gone.then_some(()))
+            }
+        },
+    )
     .await?;
     Ok(())
 }
