@@ -5,6 +5,7 @@
 //! `WGMESH_TEST_KUBECONFIG` when it is set (as `hack/test.sh` does), and otherwise bring up
 //! a private control plane under `target/wgmesh-test-cluster` with `hack/cluster.sh up`.
 
+pub mod bench;
 pub mod flood;
 pub mod netns;
 pub mod nodes;

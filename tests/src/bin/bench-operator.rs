@@ -1,7 +1,8 @@
 //! `bench-operator`: registers N Nodes against a real API server with a `wgmesh-operator`
 //! running, plays each node's agent by publishing a fresh public key as soon as the node's
 //! peer appears, and reports how long until every node has its subnet and every peer is
-//! `Ready`, the allocation rate, and the operator's peak memory. Figures, not assertions.
+//! `Ready`, the allocation rate, the operator's peak memory and CPU, and the API server's
+//! requests by verb and resource and its CPU over the run. Figures, not assertions.
 //!
 //! Usage: bench-operator --operator PATH [--nodes N] (KUBECONFIG names the cluster; the
 //! cluster's wgmesh objects and Nodes are deleted first).
@@ -31,14 +32,7 @@ fn public_key() -> String {
     base64::engine::general_purpose::STANDARD.encode(public.as_bytes())
 }
 
-fn peak_rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-}
+use wgmesh_tests::bench;
 
 #[tokio::main]
 async fn main() -> Result<()> {
@@ -90,6 +84,7 @@ async fn main() -> Result<()> {
     // The simulated agents: publish a key for every node peer as soon as it appears, and
     // record when each peer has subnets and when it is Ready.
     let peers: Api<MeshPeer> = Api::all(client.clone());
+    let before = bench::scrape_api_server(&client).await?;
     let start = Instant::now();
     let agents = {
         let peers = peers.clone();
@@ -164,7 +159,9 @@ async fn main() -> Result<()> {
 
     let (all_allocated, all_ready) =
         tokio::time::timeout(Duration::from_secs(1800), agents).await???;
-    let rss = peak_rss_kib(pid);
+    let rss = bench::memory_kib(pid, "VmHWM");
+    let operator_cpu = bench::cpu_seconds(pid);
+    let api = bench::scrape_api_server(&client).await?.since(&before);
     let _ = child.kill();
     let _ = child.wait();
 
@@ -201,6 +198,24 @@ async fn main() -> Result<()> {
         ),
         None => println!("  operator peak memory              unavailable"),
     }
+    let total = all_ready.as_secs_f64();
+    if let Some(cpu) = operator_cpu {
+        println!(
+            "  operator CPU                      {cpu:>8.2} s ({:.0}% of one core)",
+            100.0 * cpu / total
+        );
+    }
+    println!(
+        "  API server CPU                    {:>8.2} s ({:.0}% of one core)",
+        api.cpu_seconds,
+        100.0 * api.cpu_seconds / total
+    );
+    println!(
+        "  API writes per node               {:>8.2} (the registration's own: 1)",
+        api.writes() / n as f64
+    );
+    println!("  API requests until every peer was Ready, by verb and resource:");
+    bench::print_requests(&api, total, "    ");
     // The figures are out; a slow clean-up (thousands of deletions can pass the API server's
     // storage deadline) is said, not a failed benchmark.
     if let Err(e) = wgmesh_tests::reset_mesh(&client).await {
