@@ -2,7 +2,7 @@
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 use std::collections::BTreeMap;
@@ -24,16 +24,28 @@ pub struct StageLabels {
     pub stage: String,
 }
 
+/// Labels of watch events: the kind of object, and whether the event woke a pass.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WatchLabels {
+    pub kind: String,
+    pub wakes: String,
+}
+
 /// Every metric the agent exports.
 #[derive(Debug)]
 pub struct Metrics {
     telemetry: Arc<Telemetry>,
     /// Passes run.
     pub applies: Counter,
+    /// How long each pass took.
+    pub pass_duration: Histogram,
     /// Errors by stage.
     pub errors: Family<StageLabels, Counter>,
     /// Status writes.
     pub status_writes: Counter,
+    /// Watch events received (objects added, changed or deleted), by kind and whether they
+    /// changed what a pass reads.
+    pub watch_events: Family<WatchLabels, Counter>,
     /// 1 while the WireGuard device is up.
     pub device_up: Gauge,
     /// Peers routed in the clear because of the fallback.
@@ -72,8 +84,10 @@ impl Metrics {
         let m = Metrics {
             telemetry: Arc::default(),
             applies: Counter::default(),
+            pass_duration: Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
             errors: Family::default(),
             status_writes: Counter::default(),
+            watch_events: Family::default(),
             device_up: Gauge::default(),
             plaintext_peers: Gauge::default(),
             peer_rx: Family::default(),
@@ -106,11 +120,21 @@ impl Metrics {
             m.rotation_seconds.clone(),
         );
         registry.register("applies", "Passes run", m.applies.clone());
+        registry.register(
+            "pass_duration_seconds",
+            "How long each pass took",
+            m.pass_duration.clone(),
+        );
         registry.register("errors", "Errors by stage", m.errors.clone());
         registry.register(
             "status_writes",
             "MeshPeer status writes",
             m.status_writes.clone(),
+        );
+        registry.register(
+            "watch_events",
+            "Watch events received, by kind and whether they changed what a pass reads (wakes)",
+            m.watch_events.clone(),
         );
         registry.register(
             "device_up",
@@ -146,6 +170,16 @@ impl Metrics {
             telemetry: Arc::new(Telemetry::new(registry)),
             ..m
         }
+    }
+
+    /// Counts a watch event of `kind`, and whether it woke a pass.
+    pub fn watch_event(&self, kind: &str, wakes: bool) {
+        self.watch_events
+            .get_or_create(&WatchLabels {
+                kind: kind.to_owned(),
+                wakes: wakes.to_string(),
+            })
+            .inc();
     }
 
     /// Sets the agent's readiness: ready means the device is up, the routes are installed

@@ -14,6 +14,7 @@ pub mod masquerade;
 pub mod metrics;
 pub mod netlink;
 pub mod observe;
+mod relevance;
 pub mod resume;
 pub mod rotation;
 mod status_plan;
@@ -64,8 +65,10 @@ const RESYNC: Duration = Duration::from_secs(10);
 const ROTATION_TICK: Duration = Duration::from_millis(500);
 /// The wait before retrying a status write that failed; it doubles up to `RESYNC`.
 const STATUS_RETRY_FIRST: Duration = Duration::from_millis(500);
-/// Connectivity (handshake times) is written at most this often.
-const CONNECTIVITY_INTERVAL: Duration = Duration::from_secs(60);
+/// A change of the status's report alone (paths, their summary, connectivity counts: what
+/// every join changes on every node) is written at most this often. Handshake times alone
+/// never make a write; a steady node writes nothing.
+const REPORT_INTERVAL: Duration = Duration::from_secs(60);
 /// How long the main loop may go without finishing a pass before `/healthz` fails (and the
 /// kubelet restarts the agent): passes come at least every `RESYNC`, and every API request
 /// in one is bounded.
@@ -162,11 +165,21 @@ struct Caches {
     nodes: Store<Node>,
 }
 
-fn cache<K>(api: Api<K>, config: watcher::Config, notify: Arc<Notify>) -> Store<K>
+/// A cache of what `api` and `config` select, each object as `strip` leaves it. An event
+/// wakes the loop (`notify`) only when it changes what a pass reads (`relevance`).
+fn cache<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    notify: Arc<Notify>,
+    strip: impl FnMut(&mut K) + Send + 'static,
+    mut relevance: relevance::Relevance<K>,
+    metrics: Arc<Metrics>,
+) -> Store<K>
 where
     K: kube::Resource
         + Clone
         + serde::de::DeserializeOwned
+        + serde::Serialize
         + std::fmt::Debug
         + Send
         + Sync
@@ -174,12 +187,27 @@ where
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
     let (reader, writer) = reflector::store();
-    let stream = watcher(api, config).default_backoff().reflect(writer);
+    let kind = K::kind(&Default::default()).into_owned();
+    let stream = watcher(api, config)
+        .modify(strip)
+        .default_backoff()
+        .reflect(writer);
     tokio::spawn(stream.for_each(move |ev| {
-        if let Err(e) = ev {
-            warn!(error = %e, "watch failed; retrying");
+        match ev {
+            Err(e) => {
+                warn!(error = %e, "watch failed; retrying");
+                notify.notify_one();
+            }
+            Ok(ev) => {
+                let wakes = relevance.changed(&ev);
+                if matches!(ev, watcher::Event::Apply(_) | watcher::Event::Delete(_)) {
+                    metrics.watch_event(&kind, wakes);
+                }
+                if wakes {
+                    notify.notify_one();
+                }
+            }
         }
-        notify.notify_one();
         futures::future::ready(())
     }));
     reader
@@ -217,7 +245,7 @@ struct Agent {
     metrics: Arc<Metrics>,
     masquerade_loaded: Option<masquerade::Loaded>,
     last_status: Option<serde_json::Value>,
-    last_connectivity_write: Option<Instant>,
+    last_status_write: Option<Instant>,
     /// The paths of the last status, to tell when one changes (a `PathChanged` Event).
     last_paths: Option<BTreeMap<String, status_plan::PathKey>>,
     /// Values of the public endpoint annotation that are no endpoint, once said.
@@ -325,7 +353,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         masquerade_loaded: None,
         last_status: None,
-        last_connectivity_write: None,
+        last_status_write: None,
         last_paths: None,
         bad_public_endpoints: Vec::new(),
         status_failures: 0,
@@ -341,26 +369,39 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     // The datapath first, from what the last run saved: the API server may be slow or away.
     agent.resume().await;
 
+    let own = agent.args.node_name.clone();
     let caches = Caches {
         peers: cache(
             Api::all(client.clone()),
             watcher::Config::default(),
             notify.clone(),
+            move |p| relevance::strip_peer(p, &own),
+            relevance::Relevance::new(relevance::peer_reduction()),
+            metrics.clone(),
         ),
         meshes: cache(
             Api::all(client.clone()),
             watcher::Config::default().fields(&format!("metadata.name={DEFAULT_MESH}")),
             notify.clone(),
+            |m: &mut Mesh| m.metadata.managed_fields = None,
+            relevance::Relevance::new(relevance::whole),
+            metrics.clone(),
         ),
         pools: cache(
             Api::all(client.clone()),
             watcher::Config::default(),
             notify.clone(),
+            |p: &mut PodCIDRPool| p.metadata.managed_fields = None,
+            relevance::Relevance::new(relevance::whole),
+            metrics.clone(),
         ),
         nodes: cache(
             Api::all(client.clone()),
             watcher::Config::default().fields(&format!("metadata.name={}", agent.args.node_name)),
             notify.clone(),
+            relevance::strip_node,
+            relevance::Relevance::new(relevance::whole),
+            metrics.clone(),
         ),
     };
     // An agent being replaced holds the port until the new one has its device.
@@ -395,6 +436,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             Api::<DaemonSet>::namespaced(client.clone(), ns),
             watcher::Config::default().fields(&format!("metadata.name={name}")),
             Arc::new(Notify::new()),
+            |d: &mut DaemonSet| d.metadata.managed_fields = None,
+            relevance::Relevance::new(relevance::whole),
+            metrics.clone(),
         )),
         _ => None,
     };
@@ -410,10 +454,14 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             }
             return Ok(());
         }
+        let started = Instant::now();
         if let Err(e) = agent.pass(&caches).await {
             agent.ready = false;
             error!(error = %format!("{e:#}"), "pass failed");
         }
+        metrics
+            .pass_duration
+            .observe(started.elapsed().as_secs_f64());
         if !forwarding {
             forwarding = enable_forwarding();
         }
@@ -1590,15 +1638,16 @@ impl Agent {
             installed_keys: installed,
             ..Default::default()
         };
-        // Write when what we publish changes; connectivity alone at most once a minute.
-        let connectivity_due = self
-            .last_connectivity_write
-            .is_none_or(|t| t.elapsed() >= CONNECTIVITY_INTERVAL);
+        // Write when what we publish changes; a change of the report alone at most once a
+        // minute.
+        let report_allowed = self
+            .last_status_write
+            .is_none_or(|t| t.elapsed() >= REPORT_INTERVAL);
         let Some(status_plan::Write { body, comparable }) = status_plan::write(
             &status,
             connectivity.as_ref(),
             self.last_status.as_ref(),
-            connectivity_due,
+            report_allowed,
         ) else {
             return;
         };
@@ -1634,7 +1683,7 @@ impl Agent {
                 self.status_failures = 0;
                 self.metrics.status_writes.inc();
                 self.last_status = Some(comparable);
-                self.last_connectivity_write = Some(Instant::now());
+                self.last_status_write = Some(Instant::now());
             }
             Err(e) => {
                 self.metrics.error("status");

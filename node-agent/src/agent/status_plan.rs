@@ -242,35 +242,57 @@ pub(crate) fn path_changes(
 }
 
 /// A status write: the body to send, and what to remember once it was taken (the body
-/// without connectivity, which alone does not make a write due).
+/// without handshake times, which alone never make a write due).
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Write {
     pub body: serde_json::Value,
     pub comparable: serde_json::Value,
 }
 
-/// Whether to write `status`: when it differs from the last write that was taken, or when
-/// connectivity is due. Every write carries connectivity (under server-side apply a field
-/// left out is removed).
+/// The fields of the status that report what the node sees of its peers (one entry or one
+/// count per peer): they change whenever any node joins or leaves.
+const REPORT: [&str; 3] = ["paths", "pathSummary", "connectivity"];
+
+/// Whether to write `status`, and what. A write is due when what it says differs from the
+/// last write that was taken, handshake times aside (they change every two minutes on every
+/// tunnel with traffic, and ride along with the next write). A change of the report alone
+/// (paths, their summary, the connectivity counts: what every join changes on every node) is
+/// due only when `report_allowed`, which the agent bounds in time, so that nodes joining one
+/// after another cost each node one write per interval, not one per join. A node whose
+/// tunnels and settings are steady writes nothing at all. Every write carries connectivity
+/// (under server-side apply a field left out is removed).
 pub(crate) fn write(
     status: &MeshPeerStatus,
     connectivity: Option<&Connectivity>,
     last: Option<&serde_json::Value>,
-    connectivity_due: bool,
+    report_allowed: bool,
 ) -> Option<Write> {
     let mut body = serde_json::to_value(status).unwrap_or_default();
-    // Handshake times alone, like connectivity, do not make a write due.
     let mut comparable = body.clone();
     if let Some(paths) = comparable.get_mut("paths").and_then(|p| p.as_array_mut()) {
         for p in paths.iter_mut().filter_map(|p| p.as_object_mut()) {
             p.remove("latestHandshake");
         }
     }
-    if last == Some(&comparable) && !connectivity_due {
-        return None;
-    }
     if let Some(c) = connectivity {
         body["connectivity"] = serde_json::to_value(c).unwrap_or_default();
+        comparable["connectivity"] = serde_json::json!({
+            "peersConfigured": c.peers_configured,
+            "peersConnected": c.peers_connected,
+        });
+    }
+    let without_report = |v: &serde_json::Value| {
+        let mut v = v.clone();
+        if let Some(o) = v.as_object_mut() {
+            for field in REPORT {
+                o.remove(field);
+            }
+        }
+        v
+    };
+    let report_only = last.is_some_and(|l| without_report(l) == without_report(&comparable));
+    if last == Some(&comparable) || (report_only && !report_allowed) {
+        return None;
     }
     Some(Write { body, comparable })
 }
@@ -381,7 +403,7 @@ mod tests {
     }
 
     #[test]
-    fn a_write_is_due_on_a_change_or_for_connectivity_and_always_carries_it() {
+    fn a_write_is_due_only_on_a_change_and_always_carries_connectivity() {
         let status = MeshPeerStatus {
             public_key: Some("k".into()),
             ..Default::default()
@@ -389,17 +411,46 @@ mod tests {
         let conn = connectivity(&[peer(Some(at(0)))], at(10));
         let first = write(&status, Some(&conn), None, false).expect("a first write");
         assert!(first.body.get("connectivity").is_some());
-        assert!(first.comparable.get("connectivity").is_none());
+        // Steady: nothing to write, however long, allowed or not.
+        for allowed in [false, true] {
+            assert_eq!(
+                write(&status, Some(&conn), Some(&first.comparable), allowed),
+                None
+            );
+        }
+        // Newer handshakes alone are no change.
+        let later = connectivity(&[peer(Some(at(100)))], at(110));
         assert_eq!(
-            write(&status, Some(&conn), Some(&first.comparable), false),
+            write(&status, Some(&later), Some(&first.comparable), true),
             None
         );
-        assert!(write(&status, Some(&conn), Some(&first.comparable), true).is_some());
+        // A peer more (what a join changes on every node) is due when allowed.
+        let mut joined = status.clone();
+        joined.paths.push(PeerPath {
+            peer: "new".into(),
+            ..Default::default()
+        });
+        joined.path_summary = Some("1 Direct".into());
+        assert_eq!(
+            write(&joined, Some(&conn), Some(&first.comparable), false),
+            None
+        );
+        assert!(write(&joined, Some(&conn), Some(&first.comparable), true).is_some());
+        // The counts changing are due when allowed.
+        let lost = connectivity(&[peer(Some(at(0))), peer(None)], at(10));
+        assert_eq!(
+            write(&status, Some(&lost), Some(&first.comparable), false),
+            None
+        );
+        let w = write(&status, Some(&lost), Some(&first.comparable), true).expect("due");
+        assert_eq!(w.body["connectivity"]["peersConfigured"], 2);
+        // Anything else is due at once, and carries the counts.
         let changed = MeshPeerStatus {
             public_key: Some("k2".into()),
             ..Default::default()
         };
-        assert!(write(&changed, Some(&conn), Some(&first.comparable), false).is_some());
+        let w = write(&changed, Some(&lost), Some(&first.comparable), false).expect("due");
+        assert_eq!(w.body["connectivity"]["peersConfigured"], 2);
     }
 
     fn path(kind: paths::PathKind, endpoint: Option<&str>) -> Path {
@@ -486,7 +537,7 @@ mod tests {
     }
 
     #[test]
-    fn a_handshake_alone_does_not_make_a_write_due_but_a_new_endpoint_does() {
+    fn a_handshake_alone_never_makes_a_write_due_and_a_new_endpoint_does_in_time() {
         let mk = |endpoint: &str, hs: u64| MeshPeerStatus {
             paths: vec![PeerPath {
                 peer: "a".into(),
@@ -508,11 +559,25 @@ mod tests {
             ),
             None
         );
-        let due = write(&mk("192.0.2.1:1", 120), None, Some(&first.comparable), true).expect("due");
+        assert_eq!(
+            write(&mk("192.0.2.1:1", 120), None, Some(&first.comparable), true),
+            None
+        );
+        // A path's new endpoint is the report: due once the agent allows, carrying the
+        // latest handshake.
+        assert_eq!(
+            write(
+                &mk("192.0.2.9:1", 120),
+                None,
+                Some(&first.comparable),
+                false
+            ),
+            None
+        );
+        let due = write(&mk("192.0.2.9:1", 120), None, Some(&first.comparable), true).expect("due");
         assert_eq!(
             due.body["paths"][0]["latestHandshake"],
             serde_json::json!(time(at(120)))
         );
-        assert!(write(&mk("192.0.2.9:1", 0), None, Some(&first.comparable), false).is_some());
     }
 }
