@@ -36,8 +36,10 @@ use tokio::sync::Notify;
 use tracing::{error, info, instrument};
 use wgmesh_api::{Mesh, MeshPeer, PodCIDRPool, consts::DEFAULT_MESH};
 
-/// How long to let a burst of events accumulate before a pass.
-const COALESCE: Duration = Duration::from_millis(200);
+/// How long to let a burst of events accumulate before a pass: part of every join's latency
+/// (a new key waits this long for its approval); a burst that outlasts it is taken by the
+/// passes that follow, each planning from the whole snapshot.
+const COALESCE: Duration = Duration::from_millis(50);
 /// A pass runs at least this often, events or not.
 const RESYNC: Duration = Duration::from_secs(60);
 
@@ -253,7 +255,9 @@ pub async fn run(
         drop(snapshot);
         carry_over = plan.carry_over.clone();
         let requeue_at = plan.requeue_at;
+        let deferred = plan.deferred;
         let written = writer.apply(&plan, &mut ledger).await;
+        let failed = written.errors > 0;
         for p in written.peers {
             overlay.record(p);
         }
@@ -308,6 +312,11 @@ pub async fn run(
                 .and_then(|t| t.duration_since(SystemTime::now()).ok())
                 .map_or(RESYNC, |d| d.min(RESYNC))
         };
+        // Nodes left for the next pass: it comes at once (unless this one failed: then
+        // after the usual pause, not in a tight loop against an API server in trouble).
+        if deferred > 0 && !failed {
+            continue;
+        }
         tokio::select! {
             _ = notify.notified() => {}
             _ = tokio::time::sleep(wait) => {}

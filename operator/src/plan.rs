@@ -58,7 +58,7 @@ pub const CLAIM_GRACE: Duration = Duration::from_secs(300);
 /// slice at a time: each pass's writes finish sooner, so the statuses of the peers made
 /// meanwhile (their approval, once their agent published a key) are not held back behind
 /// thousands of creations, and what a pass holds in memory stays bounded.
-pub const MAX_CREATES_PER_PASS: usize = 500;
+pub const MAX_CREATES_PER_PASS: usize = 1000;
 
 /// Everything a pass looks at.
 #[derive(Debug, Clone)]
@@ -194,6 +194,8 @@ pub struct Plan {
     pub carry_over: BTreeMap<String, Vec<String>>,
     /// Subnets newly allocated by this plan.
     pub allocated: usize,
+    /// Node peers left for the next pass ([`MAX_CREATES_PER_PASS`]).
+    pub deferred: usize,
     /// Per pool and family: (allocated, free), for metrics.
     pub usage: Vec<core::PoolUsage>,
     /// Peers ready / not ready after this plan.
@@ -468,7 +470,7 @@ pub fn plan(snap: &Snapshot) -> Plan {
         let subnets: Vec<String> = a.subnets.iter().map(ToString::to_string).collect();
         match peers.get(name) {
             // The rest wait for the next pass, which comes at once.
-            None if out.creates.len() >= MAX_CREATES_PER_PASS => {}
+            None if out.creates.len() >= MAX_CREATES_PER_PASS => out.deferred += 1,
             None => {
                 out.allocated += a.added.len();
                 out.creates.push(new_node_peer(node, subnets.clone()));

@@ -1129,6 +1129,7 @@ fn thousands_of_new_nodes_are_created_a_slice_per_pass() {
     // The first slice in name order, each with its subnet, as the whole plan would give it.
     assert_eq!(first.creates[0].metadata.name.as_deref(), Some("n00000"));
     assert_eq!(first.allocated, MAX_CREATES_PER_PASS);
+    assert_eq!(first.deferred, n - MAX_CREATES_PER_PASS);
     apply_in_memory(&mut snap, &first);
     let second = plan(&snap);
     assert_eq!(second.creates.len(), MAX_CREATES_PER_PASS);

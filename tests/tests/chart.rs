@@ -762,9 +762,19 @@ fn rbac_least_privilege() -> Result<()> {
     const LEDGER: &str = "wgmesh-subnet-claims";
     assert!(can(&docs, OPERATOR, "create", cm, here, None));
     for v in ["get", "update"] {
-        assert!(can(&docs, OPERATOR, v, cm, here, Some(LEDGER)), "operator {v} the ledger");
+        assert!(
+            can(&docs, OPERATOR, v, cm, here, Some(LEDGER)),
+            "operator {v} the ledger"
+        );
         assert!(!can(&docs, OPERATOR, v, cm, here, Some("kube-root-ca.crt")));
-        assert!(!can(&docs, OPERATOR, v, cm, Some("kube-system"), Some(LEDGER)));
+        assert!(!can(
+            &docs,
+            OPERATOR,
+            v,
+            cm,
+            Some("kube-system"),
+            Some(LEDGER)
+        ));
     }
     for v in ["list", "watch", "delete", "patch"] {
         assert!(!can(&docs, OPERATOR, v, cm, here, None));
