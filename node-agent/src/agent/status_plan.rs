@@ -255,12 +255,13 @@ const REPORT: [&str; 3] = ["paths", "pathSummary", "connectivity"];
 
 /// Whether to write `status`, and what. A write is due when what it says differs from the
 /// last write that was taken, handshake times aside (they change every two minutes on every
-/// tunnel with traffic, and ride along with the next write). A change of the report alone
-/// (paths, their summary, the connectivity counts: what every join changes on every node) is
-/// due only when `report_allowed`, which the agent bounds in time, so that nodes joining one
-/// after another cost each node one write per interval, not one per join. A node whose
-/// tunnels and settings are steady writes nothing at all. Every write carries connectivity
-/// (under server-side apply a field left out is removed).
+/// tunnel with traffic, and ride along with the next write). What every join or departure
+/// changes on every node (a path more or less, the summary, the connectivity counts) is due
+/// only when `report_allowed`, which the agent bounds in time, so that nodes joining one
+/// after another cost each node one write per interval, not one per join; a change of the
+/// path to a peer it had (its kind, relay or endpoint) is due at once. A node whose tunnels
+/// and settings are steady writes nothing at all. Every write carries connectivity (under
+/// server-side apply a field left out is removed).
 pub(crate) fn write(
     status: &MeshPeerStatus,
     connectivity: Option<&Connectivity>,
@@ -290,7 +291,22 @@ pub(crate) fn write(
         }
         v
     };
-    let report_only = last.is_some_and(|l| without_report(l) == without_report(&comparable));
+    // The path entries (handshake times removed) by peer.
+    let by_peer = |v: &serde_json::Value| -> BTreeMap<String, serde_json::Value> {
+        v.get("paths")
+            .and_then(|p| p.as_array())
+            .into_iter()
+            .flatten()
+            .map(|e| (e["peer"].as_str().unwrap_or_default().to_owned(), e.clone()))
+            .collect()
+    };
+    let report_only = last.is_some_and(|l| {
+        let (before, now) = (by_peer(l), by_peer(&comparable));
+        without_report(l) == without_report(&comparable)
+            && now
+                .iter()
+                .all(|(peer, e)| before.get(peer).is_none_or(|b| b == e))
+    });
     if last == Some(&comparable) || (report_only && !report_allowed) {
         return None;
     }
@@ -435,7 +451,12 @@ mod tests {
             write(&joined, Some(&conn), Some(&first.comparable), false),
             None
         );
-        assert!(write(&joined, Some(&conn), Some(&first.comparable), true).is_some());
+        let with_peer = write(&joined, Some(&conn), Some(&first.comparable), true).expect("due");
+        // The path to a peer it had changing is due at once.
+        let mut relayed = joined.clone();
+        relayed.paths[0].path = PathKind::Relay;
+        relayed.paths[0].via = Some("r".into());
+        assert!(write(&relayed, Some(&conn), Some(&with_peer.comparable), false).is_some());
         // The counts changing are due when allowed.
         let lost = connectivity(&[peer(Some(at(0))), peer(None)], at(10));
         assert_eq!(
@@ -537,7 +558,7 @@ mod tests {
     }
 
     #[test]
-    fn a_handshake_alone_never_makes_a_write_due_and_a_new_endpoint_does_in_time() {
+    fn a_handshake_alone_never_makes_a_write_due_but_a_new_endpoint_does() {
         let mk = |endpoint: &str, hs: u64| MeshPeerStatus {
             paths: vec![PeerPath {
                 peer: "a".into(),
@@ -563,18 +584,14 @@ mod tests {
             write(&mk("192.0.2.1:1", 120), None, Some(&first.comparable), true),
             None
         );
-        // A path's new endpoint is the report: due once the agent allows, carrying the
-        // latest handshake.
-        assert_eq!(
-            write(
-                &mk("192.0.2.9:1", 120),
-                None,
-                Some(&first.comparable),
-                false
-            ),
-            None
-        );
-        let due = write(&mk("192.0.2.9:1", 120), None, Some(&first.comparable), true).expect("due");
+        // A path's new endpoint is due at once, and carries the latest handshake.
+        let due = write(
+            &mk("192.0.2.9:1", 120),
+            None,
+            Some(&first.comparable),
+            false,
+        )
+        .expect("due");
         assert_eq!(
             due.body["paths"][0]["latestHandshake"],
             serde_json::json!(time(at(120)))
