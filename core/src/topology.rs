@@ -296,15 +296,19 @@ pub fn mtu(configured: Option<u32>, underlay_mtu: u32, ipv6_endpoints: bool) -> 
 /// The routes to add and to remove to get from `installed` to `desired`. Routes are
 /// identified by destination, next hop and metric; anything else about an installed route
 /// the agent owns is replaced.
+/// Each side in the order given. (Set lookups: at 1,000 peers a node has some 4,000 routes,
+/// and comparing every pair took most of a pass.)
 pub fn diff_routes(installed: &[Route], desired: &[Route]) -> (Vec<Route>, Vec<Route>) {
+    let have: std::collections::HashSet<&Route> = installed.iter().collect();
+    let want: std::collections::HashSet<&Route> = desired.iter().collect();
     let add = desired
         .iter()
-        .filter(|r| !installed.contains(r))
+        .filter(|r| !have.contains(r))
         .copied()
         .collect();
     let remove = installed
         .iter()
-        .filter(|r| !desired.contains(r))
+        .filter(|r| !want.contains(r))
         .copied()
         .collect();
     (add, remove)

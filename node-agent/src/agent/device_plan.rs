@@ -134,7 +134,9 @@ pub(crate) fn plan(
     wanted: &BTreeMap<String, DevicePeer>,
     next_generations: &BTreeMap<String, i64>,
 ) -> DevicePlan {
-    let by_key = |k: &Key| current.iter().find(|p| p.public_key == *k);
+    let current_by_key: BTreeMap<Key, &PeerSnapshot> =
+        current.iter().map(|p| (p.public_key, p)).collect();
+    let by_key = |k: &Key| current_by_key.get(k).copied();
     let mut out = DevicePlan::default();
     let wanted_names: BTreeSet<&str> = wanted.keys().map(String::as_str).collect();
     for (name, key) in &configured.names {

@@ -34,35 +34,65 @@ fn public_key() -> String {
 
 use wgmesh_tests::bench;
 
-/// Creates `n` small ConfigMaps in `default`, 64 at a time, and deletes them: how many creates
-/// per second this API server takes when nothing else asks it anything.
-async fn plain_create_rate(client: &kube::Client, n: usize) -> Result<f64> {
-    use k8s_openapi::api::core::v1::ConfigMap;
-    let api: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
-    let label = "wgmesh.dev/bench=ceiling";
+/// This API server's ceiling for the writes the run makes of `MeshPeer`s, with nothing else
+/// asking it anything: `n` external peers created, then a status applied to each (server-side
+/// apply, as agents publish keys), 64 in flight; then deleted. Returns (creates/s, status
+/// applies/s).
+async fn meshpeer_write_rates(client: &kube::Client, n: usize) -> Result<(f64, f64)> {
+    use wgmesh_api::MeshPeerSpec;
+    let peers: Api<MeshPeer> = Api::all(client.clone());
+    let name = |i: usize| format!("ceiling-{i:05}");
     let start = Instant::now();
     futures::stream::iter(0..n)
         .map(|i| {
-            let api = api.clone();
+            let peers = peers.clone();
             async move {
-                let mut cm = ConfigMap::default();
-                cm.metadata.name = Some(format!("bench-ceiling-{i:05}"));
-                cm.metadata.labels =
+                let mut p = MeshPeer::new(
+                    &name(i),
+                    MeshPeerSpec {
+                        public_key: Some(public_key()),
+                        allowed_ips: vec![format!("10.255.{}.{}/32", i / 250, i % 250)],
+                        ..Default::default()
+                    },
+                );
+                p.metadata.labels =
                     Some([("wgmesh.dev/bench".to_owned(), "ceiling".to_owned())].into());
-                cm.data = Some([("k".to_owned(), "v".to_owned())].into());
-                api.create(&PostParams::default(), &cm).await
+                peers.create(&PostParams::default(), &p).await
             }
         })
         .buffer_unordered(64)
         .try_collect::<Vec<_>>()
         .await?;
-    let rate = n as f64 / start.elapsed().as_secs_f64();
-    api.delete_collection(
-        &kube::api::DeleteParams::default(),
-        &kube::api::ListParams::default().labels(label),
-    )
-    .await?;
-    Ok(rate)
+    let creates = n as f64 / start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let peers = peers.clone();
+            async move {
+                let patch = serde_json::json!({
+                    "apiVersion": "wgmesh.dev/v1alpha1", "kind": "MeshPeer",
+                    "status": {"publicKey": public_key(), "endpoints": ["192.0.2.1:51820"]},
+                });
+                peers
+                    .patch_status(
+                        &name(i),
+                        &PatchParams::apply("wgmesh-agent"),
+                        &Patch::Apply(patch),
+                    )
+                    .await
+            }
+        })
+        .buffer_unordered(64)
+        .try_collect::<Vec<_>>()
+        .await?;
+    let applies = n as f64 / start.elapsed().as_secs_f64();
+    peers
+        .delete_collection(
+            &kube::api::DeleteParams::default(),
+            &kube::api::ListParams::default().labels("wgmesh.dev/bench=ceiling"),
+        )
+        .await?;
+    Ok((creates, applies))
 }
 
 #[tokio::main]
@@ -245,20 +275,28 @@ async fn main() -> Result<()> {
         "  API writes per node               {:>8.2} (the registration's own: 1)",
         api.writes() / n as f64
     );
-    // What this API server takes at most: plain creates of a small object, as many in flight
-    // as the operator writes, with nothing else running.
-    let ceiling = plain_create_rate(&client, n).await?;
+    // What this API server takes at most of the writes the run makes, one kind at a time,
+    // with nothing else running.
+    let (create_rate, apply_rate) = meshpeer_write_rates(&client, n).await?;
+    let count = |verb: &str, resource: &str| {
+        api.requests
+            .get(&(verb.to_owned(), resource.to_owned()))
+            .copied()
+            .unwrap_or(0.0)
+    };
+    let floor = count("POST", "meshpeers") / create_rate
+        + count("APPLY", "meshpeers/status") / apply_rate
+        + count("POST", "nodes") / (n as f64 / reg);
     println!(
-        "  API writes per second, all clients  {:>8.1} (the run's writes / Ready time)",
+        "  API writes per second, all clients {:>8.1} (the run's writes / Ready time)",
         api.writes() / total
     );
     println!(
-        "  plain creates per second, 64 in flight {:>5.1} (this API server's ceiling, measured after)",
-        ceiling
+        "  this API server alone, 64 in flight: {create_rate:.0} MeshPeer creates/s, {apply_rate:.0} MeshPeer status applies/s"
     );
     println!(
-        "  fewest seconds the run's writes take at that ceiling {:>5.2} s (Ready took {total:.2} s)",
-        api.writes() / ceiling
+        "  the run's Node and MeshPeer writes at those rates {floor:>6.2} s (Ready took {total:.2} s: {:.2}x)",
+        total / floor
     );
     println!("  API requests until every peer was Ready, by verb and resource:");
     bench::print_requests(&api, total, "    ");
