@@ -91,6 +91,27 @@ impl<T: Clone + PartialEq> AllowedIps<T> {
         out
     }
 
+    /// Every value's prefixes, from one walk of the table, each in the order of
+    /// [`AllowedIps::prefixes_of`]. (A walk per value is quadratic: at 1,000 peers with two
+    /// prefixes each, a device snapshot took tens of milliseconds under the table's lock.)
+    pub fn prefixes_by_value(&self) -> HashMap<T, Vec<IpNet>>
+    where
+        T: Hash + Eq,
+    {
+        let mut out: HashMap<T, Vec<IpNet>> = HashMap::new();
+        self.v4.for_each(|key, len, v| {
+            out.entry(v.clone()).or_default().push(IpNet::V4(
+                ipnet::Ipv4Net::new(key.into(), len).expect("length comes from the table"),
+            ));
+        });
+        self.v6.for_each(|key, len, v| {
+            out.entry(v.clone()).or_default().push(IpNet::V6(
+                ipnet::Ipv6Net::new(key.into(), len).expect("length comes from the table"),
+            ));
+        });
+        out
+    }
+
     /// Number of prefixes in the table.
     pub fn len(&self) -> usize {
         self.v4.len() + self.v6.len()
@@ -286,6 +307,9 @@ mod tests {
         assert_eq!(t.lookup(ip("10.0.0.200")), Some(&2));
         assert_eq!(t.prefixes_of(&2), vec![net("10.0.0.0/24")]);
         assert!(t.prefixes_of(&1).is_empty());
+        let all = t.prefixes_by_value();
+        assert_eq!(all.get(&2), Some(&t.prefixes_of(&2)));
+        assert!(!all.contains_key(&1));
         assert_eq!(t.len(), 1);
     }
 

@@ -928,11 +928,7 @@ impl DeviceHandle {
             listen_port: shared.socket().1.port(),
             fwmark: state.fwmark,
             handshakes_rate_limited: state.handshakes_rate_limited.load(Ordering::Relaxed),
-            peers: state
-                .peers
-                .iter()
-                .map(|p| state.peer_snapshot(p, wall))
-                .collect(),
+            peers: state.peer_snapshots(wall),
         }
     }
 
@@ -963,9 +959,8 @@ impl DeviceHandle {
                 let state = shared.read_state();
                 let wall = shared.clock.wall();
                 state
-                    .peers
-                    .iter()
-                    .map(|p| state.peer_snapshot(p, wall))
+                    .peer_snapshots(wall)
+                    .into_iter()
                     .filter(|p| p.endpoint.is_some())
                     .fold((0, 0), |(r, n), p| {
                         (r + usize::from(p.last_handshake.is_some()), n + 1)

@@ -340,6 +340,25 @@ impl State {
 
     /// Configuration and counters of one peer, at wall time `wall`.
     pub(crate) fn peer_snapshot(&self, peer: &Peer, wall: SystemTime) -> PeerSnapshot {
+        self.snapshot_of(peer, wall, self.allowed_ips.prefixes_of(&peer.id))
+    }
+
+    /// Every peer's configuration and counters, in table order, their allowed IPs from one
+    /// walk of the table.
+    pub(crate) fn peer_snapshots(&self, wall: SystemTime) -> Vec<PeerSnapshot> {
+        let mut prefixes = self.allowed_ips.prefixes_by_value();
+        self.peers
+            .iter()
+            .map(|p| self.snapshot_of(p, wall, prefixes.remove(&p.id).unwrap_or_default()))
+            .collect()
+    }
+
+    fn snapshot_of(
+        &self,
+        peer: &Peer,
+        wall: SystemTime,
+        allowed_ips: Vec<ipnet::IpNet>,
+    ) -> PeerSnapshot {
         let mut st = peer.lock();
         let active = st.slots.active();
         let mut newest = None;
@@ -368,7 +387,7 @@ impl State {
             rx_bytes: st.rx_bytes,
             tx_bytes: st.tx_bytes,
             persistent_keepalive: st.keepalive,
-            allowed_ips: self.allowed_ips.prefixes_of(&peer.id),
+            allowed_ips,
             sessions,
         }
     }
@@ -537,12 +556,7 @@ mod tests {
             listen_port: 0,
             fwmark: 0,
             handshakes_rate_limited: 0,
-            peers: node
-                .state
-                .peers
-                .iter()
-                .map(|p| node.state.peer_snapshot(p, wall))
-                .collect(),
+            peers: node.state.peer_snapshots(wall),
         }
     }
 
