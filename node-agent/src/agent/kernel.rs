@@ -5,6 +5,7 @@
 //! leaves a pod destination without a route of ours, and say what happened.
 
 use super::netlink::{Address, Link, Netlink, NetlinkError};
+use futures::StreamExt;
 use ipnet::IpNet;
 use wgmesh_core::topology::{self, NextHop, Route};
 
@@ -159,25 +160,40 @@ pub(crate) async fn apply_routes<K: Kernel>(
         .filter(|r| device_index.is_some() || r.via != NextHop::Device)
         .copied()
         .collect();
-    let (mut add, remove) = topology::diff_routes(&installed, &desired);
-    add.sort_by_key(|r| r.via != NextHop::Blackhole);
+    let (add, remove) = topology::diff_routes(&installed, &desired);
+    let (blackholes, through): (Vec<Route>, Vec<Route>) =
+        add.into_iter().partition(|r| r.via == NextHop::Blackhole);
     let mut out = RoutesApplied {
         ok: true,
         fenced: true,
         ..RoutesApplied::default()
     };
-    for r in &add {
-        match kernel.add_route(r, device_index).await {
-            Ok(()) => out.added += 1,
-            Err(e) => {
-                out.ok = false;
-                out.fenced &= r.via != NextHop::Blackhole;
-                out.failures.push(format!("adding a route: {e}"));
+    // Blackholes first, removals last; within each step, many requests in flight (a new node
+    // of a 1,000-node mesh adds some 4,000 routes: one at a time, that was half a second).
+    for step in [blackholes, through] {
+        let results: Vec<(Route, Result<(), NetlinkError>)> = futures::stream::iter(step)
+            .map(|r| async move { (r, kernel.add_route(&r, device_index).await) })
+            .buffer_unordered(ROUTES_IN_FLIGHT)
+            .collect()
+            .await;
+        for (r, result) in results {
+            match result {
+                Ok(()) => out.added += 1,
+                Err(e) => {
+                    out.ok = false;
+                    out.fenced &= r.via != NextHop::Blackhole;
+                    out.failures.push(format!("adding a route: {e}"));
+                }
             }
         }
     }
-    for r in &remove {
-        match kernel.del_route(r, device_index).await {
+    let results: Vec<Result<(), NetlinkError>> = futures::stream::iter(&remove)
+        .map(|r| kernel.del_route(r, device_index))
+        .buffer_unordered(ROUTES_IN_FLIGHT)
+        .collect()
+        .await;
+    for result in results {
+        match result {
             Ok(()) => out.removed += 1,
             Err(e) => {
                 out.ok = false;
@@ -187,6 +203,9 @@ pub(crate) async fn apply_routes<K: Kernel>(
     }
     out
 }
+
+/// How many route requests are in flight at once.
+const ROUTES_IN_FLIGHT: usize = 64;
 
 /// Sets the device's MTU to `mtu` if `device` (as last read) has another; returns the MTU
 /// it had when it changed it.
