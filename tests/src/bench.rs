@@ -2,7 +2,22 @@
 //! and its CPU (from its own `/metrics`), and a process's CPU and memory (from `/proc`).
 
 use anyhow::{Context, Result};
+use base64::Engine;
 use std::collections::BTreeMap;
+
+/// The value after `name` on a command line.
+pub fn arg(args: &[String], name: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+/// A fresh WireGuard public key (of a key nobody keeps), base64.
+pub fn public_key() -> String {
+    let secret = x25519_dalek::StaticSecret::random_from_rng(rand_core::OsRng);
+    let public = x25519_dalek::PublicKey::from(&secret);
+    base64::engine::general_purpose::STANDARD.encode(public.as_bytes())
+}
 
 /// The API server's counters at one moment.
 #[derive(Debug, Clone, Default)]

@@ -949,17 +949,8 @@ impl Agent {
                 .collect(),
             ..Default::default()
         };
-        let patch = serde_json::json!({
-            "apiVersion": "wgmesh.dev/v1alpha1",
-            "kind": "MeshPeer",
-            "status": status,
-        });
-        let params = PatchParams::apply(AGENT_MANAGER).force();
-        let patch = Patch::Apply(patch);
-        let write = self
-            .peers_api
-            .patch_status(&self.args.node_name, &params, &patch);
-        match tokio::time::timeout(API_REQUEST_TIMEOUT, write).await {
+        let body = serde_json::to_value(&status).unwrap_or_default();
+        match self.apply_status(body).await {
             Ok(Ok(_)) => {
                 self.metrics.status_writes.inc();
                 info!("published the node's key");
@@ -968,6 +959,24 @@ impl Agent {
             Ok(Err(e)) => debug!(error = %e, "publishing the node's key early failed"),
             Err(_) => debug!("publishing the node's key early got no answer in time"),
         }
+    }
+
+    /// Applies `status` (the agent's fields) to this node's peer, under the agent's field
+    /// manager, within [`API_REQUEST_TIMEOUT`].
+    async fn apply_status(
+        &self,
+        status: serde_json::Value,
+    ) -> Result<Result<MeshPeer, kube::Error>, tokio::time::error::Elapsed> {
+        let patch = Patch::Apply(serde_json::json!({
+            "apiVersion": "wgmesh.dev/v1alpha1",
+            "kind": "MeshPeer",
+            "status": status,
+        }));
+        let params = PatchParams::apply(AGENT_MANAGER).force();
+        let write = self
+            .peers_api
+            .patch_status(&self.args.node_name, &params, &patch);
+        tokio::time::timeout(API_REQUEST_TIMEOUT, write).await
     }
 
     /// One observe → plan → apply pass.
@@ -1707,18 +1716,8 @@ impl Agent {
         ) else {
             return;
         };
-        let patch = serde_json::json!({
-            "apiVersion": "wgmesh.dev/v1alpha1",
-            "kind": "MeshPeer",
-            "status": body,
-        });
-        let params = PatchParams::apply(AGENT_MANAGER).force();
-        let patch = Patch::Apply(patch);
-        let write = self
-            .peers_api
-            .patch_status(&self.args.node_name, &params, &patch);
         // A refusal (4xx) is an answer: the view of the API stays current.
-        let (result, reached) = match tokio::time::timeout(API_REQUEST_TIMEOUT, write).await {
+        let (result, reached) = match self.apply_status(body).await {
             Ok(Err(e)) => {
                 let reached = answered(&e);
                 (Err(anyhow::Error::from(e)), reached)

@@ -16,7 +16,6 @@
 //! Usage: bench-agents --dir MESH_DIR [--nodes N] [--steady SECONDS]
 
 use anyhow::{Context, Result, bail};
-use base64::Engine;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Node;
 use kube::{
@@ -28,21 +27,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 use wgmesh_api::MeshPeer;
-use wgmesh_tests::{bench, nodes::parse_env, repo_root};
+use wgmesh_tests::{
+    bench::{self, arg, public_key},
+    nodes::parse_env,
+    repo_root,
+};
 
 const SIM_PREFIX: &str = "sim-";
-
-fn arg(args: &[String], name: &str) -> Option<String> {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-}
-
-fn public_key() -> String {
-    let secret = x25519_dalek::StaticSecret::random_from_rng(rand_core::OsRng);
-    let public = x25519_dalek::PublicKey::from(&secret);
-    base64::engine::general_purpose::STANDARD.encode(public.as_bytes())
-}
 
 /// One real node of the mesh: its agent's process, metrics address and device socket.
 #[derive(Debug, Clone)]

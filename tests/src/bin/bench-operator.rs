@@ -8,7 +8,6 @@
 //! cluster's wgmesh objects and Nodes are deleted first).
 
 use anyhow::{Context, Result, bail};
-use base64::Engine;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Node;
 use kube::{
@@ -20,19 +19,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 use wgmesh_api::{ConditionStatus, MeshPeer, PodCIDRPool, PodCIDRPoolSpec, pool::NodePrefixLength};
 
-fn arg(args: &[String], name: &str) -> Option<String> {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-}
-
-fn public_key() -> String {
-    let secret = x25519_dalek::StaticSecret::random_from_rng(rand_core::OsRng);
-    let public = x25519_dalek::PublicKey::from(&secret);
-    base64::engine::general_purpose::STANDARD.encode(public.as_bytes())
-}
-
-use wgmesh_tests::bench;
+use wgmesh_tests::bench::{self, arg, public_key};
 
 /// This API server's ceiling for the writes the run makes of `MeshPeer`s, with nothing else
 /// asking it anything: `n` external peers created, then a status applied to each (server-side

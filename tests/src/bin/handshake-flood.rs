@@ -9,16 +9,11 @@
 use anyhow::{Context, Result, bail};
 use base64::Engine;
 use std::time::Duration;
+use wgmesh_tests::bench::arg;
 use wgmesh_tests::flood::{self, FloodConfig};
 
 const USAGE: &str = "handshake-flood --target IP:PORT --peer-public-key BASE64 \
                      [--rate PER_SECOND (50000)] [--seconds N (10)] [--source IP]";
-
-fn arg(args: &[String], name: &str) -> Option<String> {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-}
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
