@@ -49,16 +49,18 @@ fn label<'a>(labels: &'a str, name: &str) -> &'a str {
         .map_or("", |(_, v)| v.trim().trim_matches('"'))
 }
 
+/// The samples of a Prometheus text exposition: (series with its labels, value).
+pub fn samples(text: &str) -> impl Iterator<Item = (&str, f64)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter_map(|(series, v)| Some((series, v.parse::<f64>().ok()?)))
+}
+
 /// Parses the Prometheus text of the API server's `/metrics`.
 pub fn parse_api_server(text: &str) -> ApiServerCounters {
     let mut out = ApiServerCounters::default();
-    for line in text.lines().filter(|l| !l.starts_with('#')) {
-        let Some((series, value)) = line.rsplit_once(' ') else {
-            continue;
-        };
-        let Ok(value) = value.parse::<f64>() else {
-            continue;
-        };
+    for (series, value) in samples(text) {
         if series == "process_cpu_seconds_total" {
             out.cpu_seconds = value;
         } else if let Some(labels) = series
@@ -110,16 +112,30 @@ impl ApiServerCounters {
     }
 }
 
-/// A process's CPU time so far (user and system), in seconds.
-pub fn cpu_seconds(pid: u32) -> Option<f64> {
+/// Field `n` (as `proc(5)` numbers them, from 1) of `/proc/PID/stat`, in seconds when it
+/// counts clock ticks.
+fn stat_seconds(pid: u32, n: usize) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may hold spaces; the fields after it are fixed.
+    // The command name (field 2) may hold spaces; the fields after it are fixed.
     let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    let ticks: f64 = rest
+        .split_whitespace()
+        .nth(n.checked_sub(3)?)?
+        .parse()
+        .ok()?;
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     (hz > 0).then(|| ticks / hz as f64)
+}
+
+/// A process's CPU time so far (user and system), in seconds.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    Some(stat_seconds(pid, 14)? + stat_seconds(pid, 15)?)
+}
+
+/// When a process started, in seconds since boot.
+pub fn started_since_boot(pid: u32) -> Option<f64> {
+    stat_seconds(pid, 22)
 }
 
 /// A field of `/proc/PID/status` in KiB: `VmRSS`, `VmHWM`.
@@ -173,6 +189,7 @@ mod tests {
     fn this_process_has_cpu_and_memory() {
         let me = std::process::id();
         assert!(cpu_seconds(me).is_some());
+        assert!(started_since_boot(me).is_some_and(|s| s > 0.0));
         assert!(memory_kib(me, "VmRSS").is_some_and(|k| k > 0));
         assert!(memory_kib(me, "VmHWM").is_some());
     }

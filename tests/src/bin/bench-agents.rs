@@ -137,13 +137,7 @@ fn scrape_agent(addr: &str) -> Result<AgentCounters> {
     let mut text = String::new();
     s.read_to_string(&mut text)?;
     let mut c = AgentCounters::default();
-    for line in text.lines().filter(|l| !l.starts_with('#')) {
-        let Some((series, value)) = line.rsplit_once(' ') else {
-            continue;
-        };
-        let Ok(v) = value.parse::<f64>() else {
-            continue;
-        };
+    for (series, v) in bench::samples(&text) {
         if series.starts_with("wgmesh_agent_watch_events_total{") {
             c.events += v;
             if series.contains("wakes=\"true\"") {
@@ -378,20 +372,6 @@ fn uptime() -> Result<f64> {
         .parse()?)
 }
 
-/// When a process started, in seconds since boot (`/proc/PID/stat`, field 22).
-fn started_since_boot(pid: u32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let rest = &stat[stat.rfind(')').context("stat")? + 2..];
-    let ticks: f64 = rest
-        .split_whitespace()
-        .nth(19)
-        .context("starttime")?
-        .parse()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Ok(ticks / hz)
-}
-
 async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut f: F) -> Result<Duration>
 where
     F: FnMut() -> Fut,
@@ -517,7 +497,9 @@ async fn main() -> Result<()> {
     mesh.script(&["add-node", &joining])?;
     // The agent starts once its Node is registered and its identity made (as a DaemonSet's
     // pod starts on a new node): the join, as far as wgmesh is concerned, starts there.
-    let agent_start = started_since_boot(mesh.node(&joining)?.pid)? - uptime_at_t0;
+    let agent_start = bench::started_since_boot(mesh.node(&joining)?.pid)
+        .context("the joining agent's start time")?
+        - uptime_at_t0;
     let pod_ip = mesh.script(&["pod", &joining, "joinpod"])?;
     let pod_ip = pod_ip.lines().last().unwrap_or_default().to_owned();
     let pod_at = t0.elapsed();
