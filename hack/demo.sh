@@ -4,7 +4,7 @@
 # node, each node in its own network namespace), builds the wgmesh image (hack/image.sh),
 # installs wgmesh with `helm install` from charts/wgmesh, starts a test pod on every node,
 # and shows the ping matrix and an HTTP request across nodes, `kubectl get pods -o wide`,
-# `kubectl get meshpeers -o wide` and `wg show` on each node.
+# `kubectl get meshpeers -o wide`, `kubectl get meshpeerreports` and `wg show` on each node.
 #
 #   hack/demo.sh            set up and run the demo (the cluster keeps running)
 #   hack/demo.sh down       stop everything the demo started
@@ -88,6 +88,7 @@ show kubectl get nodes -o wide
 show kubectl get pods -A -o wide
 show kubectl get meshes,podcidrpools
 show kubectl get meshpeers -o wide
+show kubectl get meshpeerreports
 
 declare -A ip
 for i in "${!node_names[@]}"; do

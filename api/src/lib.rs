@@ -14,22 +14,29 @@ pub mod consts;
 pub mod mesh;
 pub mod peer;
 pub mod pool;
+pub mod report;
 
 pub use common::{Condition, ConditionStatus};
 pub use mesh::{Mesh, MeshSpec, MeshStatus};
 pub use peer::{MeshPeer, MeshPeerSpec, MeshPeerStatus};
 pub use pool::{PodCIDRPool, PodCIDRPoolSpec, PodCIDRPoolStatus};
+pub use report::{MeshPeerReport, MeshPeerReportSpec};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 
 /// All custom resource definitions of the API, in the order they are written to `crds/`.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![Mesh::crd(), PodCIDRPool::crd(), MeshPeer::crd()]
-        .into_iter()
-        .map(portable)
-        .map(bounded)
-        .collect()
+    vec![
+        Mesh::crd(),
+        PodCIDRPool::crd(),
+        MeshPeer::crd(),
+        MeshPeerReport::crd(),
+    ]
+    .into_iter()
+    .map(portable)
+    .map(bounded)
+    .collect()
 }
 
 /// The `maxItems` of every list, by kind and path in the schema (`[]` steps into items).
@@ -48,11 +55,11 @@ const MAX_ITEMS: &[(&str, &str, u64)] = {
         ("MeshPeer", ".status.endpoints", ENDPOINTS),
         ("MeshPeer", ".status.publicEndpoints", ENDPOINTS),
         ("MeshPeer", ".status.approved.publicEndpoints", ENDPOINTS),
-        ("MeshPeer", ".status.paths", PEERS),
         ("MeshPeer", ".status.installedKeys", PEERS),
         ("MeshPeer", ".status.rotation.externalPeersOnOldKey", PEERS),
         ("MeshPeer", ".status.rotation.laggards", PEERS),
         ("MeshPeer", ".status.rotation.waitingFor", PEERS),
+        ("MeshPeerReport", ".spec.paths", PEERS),
         ("PodCIDRPool", ".spec.cidrs", POOL_CIDRS),
         (
             "PodCIDRPool",

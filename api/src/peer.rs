@@ -57,12 +57,6 @@ use serde::{Deserialize, Serialize};
         priority = "1"
     ),
     printcolumn(
-        name = "Paths",
-        type_ = "string",
-        json_path = ".status.pathSummary",
-        priority = "1"
-    ),
-    printcolumn(
         name = "Allowed IPs",
         type_ = "string",
         json_path = ".spec.allowedIPs",
@@ -210,19 +204,6 @@ pub struct MeshPeerStatus {
     )]
     #[schemars(range(min = 576, max = 65535))]
     pub underlay_mtu: Option<u32>,
-
-    /// Agent: how the node reaches each peer, by peer name.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub paths: Vec<PeerPath>,
-
-    /// Agent: how many peers the node reaches on each kind of path, for `kubectl get -o wide`,
-    /// e.g. `4 Direct, 1 NATTraversal, 2 Relay`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub path_summary: Option<String>,
-
-    /// Agent: what the node sees of its own tunnels.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub connectivity: Option<Connectivity>,
 
     /// Operator: the key, addresses and endpoint agents configure for this peer. Agents use
     /// these and never what a peer claims for itself in spec or status.

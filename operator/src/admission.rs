@@ -1,4 +1,4 @@
-//! Who may write what of a `MeshPeer`: the decisions of the validating admission webhook,
+//! Who may write what of a `MeshPeer` and a `MeshPeerReport`: the decisions of the validating admission webhook,
 //! as pure functions of the request (caller, old and new object) and of the facts the
 //! webhook looked up (the caller's node, whether a Node of that name exists).
 //!
@@ -18,12 +18,16 @@
 //!   all, may not make or edit a node's peer beyond `spec.keyRotation`, may not give a peer
 //!   the marks of a node's peer (`spec.node`, `spec.podCIDRs`, an owner reference to a Node,
 //!   the node label), and may not create a peer named like an existing Node.
+//! - **A node's report** (`MeshPeerReport`, what the node sees of its tunnels, which the
+//!   operator reads to learn how NAT maps other nodes) is written only by that node's agent:
+//!   named after its node, owned by nothing but the `MeshPeer` of that name. Nobody else may
+//!   create it or change what it reports.
 
 use k8s_openapi::api::authentication::v1::UserInfo;
 use kube::ResourceExt;
 use std::collections::BTreeMap;
-use wgmesh_api::consts::{NODE_LABEL, condition};
-use wgmesh_api::{Condition, MeshPeer, MeshPeerStatus};
+use wgmesh_api::consts::{self, NODE_LABEL, condition};
+use wgmesh_api::{Condition, MeshPeer, MeshPeerReport, MeshPeerStatus};
 
 /// `user.extra` key of a bound token: the name of the pod it was issued for.
 pub const EXTRA_POD_NAME: &str = "authentication.kubernetes.io/pod-name";
@@ -158,6 +162,53 @@ pub fn review_status(
                 Some(field) => Decision::deny(format!(
                     "the wgmesh agent on node {node} may not change status.{field}: only the \
                      operator writes it"
+                )),
+                None => Decision::Allow,
+            }
+        }
+    }
+}
+
+/// A create or update of a node's report. `old` is `None` on create; `agent_node` is the
+/// node the agent's pod runs on, as the webhook found it.
+pub fn review_report(
+    caller: &Caller,
+    agent_node: Option<&str>,
+    old: Option<&MeshPeerReport>,
+    new: &MeshPeerReport,
+) -> Decision {
+    let name = new.metadata.name.as_deref().unwrap_or_default();
+    match caller {
+        Caller::Operator => Decision::Allow,
+        // Metadata alone (the garbage collector orphaning it, a label) is no report.
+        Caller::Other(_) if old.is_some_and(|o| o.spec == new.spec) => Decision::Allow,
+        Caller::Other(user) => Decision::deny(format!(
+            "MeshPeerReport {name} is what node {name}'s wgmesh agent sees of its tunnels; \
+             only that agent writes it, not {user}"
+        )),
+        Caller::Agent { .. } => {
+            let Some(node) = agent_node else {
+                return Decision::deny(
+                    "the wgmesh agent's token is not bound to a running pod on a node \
+                     (mount a projected ServiceAccount token, as the Helm chart does)",
+                );
+            };
+            if name != node {
+                return Decision::deny(format!(
+                    "the wgmesh agent on node {node} may write only MeshPeerReport {node}, \
+                     not {name}"
+                ));
+            }
+            let foreign = new.owner_references().iter().find(|o| {
+                o.kind != "MeshPeer"
+                    || o.api_version != format!("{}/{}", consts::GROUP, consts::VERSION)
+                    || o.name != node
+            });
+            match foreign {
+                Some(o) => Decision::deny(format!(
+                    "the wgmesh agent on node {node} may make its report owned only by \
+                     MeshPeer {node}, not by {} {}",
+                    o.kind, o.name
                 )),
                 None => Decision::Allow,
             }
@@ -555,5 +606,80 @@ mod tests {
                 Decision::Deny(_)
             ));
         }
+    }
+
+    fn mk_report(name: &str, owner: (&str, &str)) -> MeshPeerReport {
+        let mut r = MeshPeerReport::new(
+            name,
+            wgmesh_api::MeshPeerReportSpec {
+                path_summary: Some("2 Direct".into()),
+                ..Default::default()
+            },
+        );
+        r.metadata.owner_references = Some(vec![OwnerReference {
+            api_version: if owner.0 == "MeshPeer" {
+                "wgmesh.dev/v1alpha1".into()
+            } else {
+                "v1".into()
+            },
+            kind: owner.0.into(),
+            name: owner.1.into(),
+            uid: "u".into(),
+            ..Default::default()
+        }]);
+        r
+    }
+
+    #[test]
+    fn only_a_nodes_own_agent_writes_its_report_owned_by_its_own_peer() {
+        let own = mk_report("n1", ("MeshPeer", "n1"));
+        assert_eq!(
+            review_report(&agent(), Some("n1"), None, &own),
+            Decision::Allow
+        );
+        assert_eq!(
+            review_report(&agent(), Some("n1"), Some(&own), &own),
+            Decision::Allow
+        );
+        // Another node's report, or one the agent's node cannot be established for.
+        let other = mk_report("n2", ("MeshPeer", "n2"));
+        assert!(matches!(
+            review_report(&agent(), Some("n1"), None, &other),
+            Decision::Deny(m) if m.contains("only MeshPeerReport n1")
+        ));
+        assert!(matches!(
+            review_report(&agent(), None, None, &own),
+            Decision::Deny(m) if m.contains("not bound to a running pod")
+        ));
+        // Owned by anything but its own node's peer.
+        for owner in [("MeshPeer", "n2"), ("Node", "n1"), ("Pod", "x")] {
+            assert!(matches!(
+                review_report(&agent(), Some("n1"), None, &mk_report("n1", owner)),
+                Decision::Deny(m) if m.contains("owned only by MeshPeer n1")
+            ));
+        }
+        // Nobody else makes or edits a report; metadata alone may change (the garbage
+        // collector orphaning it).
+        let admin = Caller::Other("alice".into());
+        assert!(matches!(
+            review_report(&admin, None, None, &own),
+            Decision::Deny(m) if m.contains("only that agent writes it")
+        ));
+        let mut forged = own.clone();
+        forged.spec.path_summary = Some("2 Relay".into());
+        assert!(matches!(
+            review_report(&admin, None, Some(&own), &forged),
+            Decision::Deny(_)
+        ));
+        let mut orphaned = own.clone();
+        orphaned.metadata.owner_references = None;
+        assert_eq!(
+            review_report(&admin, None, Some(&own), &orphaned),
+            Decision::Allow
+        );
+        assert_eq!(
+            review_report(&Caller::Operator, None, None, &forged),
+            Decision::Allow
+        );
     }
 }

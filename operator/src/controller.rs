@@ -1,4 +1,5 @@
-//! The operator's control loop: watches Nodes, MeshPeers, PodCIDRPools and the Mesh into
+//! The operator's control loop: watches Nodes, MeshPeers, MeshPeerReports, PodCIDRPools and
+//! the Mesh into
 //! caches, and, while this replica leads, runs passes of observe → plan → apply.
 //!
 //! The subnet ledger is not watched: only the leader writes it, so it keeps the version it
@@ -34,7 +35,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::Notify;
 use tracing::{error, info, instrument};
-use wgmesh_api::{Mesh, MeshPeer, PodCIDRPool, consts::DEFAULT_MESH};
+use wgmesh_api::{Mesh, MeshPeer, MeshPeerReport, PodCIDRPool, consts::DEFAULT_MESH};
 
 /// How long to let a burst of events accumulate before a pass: part of every join's latency
 /// (a new key waits this long for its approval); a burst that outlasts it is taken by the
@@ -48,6 +49,7 @@ const RESYNC: Duration = Duration::from_secs(60);
 struct Caches {
     nodes: Store<Node>,
     peers: Store<MeshPeer>,
+    reports: Store<MeshPeerReport>,
     pools: Store<PodCIDRPool>,
     meshes: Store<Mesh>,
 }
@@ -150,6 +152,14 @@ pub async fn run(
         .modify(|p| p.metadata.managed_fields = None),
         notify.clone(),
     );
+    let (reports, reports_task) = cache(
+        watcher(
+            Api::<MeshPeerReport>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        .modify(|r| r.metadata.managed_fields = None),
+        notify.clone(),
+    );
     let (pools, pools_task) = cache(
         watcher(
             Api::<PodCIDRPool>::all(client.clone()),
@@ -166,17 +176,20 @@ pub async fn run(
     );
     tokio::spawn(nodes_task);
     tokio::spawn(peers_task);
+    tokio::spawn(reports_task);
     tokio::spawn(pools_task);
     tokio::spawn(meshes_task);
     let caches = Caches {
         nodes,
         peers,
+        reports,
         pools,
         meshes,
     };
     for ready in [
         caches.nodes.wait_until_ready().await,
         caches.peers.wait_until_ready().await,
+        caches.reports.wait_until_ready().await,
         caches.pools.wait_until_ready().await,
         caches.meshes.wait_until_ready().await,
     ] {
@@ -241,6 +254,7 @@ pub async fn run(
         let snapshot = Snapshot {
             nodes: caches.nodes.state(),
             peers: overlay.merge(caches.peers.state()),
+            reports: caches.reports.state(),
             pools: caches.pools.state(),
             mesh: caches
                 .meshes

@@ -33,7 +33,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use wgmesh_api::{
-    Mesh, MeshPeer, MeshPeerSpec, MeshPeerStatus, PodCIDRPool, PodCIDRPoolStatus,
+    Mesh, MeshPeer, MeshPeerReport, MeshPeerSpec, MeshPeerStatus, PodCIDRPool, PodCIDRPoolStatus,
     consts::{self, condition},
     mesh::{IpamSource, MeshStatus},
     peer::{
@@ -65,6 +65,8 @@ pub const MAX_CREATES_PER_PASS: usize = 1000;
 pub struct Snapshot {
     pub nodes: Vec<Arc<Node>>,
     pub peers: Vec<Arc<MeshPeer>>,
+    /// The nodes' reports of their tunnels (read for the endpoints they see their peers at).
+    pub reports: Vec<Arc<MeshPeerReport>>,
     pub pools: Vec<Arc<PodCIDRPool>>,
     /// The `Mesh` named `default`, if any.
     pub mesh: Option<Arc<Mesh>>,
@@ -374,6 +376,11 @@ pub fn plan(snap: &Snapshot) -> Plan {
         .iter()
         .filter_map(|p| p.metadata.name.as_deref().map(|name| (name, p.as_ref())))
         .collect();
+    let reports: BTreeMap<&str, &MeshPeerReport> = snap
+        .reports
+        .iter()
+        .filter_map(|r| r.metadata.name.as_deref().map(|name| (name, r.as_ref())))
+        .collect();
 
     // Pools.
     let pool_specs: Vec<core::PoolSpec> = snap.pools.iter().map(|p| pool_spec(p)).collect();
@@ -574,6 +581,7 @@ pub fn plan(snap: &Snapshot) -> Plan {
     let places = places(
         &nodes,
         &peers,
+        &reports,
         &roles,
         &verdicts,
         &settings.location_label,
@@ -1237,11 +1245,13 @@ fn location_of(node: Option<&&Node>, label: &str) -> Option<String> {
 }
 
 /// Every admitted node's [`Place`]: its location, and its NAT as the public nodes of other
-/// locations see it (`core::paths::classify` over what their agents report in
-/// `status.paths`).
+/// locations see it (`core::paths::classify` over what their agents report in their
+/// `MeshPeerReport`'s `spec.paths`; the admission webhook lets only a node's own agent
+/// write its report).
 fn places(
     nodes: &BTreeMap<&str, &Node>,
     peers: &BTreeMap<&str, &MeshPeer>,
+    reports: &BTreeMap<&str, &MeshPeerReport>,
     roles: &BTreeMap<&str, PeerRole>,
     verdicts: &BTreeMap<String, core::Verdict>,
     label: &str,
@@ -1258,10 +1268,10 @@ fn places(
         .collect();
     let mut seen: BTreeMap<&str, Vec<core::paths::Observation>> = BTreeMap::new();
     for (&observer, approved) in &admitted {
-        let Some(status) = peers.get(observer).and_then(|p| p.status.as_ref()) else {
+        let Some(report) = reports.get(observer) else {
             continue;
         };
-        for path in &status.paths {
+        for path in &report.spec.paths {
             let Some(endpoint) = path.endpoint.as_deref().and_then(|e| e.parse().ok()) else {
                 continue;
             };

@@ -82,6 +82,7 @@ fn mk_snapshot(
     Snapshot {
         nodes,
         peers,
+        reports: Vec::new(),
         pools,
         mesh: Some(Arc::new(open_mesh())),
         carry_over: BTreeMap::new(),
@@ -1007,7 +1008,14 @@ fn publish_place(
             } else {
                 vec![]
             };
-            status.paths = seen
+            status.underlay_mtu = Some(1500 - u32::from(i));
+            p.status = Some(status);
+        }
+    }
+    let mut report = wgmesh_api::MeshPeerReport::new(
+        name,
+        wgmesh_api::MeshPeerReportSpec {
+            paths: seen
                 .iter()
                 .map(|(peer, endpoint, at_secs)| wgmesh_api::peer::PeerPath {
                     peer: (*peer).into(),
@@ -1016,11 +1024,14 @@ fn publish_place(
                     endpoint: Some((*endpoint).into()),
                     latest_handshake: Some(time(*at_secs)),
                 })
-                .collect();
-            status.underlay_mtu = Some(1500 - u32::from(i));
-            p.status = Some(status);
-        }
-    }
+                .collect(),
+            ..Default::default()
+        },
+    );
+    report.metadata.uid = Some(format!("report-{name}"));
+    snap.reports
+        .retain(|r| r.metadata.name.as_deref() != Some(name));
+    snap.reports.push(Arc::new(report));
 }
 
 fn approval(snap: &Snapshot, name: &str) -> ApprovedPeer {

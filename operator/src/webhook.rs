@@ -1,5 +1,5 @@
-//! The validating admission webhook for `MeshPeer`s: an HTTPS server the API server calls
-//! before it stores a peer or its status. It reads the request, looks up the facts the
+//! The validating admission webhook for `MeshPeer`s and `MeshPeerReport`s: an HTTPS server
+//! the API server calls before it stores a peer, its status or a node's report. It reads the request, looks up the facts the
 //! decision needs (the node an agent's pod runs on, whether a Node has a peer's name) and
 //! answers what `admission` decides.
 //!
@@ -32,10 +32,12 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
-use wgmesh_api::MeshPeer;
+use wgmesh_api::{MeshPeer, MeshPeerReport};
 
 /// The path the API server posts `MeshPeer` reviews to.
 pub const PEER_PATH: &str = "/validate/meshpeers";
+/// The path the API server posts `MeshPeerReport` reviews to.
+pub const REPORT_PATH: &str = "/validate/meshpeerreports";
 /// The largest review read: an old and a new object of at most the API server's 3 MiB each.
 const MAX_BODY_BYTES: usize = 8 << 20;
 /// How long a TLS handshake may take before the connection is dropped.
@@ -103,7 +105,11 @@ pub async fn serve(config: Config, client: kube::Client) -> Result<(), WebhookEr
             addr: config.addr,
             source,
         })?;
-    info!(addr = %config.addr, path = PEER_PATH, "serving the MeshPeer admission webhook");
+    info!(
+        addr = %config.addr,
+        paths = ?[PEER_PATH, REPORT_PATH],
+        "serving the MeshPeer and MeshPeerReport admission webhook"
+    );
     let pods = watch_pods(Api::namespaced(client.clone(), &config.ids.agent.namespace));
     let reviewer = Arc::new(Reviewer {
         ids: config.ids,
@@ -164,6 +170,28 @@ fn watch_pods(api: Api<Pod>) -> Store<Pod> {
     reader
 }
 
+/// The response for `decision`; a denial is logged with what the caller sees.
+fn answer<K: kube::Resource>(
+    req: &AdmissionRequest<K>,
+    decision: Decision,
+    kind: &str,
+) -> AdmissionResponse {
+    let response = AdmissionResponse::from(req);
+    match decision {
+        Decision::Allow => response,
+        Decision::Deny(message) => {
+            info!(
+                name = %req.name,
+                subresource = req.sub_resource.as_deref().unwrap_or(""),
+                user = req.user_info.username.as_deref().unwrap_or(""),
+                %message,
+                "refused a {kind} write"
+            );
+            response.deny(message)
+        }
+    }
+}
+
 struct Reviewer {
     ids: Identities,
     client: kube::Client,
@@ -186,9 +214,27 @@ fn reply(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
     response
 }
 
+/// Reads an admission review of a `K`.
+fn read<K>(body: &[u8]) -> Result<AdmissionRequest<K>, String>
+where
+    K: kube::Resource + serde::de::DeserializeOwned,
+{
+    let review: AdmissionReview<K> = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    let request: Result<AdmissionRequest<K>, _> = review.try_into();
+    request.map_err(|e| e.to_string())
+}
+
+/// The answer to a review that could not be read. There is no uid to answer with: the API
+/// server counts this as a failed call and, with failurePolicy Fail, refuses the write.
+fn unreadable(e: String) -> AdmissionResponse {
+    warn!(error = %e, "an admission review could not be read");
+    AdmissionResponse::invalid(format!("unreadable admission review: {e}"))
+}
+
 impl Reviewer {
     async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
-        if req.method() != Method::POST || req.uri().path() != PEER_PATH {
+        let path = req.uri().path().to_owned();
+        if req.method() != Method::POST || (path != PEER_PATH && path != REPORT_PATH) {
             return reply(StatusCode::NOT_FOUND, b"{}".to_vec());
         }
         let body = match Limited::new(req.into_body(), MAX_BODY_BYTES)
@@ -201,18 +247,15 @@ impl Reviewer {
                 return reply(StatusCode::PAYLOAD_TOO_LARGE, b"{}".to_vec());
             }
         };
-        let response = match serde_json::from_slice::<AdmissionReview<MeshPeer>>(&body)
-            .map_err(|e| e.to_string())
-            .and_then(|r| {
-                let request: Result<AdmissionRequest<MeshPeer>, _> = r.try_into();
-                request.map_err(|e| e.to_string())
-            }) {
-            Ok(request) => self.review(&request).await,
-            // Nothing to answer a uid with: the API server counts this as a failed call and,
-            // with failurePolicy Fail, refuses the write.
-            Err(e) => {
-                warn!(error = %e, "an admission review could not be read");
-                AdmissionResponse::invalid(format!("unreadable admission review: {e}"))
+        let response = if path == PEER_PATH {
+            match read::<MeshPeer>(&body) {
+                Ok(request) => self.review(&request).await,
+                Err(e) => unreadable(e),
+            }
+        } else {
+            match read::<MeshPeerReport>(&body) {
+                Ok(request) => self.review_report(&request).await,
+                Err(e) => unreadable(e),
             }
         };
         let review: AdmissionReview<DynamicObject> = response.into_review();
@@ -225,19 +268,31 @@ impl Reviewer {
     async fn review(&self, req: &AdmissionRequest<MeshPeer>) -> AdmissionResponse {
         let caller = admission::caller(&req.user_info, &self.ids);
         let decision = self.decide(req, &caller).await;
-        let response = AdmissionResponse::from(req);
-        match decision {
-            Decision::Allow => response,
-            Decision::Deny(message) => {
-                info!(
-                    peer = %req.name,
-                    subresource = req.sub_resource.as_deref().unwrap_or(""),
-                    user = req.user_info.username.as_deref().unwrap_or(""),
-                    %message,
-                    "refused a MeshPeer write"
-                );
-                response.deny(message)
+        answer(req, decision, "MeshPeer")
+    }
+
+    async fn review_report(&self, req: &AdmissionRequest<MeshPeerReport>) -> AdmissionResponse {
+        let caller = admission::caller(&req.user_info, &self.ids);
+        let decision = match req.object.as_ref() {
+            // Deletes are not sent here; without an object there is nothing to check.
+            None => Decision::Allow,
+            Some(new) => {
+                let node = self.node_of(&caller).await;
+                admission::review_report(&caller, node.as_deref(), req.old_object.as_ref(), new)
             }
+        };
+        answer(req, decision, "MeshPeerReport")
+    }
+
+    /// The node of an agent caller, as [`Reviewer::agent_node`] finds it.
+    async fn node_of(&self, caller: &Caller) -> Option<String> {
+        match caller {
+            Caller::Agent {
+                pod_name,
+                pod_uid,
+                node_name,
+            } => self.agent_node(pod_name, pod_uid, node_name).await,
+            _ => None,
         }
     }
 
@@ -251,14 +306,7 @@ impl Reviewer {
                 let Some(old) = old else {
                     return Decision::Deny("a status write without the stored object".into());
                 };
-                let node = match caller {
-                    Caller::Agent {
-                        pod_name,
-                        pod_uid,
-                        node_name,
-                    } => self.agent_node(pod_name, pod_uid, node_name).await,
-                    _ => None,
-                };
+                let node = self.node_of(caller).await;
                 admission::review_status(caller, node.as_deref(), old, new)
             }
             (None, Operation::Create | Operation::Update) => {

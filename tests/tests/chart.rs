@@ -615,6 +615,16 @@ fn rbac_least_privilege() -> Result<()> {
         cluster,
         None
     ));
+    // Its own report (the webhook holds it to its own node's).
+    for v in ["create", "patch"] {
+        assert!(can(&docs, AGENT, v, wg("meshpeerreports"), cluster, None));
+    }
+    for v in ["list", "watch", "delete"] {
+        assert!(
+            !can(&docs, AGENT, v, wg("meshpeerreports"), cluster, None),
+            "agent may {v} reports: no agent reads another's"
+        );
+    }
     for v in ["create", "patch", "update", "delete"] {
         assert!(
             !can(&docs, AGENT, v, wg("meshpeers"), cluster, None),
@@ -714,7 +724,7 @@ fn rbac_least_privilege() -> Result<()> {
             "operator patch {r}"
         );
     }
-    for r in ["podcidrpools", "meshes"] {
+    for r in ["podcidrpools", "meshes", "meshpeerreports"] {
         assert!(can(&docs, OPERATOR, "watch", wg(r), cluster, None));
         assert!(!can(&docs, OPERATOR, "delete", wg(r), cluster, None));
         assert!(!can(&docs, OPERATOR, "patch", wg(r), cluster, None));
@@ -1407,22 +1417,34 @@ fn notes_say_what_to_check() -> Result<()> {
 fn the_webhook_fails_closed_and_trusts_its_own_certificate() -> Result<()> {
     let docs = render(&[])?;
     let vwc = find(&docs, "ValidatingWebhookConfiguration", "wgmesh-webhook")?;
-    let hook = &vwc["webhooks"][0];
-    assert_eq!(hook["failurePolicy"], "Fail");
-    assert_eq!(hook["sideEffects"], "None");
-    let rule = &hook["rules"][0];
-    assert_eq!(strings(&rule["apiGroups"]), ["wgmesh.dev"]);
-    assert_eq!(
-        strings(&rule["resources"]),
-        ["meshpeers", "meshpeers/status"]
-    );
-    assert_eq!(strings(&rule["operations"]), ["CREATE", "UPDATE"]);
-    let service = &hook["clientConfig"]["service"];
-    assert_eq!(service["name"], OPERATOR);
-    assert_eq!(service["namespace"], NS);
-    // The caBundle is the CA that signed the serving certificate the operator mounts.
+    let hooks = vwc["webhooks"].as_array().context("webhooks")?;
+    assert_eq!(hooks.len(), 2, "{hooks:?}");
     let secret = find(&docs, "Secret", "wgmesh-webhook-tls")?;
-    assert_eq!(hook["clientConfig"]["caBundle"], secret["data"]["ca.crt"]);
+    for (hook, resources, path) in [
+        (
+            &hooks[0],
+            &["meshpeers", "meshpeers/status"][..],
+            "/validate/meshpeers",
+        ),
+        (
+            &hooks[1],
+            &["meshpeerreports"][..],
+            "/validate/meshpeerreports",
+        ),
+    ] {
+        assert_eq!(hook["failurePolicy"], "Fail");
+        assert_eq!(hook["sideEffects"], "None");
+        let rule = &hook["rules"][0];
+        assert_eq!(strings(&rule["apiGroups"]), ["wgmesh.dev"]);
+        assert_eq!(strings(&rule["resources"]), resources);
+        assert_eq!(strings(&rule["operations"]), ["CREATE", "UPDATE"]);
+        let service = &hook["clientConfig"]["service"];
+        assert_eq!(service["name"], OPERATOR);
+        assert_eq!(service["namespace"], NS);
+        assert_eq!(service["path"], path);
+        // The caBundle is the CA that signed the serving certificate the operator mounts.
+        assert_eq!(hook["clientConfig"]["caBundle"], secret["data"]["ca.crt"]);
+    }
     assert!(
         secret["data"]["tls.key"]
             .as_str()

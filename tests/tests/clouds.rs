@@ -4,7 +4,7 @@
 //! symmetric one with a smaller MTU; the underlay is their internet. Real control plane, agents, devices, CNI-plumbed pods, real packets.
 //!
 //! Checked the way a person would: every pod pings every other; the path each node reports
-//! for each peer (`MeshPeer` `status.paths`) and the NAT the operator saw
+//! for each peer (its `MeshPeerReport`'s `spec.paths`) and the NAT the operator saw
 //! (`status.approved.nat`) are those the topology implies; tcpdump on the internet sees
 //! WireGuard's UDP and nothing in the clear; the public sites reach each other over IPv6 and
 //! the others over IPv4; the MTU follows the smallest underlay, and full-size packets with DF
@@ -12,7 +12,7 @@
 //! come back after a NAT router forgets its mappings and after a node moves to another site.
 //!
 //! One mesh serves every step, in order. Figures go to `target/wgmesh-e2e-report.txt`.
-//! The new status fields are read from JSON by name, not through wgmesh-api's types, so the
+//! The reports and status fields are read from JSON by name, not through wgmesh-api's types, so the
 //! test states the API it expects.
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -206,21 +206,20 @@ fn keepalives(mesh: &Mesh, nodes: &[Node]) -> Result<()> {
     let peers: serde_json::Value =
         serde_json::from_str(&mesh.kubectl(&["get", "meshpeers", "-o", "json"])?)?;
     let mut name_of: BTreeMap<String, String> = BTreeMap::new();
-    let mut path: BTreeMap<(String, String), String> = BTreeMap::new();
     for p in peers["items"].as_array().into_iter().flatten() {
         let name = p["metadata"]["name"]
             .as_str()
             .unwrap_or_default()
             .to_owned();
         if let Some(key) = p["status"]["publicKey"].as_str() {
-            name_of.insert(key.to_owned(), name.clone());
-        }
-        for e in p["status"]["paths"].as_array().into_iter().flatten() {
-            let peer = e["peer"].as_str().unwrap_or_default().to_owned();
-            let kind = e["path"].as_str().unwrap_or_default().to_owned();
-            path.insert((name.clone(), peer), kind);
+            name_of.insert(key.to_owned(), name);
         }
     }
+    let reports = mesh.kubectl(&["get", "meshpeerreports", "-o", "json"])?;
+    let path: BTreeMap<(String, String), String> = reported_paths(&reports)?
+        .into_iter()
+        .map(|(pair, seen)| (pair, seen.path))
+        .collect();
     let site: BTreeMap<&str, &str> = nodes
         .iter()
         .map(|n| (n.name.as_str(), n.site.as_str()))
@@ -265,11 +264,11 @@ fn keepalives(mesh: &Mesh, nodes: &[Node]) -> Result<()> {
     Ok(())
 }
 
-/// What a node's `status.paths` says of the endpoint it sends `peer`'s traffic to.
+/// What a node's report says of the endpoint it sends `peer`'s traffic to.
 fn endpoint_of(mesh: &Mesh, node: &str, peer: &str) -> Result<String> {
-    let json = mesh.kubectl(&["get", "meshpeer", node, "-o", "json"])?;
-    let p: serde_json::Value = serde_json::from_str(&json)?;
-    p["status"]["paths"]
+    let json = mesh.kubectl(&["get", "meshpeerreport", node, "-o", "json"])?;
+    let r: serde_json::Value = serde_json::from_str(&json)?;
+    r["spec"]["paths"]
         .as_array()
         .into_iter()
         .flatten()
@@ -477,8 +476,16 @@ fn paths_settle(mesh: &Mesh, nodes: &[Node]) -> Result<Duration> {
         .map(|n| Ok((n.site.clone(), mesh.wan(&n.site)?)))
         .collect::<Result<_>>()?;
     loop {
-        let mismatches = match mesh.kubectl(&["get", "meshpeers", "-o", "json"]) {
-            Ok(json) => path_mismatches(&json, nodes, &wans)?,
+        let read = mesh
+            .kubectl(&["get", "meshpeers", "-o", "json"])
+            .and_then(|peers| {
+                Ok((
+                    peers,
+                    mesh.kubectl(&["get", "meshpeerreports", "-o", "json"])?,
+                ))
+            });
+        let mismatches = match read {
+            Ok((peers, reports)) => path_mismatches(&peers, &reports, nodes, &wans)?,
             Err(e) => vec![format!("{e:#}")],
         };
         if mismatches.is_empty() {
@@ -494,37 +501,28 @@ fn paths_settle(mesh: &Mesh, nodes: &[Node]) -> Result<Duration> {
     }
 }
 
-/// One entry of a node's `status.paths`.
+/// Every node's reported path to each peer, by (node, peer).
+type Reported = BTreeMap<(String, String), PathSeen>;
+
+/// One entry of a node's report (`spec.paths`).
 #[derive(Debug)]
 struct PathSeen {
     path: String,
     via: Option<String>,
     endpoint: Option<String>,
+    latest_handshake: Option<String>,
 }
 
-/// Every way in which the `MeshPeer`s (`kubectl get meshpeers -o json`) differ from what the
-/// topology implies: each node's path to each other node (`status.paths`: `peer`, `path`,
-/// `via`, `endpoint`), the relays (a public node, the same one both ways), the mappings public
-/// nodes see for the nodes behind one endpoint-independent NAT (its WAN address, one port per
-/// node), and each node's NAT kind (`status.approved.nat`). `wans`: each NAT'd site's
-/// router's WAN address.
-fn path_mismatches(
-    json: &str,
-    nodes: &[Node],
-    wans: &BTreeMap<String, String>,
-) -> Result<Vec<String>> {
-    let peers: serde_json::Value = serde_json::from_str(json).context("meshpeers JSON")?;
-    let mut paths: BTreeMap<(String, String), PathSeen> = BTreeMap::new();
-    let mut nat: BTreeMap<String, String> = BTreeMap::new();
-    for p in peers["items"].as_array().into_iter().flatten() {
-        let Some(name) = p["spec"]["node"].as_str() else {
+/// Every node's reported path to each peer, by (node, peer), from `kubectl get
+/// meshpeerreports -o json`. A report is named after its node.
+fn reported_paths(json: &str) -> Result<Reported> {
+    let reports: serde_json::Value = serde_json::from_str(json).context("meshpeerreports JSON")?;
+    let mut paths = BTreeMap::new();
+    for r in reports["items"].as_array().into_iter().flatten() {
+        let Some(name) = r["metadata"]["name"].as_str() else {
             continue;
         };
-        let status = &p["status"];
-        if let Some(kind) = status["approved"]["nat"].as_str() {
-            nat.insert(name.to_owned(), kind.to_owned());
-        }
-        for entry in status["paths"].as_array().into_iter().flatten() {
+        for entry in r["spec"]["paths"].as_array().into_iter().flatten() {
             let field = |f: &str| entry[f].as_str().map(str::to_owned);
             let Some(peer) = field("peer") else {
                 continue;
@@ -535,8 +533,36 @@ fn path_mismatches(
                     path: field("path").unwrap_or_default(),
                     via: field("via"),
                     endpoint: field("endpoint"),
+                    latest_handshake: field("latestHandshake"),
                 },
             );
+        }
+    }
+    Ok(paths)
+}
+
+/// Every way in which the `MeshPeer`s and the nodes' reports (`kubectl get meshpeers -o
+/// json`, `kubectl get meshpeerreports -o json`) differ from what the topology implies: each
+/// node's path to each other node (its report's `spec.paths`: `peer`, `path`, `via`,
+/// `endpoint`), the relays (a public node, the same one both ways), the mappings public
+/// nodes see for the nodes behind one endpoint-independent NAT (its WAN address, one port per
+/// node), and each node's NAT kind (`status.approved.nat`). `wans`: each NAT'd site's
+/// router's WAN address.
+fn path_mismatches(
+    peers_json: &str,
+    reports_json: &str,
+    nodes: &[Node],
+    wans: &BTreeMap<String, String>,
+) -> Result<Vec<String>> {
+    let peers: serde_json::Value = serde_json::from_str(peers_json).context("meshpeers JSON")?;
+    let paths = reported_paths(reports_json)?;
+    let mut nat: BTreeMap<String, String> = BTreeMap::new();
+    for p in peers["items"].as_array().into_iter().flatten() {
+        let Some(name) = p["spec"]["node"].as_str() else {
+            continue;
+        };
+        if let Some(kind) = p["status"]["approved"]["nat"].as_str() {
+            nat.insert(name.to_owned(), kind.to_owned());
         }
     }
 
@@ -564,7 +590,7 @@ fn path_mismatches(
                 a.name, a.site, b.name, b.site
             );
             let Some(seen) = paths.get(&(a.name.clone(), b.name.clone())) else {
-                wrong.push(format!("{pair}: no entry in status.paths, want {want}"));
+                wrong.push(format!("{pair}: no entry in its report, want {want}"));
                 continue;
             };
             if seen.path != want {
@@ -738,36 +764,34 @@ fn move_node(mesh: &Mesh, nodes: &[Node], name: &str, site: &str) -> Result<()> 
     Ok(())
 }
 
-/// What the `MeshPeer`s say of `name` and of the paths to and from it, for a failure message.
+/// What the `MeshPeer`s and reports say of `name` and of the paths to and from it, for a
+/// failure message.
 fn paths_involving(mesh: &Mesh, name: &str) -> Vec<String> {
-    let peers: serde_json::Value = match mesh
-        .kubectl(&["get", "meshpeers", "-o", "json"])
-        .and_then(|j| Ok(serde_json::from_str(&j)?))
-    {
+    let read = || -> Result<(serde_json::Value, Reported)> {
+        let peers = serde_json::from_str(&mesh.kubectl(&["get", "meshpeers", "-o", "json"])?)?;
+        let reports = mesh.kubectl(&["get", "meshpeerreports", "-o", "json"])?;
+        Ok((peers, reported_paths(&reports)?))
+    };
+    let (peers, paths) = match read() {
         Ok(v) => v,
         Err(e) => return vec![format!("{e:#}")],
     };
     let mut lines = Vec::new();
     for p in peers["items"].as_array().into_iter().flatten() {
-        let Some(node) = p["spec"]["node"].as_str() else {
-            continue;
-        };
-        let status = &p["status"];
-        if node == name {
-            let a = &status["approved"];
+        if p["spec"]["node"].as_str() == Some(name) {
+            let a = &p["status"]["approved"];
             lines.push(format!(
-                "{node}: approved location {}, nat {}, mappedEndpoint {}, endpoint {}",
+                "{name}: approved location {}, nat {}, mappedEndpoint {}, endpoint {}",
                 a["location"], a["nat"], a["mappedEndpoint"], a["endpoint"]
             ));
         }
-        for entry in status["paths"].as_array().into_iter().flatten() {
-            let peer = entry["peer"].as_str().unwrap_or_default();
-            if node == name || peer == name {
-                lines.push(format!(
-                    "{node} -> {peer}: {} via {} endpoint {} latest handshake {}",
-                    entry["path"], entry["via"], entry["endpoint"], entry["latestHandshake"]
-                ));
-            }
+    }
+    for ((node, peer), seen) in &paths {
+        if node == name || peer == name {
+            lines.push(format!(
+                "{node} -> {peer}: {} via {:?} endpoint {:?} latest handshake {:?}",
+                seen.path, seen.via, seen.endpoint, seen.latest_handshake
+            ));
         }
     }
     lines

@@ -43,6 +43,8 @@ pub struct Metrics {
     pub errors: Family<StageLabels, Counter>,
     /// Status writes.
     pub status_writes: Counter,
+    /// Writes of the node's `MeshPeerReport`.
+    pub report_writes: Counter,
     /// Watch events received (objects added, changed or deleted), by kind and whether they
     /// changed what a pass reads.
     pub watch_events: Family<WatchLabels, Counter>,
@@ -87,6 +89,7 @@ impl Metrics {
             pass_duration: Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
             errors: Family::default(),
             status_writes: Counter::default(),
+            report_writes: Counter::default(),
             watch_events: Family::default(),
             device_up: Gauge::default(),
             plaintext_peers: Gauge::default(),
@@ -130,6 +133,11 @@ impl Metrics {
             "status_writes",
             "MeshPeer status writes",
             m.status_writes.clone(),
+        );
+        registry.register(
+            "report_writes",
+            "MeshPeerReport writes",
+            m.report_writes.clone(),
         );
         registry.register(
             "watch_events",

@@ -46,7 +46,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::Notify;
 use tracing::{debug, error, info, warn};
 use wgmesh_api::{
-    Mesh, MeshPeer, MeshPeerStatus, PodCIDRPool,
+    Mesh, MeshPeer, MeshPeerReport, MeshPeerReportSpec, MeshPeerStatus, PodCIDRPool,
     consts::{AGENT_MANAGER, DEFAULT_MESH},
     peer::{GrantReason, InstalledKey},
 };
@@ -68,9 +68,9 @@ const COALESCE: Duration = Duration::from_millis(25);
 const ROTATION_TICK: Duration = Duration::from_millis(500);
 /// The wait before retrying a status write that failed; it doubles up to `RESYNC`.
 const STATUS_RETRY_FIRST: Duration = Duration::from_millis(500);
-/// A change of the status's report alone (paths, their summary, connectivity counts: what
-/// every join changes on every node) is written at most this often. Handshake times alone
-/// never make a write; a steady node writes nothing.
+/// A change of the node's report that only counts (a path more or less, its summary,
+/// connectivity counts: what every join changes on every node) is written at most this
+/// often. Handshake times alone never make a write; a steady node writes nothing.
 const REPORT_INTERVAL: Duration = Duration::from_secs(60);
 /// How long the main loop may go without finishing a pass before `/healthz` fails (and the
 /// kubelet restarts the agent): passes come at least every `RESYNC`, and every API request
@@ -242,13 +242,17 @@ struct Agent {
     /// A new device's take-over is under way (it runs once per device).
     taking_over: bool,
     peers_api: Api<MeshPeer>,
+    /// This node's `MeshPeerReport` (written, never watched).
+    reports_api: Api<MeshPeerReport>,
     /// Events go out in order from a task of their own, retried while the API is slow, so
     /// neither a pass waits for them nor a slow moment loses one.
     events: tokio::sync::mpsc::Sender<Event>,
     metrics: Arc<Metrics>,
     masquerade_loaded: Option<masquerade::Loaded>,
     last_status: Option<serde_json::Value>,
-    last_status_write: Option<Instant>,
+    /// The last report written: the uid of the peer that owns it, and what it said.
+    last_report: Option<(String, serde_json::Value)>,
+    last_report_write: Option<Instant>,
     /// The paths of the last status, to tell when one changes (a `PathChanged` Event).
     last_paths: Option<BTreeMap<String, status_plan::PathKey>>,
     /// Values of the public endpoint annotation that are no endpoint, once said.
@@ -348,6 +352,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         _uapi: None,
         taking_over: false,
         peers_api: Api::all(client.clone()),
+        reports_api: Api::all(client.clone()),
         events: spawn_event_publisher(
             Recorder::new(client.clone(), reporter),
             args.node_name.clone(),
@@ -356,7 +361,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         masquerade_loaded: None,
         last_status: None,
-        last_status_write: None,
+        last_report: None,
+        last_report_write: None,
         last_paths: None,
         bad_public_endpoints: Vec::new(),
         status_failures: 0,
@@ -1629,10 +1635,6 @@ impl Agent {
             &prev,
             now,
         );
-        let connectivity = self
-            .device
-            .as_ref()
-            .map(|d| status_plan::connectivity(&d.snapshot().peers, now));
         let rotation_status = self.device.as_ref().and_then(|d| {
             let snap = d.snapshot();
             let externals: BTreeMap<String, Key> = approved
@@ -1697,27 +1699,101 @@ impl Agent {
                 .map(ToString::to_string)
                 .collect(),
             underlay_mtu: Some(published.underlay_mtu),
-            path_summary: status_plan::summary(&paths),
-            paths,
             rotation: rotation_status,
             installed_keys: installed,
             ..Default::default()
         };
-        // Write when what we publish changes; a change of the report alone at most once a
-        // minute.
-        let report_allowed = self
-            .last_status_write
-            .is_none_or(|t| t.elapsed() >= REPORT_INTERVAL);
-        let Some(status_plan::Write { body, comparable }) = status_plan::write(
-            &status,
-            connectivity.as_ref(),
-            self.last_status.as_ref(),
-            report_allowed,
-        ) else {
+        let report = MeshPeerReportSpec {
+            path_summary: status_plan::summary(&paths),
+            paths,
+            connectivity: self
+                .device
+                .as_ref()
+                .map(|d| status_plan::connectivity(&d.snapshot().peers, now)),
+        };
+        // The status first: a peer's rotation may wait on an acknowledgement in it.
+        if let Some(status_plan::Write { body, comparable }) =
+            status_plan::status_write(&status, self.last_status.as_ref())
+        {
+            match self.settle(self.apply_status(body).await) {
+                Ok(_) => {
+                    self.status_failures = 0;
+                    self.metrics.status_writes.inc();
+                    self.last_status = Some(comparable);
+                }
+                Err(e) => {
+                    self.metrics.error("status");
+                    self.status_failures = self.status_failures.saturating_add(1);
+                    warn!(
+                        error = %e,
+                        retry_in = ?backoff(self.status_failures, STATUS_RETRY_FIRST, RESYNC),
+                        "publishing status failed"
+                    );
+                }
+            }
+        }
+        self.publish_report(own, &report).await;
+    }
+
+    /// Writes the node's report when [`status_plan::report_write`] says it is due: under
+    /// the agent's field manager, owned by the node's peer (the garbage collector removes it
+    /// with the peer).
+    async fn publish_report(&mut self, own: &MeshPeer, report: &MeshPeerReportSpec) {
+        let Some(owner) = own.metadata.uid.clone() else {
             return;
         };
-        // A refusal (4xx) is an answer: the view of the API stays current.
-        let (result, reached) = match self.apply_status(body).await {
+        let last = self
+            .last_report
+            .as_ref()
+            .filter(|(uid, _)| *uid == owner)
+            .map(|(_, v)| v);
+        let allowed = self
+            .last_report_write
+            .is_none_or(|t| t.elapsed() >= REPORT_INTERVAL);
+        let Some(status_plan::Write { body, comparable }) =
+            status_plan::report_write(report, last, allowed)
+        else {
+            return;
+        };
+        let name = self.args.node_name.clone();
+        let patch = Patch::Apply(serde_json::json!({
+            "apiVersion": "wgmesh.dev/v1alpha1",
+            "kind": "MeshPeerReport",
+            "metadata": {
+                "name": name,
+                "ownerReferences": [{
+                    "apiVersion": "wgmesh.dev/v1alpha1",
+                    "kind": "MeshPeer",
+                    "name": name,
+                    "uid": owner,
+                }],
+            },
+            "spec": body,
+        }));
+        let params = PatchParams::apply(AGENT_MANAGER).force();
+        let write = self.reports_api.patch(&name, &params, &patch);
+        let written = tokio::time::timeout(API_REQUEST_TIMEOUT, write).await;
+        match self.settle(written) {
+            Ok(_) => {
+                self.metrics.report_writes.inc();
+                self.last_report = Some((owner, comparable));
+                self.last_report_write = Some(Instant::now());
+            }
+            // The next pass tries again.
+            Err(e) => {
+                self.metrics.error("report");
+                warn!(error = %e, "publishing the node's MeshPeerReport failed");
+            }
+        }
+    }
+
+    /// The outcome of a request bounded by [`API_REQUEST_TIMEOUT`], with the view of the
+    /// API updated: a refusal (4xx) is an answer, so the view stays current.
+    fn settle<T>(
+        &mut self,
+        result: Result<Result<T, kube::Error>, tokio::time::error::Elapsed>,
+    ) -> anyhow::Result<T> {
+        let (result, reached) = match result {
             Ok(Err(e)) => {
                 let reached = answered(&e);
                 (Err(anyhow::Error::from(e)), reached)
@@ -1733,22 +1809,6 @@ impl Agent {
         } else {
             self.api_view.failed();
         }
-        match result {
-            Ok(_) => {
-                self.status_failures = 0;
-                self.metrics.status_writes.inc();
-                self.last_status = Some(comparable);
-                self.last_status_write = Some(Instant::now());
-            }
-            Err(e) => {
-                self.metrics.error("status");
-                self.status_failures = self.status_failures.saturating_add(1);
-                warn!(
-                    error = %e,
-                    retry_in = ?backoff(self.status_failures, STATUS_RETRY_FIRST, RESYNC),
-                    "publishing status failed"
-                );
-            }
-        }
+        result
     }
 }

@@ -3,7 +3,7 @@
 //!
 //! Every status write of every node is delivered to every agent; at 1,000 nodes a pass per
 //! event would be a pass per millisecond. So the caches drop what no pass reads (the other
-//! nodes' paths, connectivity and conditions but `Ready`; the Node's heartbeats), and an
+//! nodes' conditions but `Ready`; the Node's heartbeats), and an
 //! event wakes the loop only when the part of its object that a pass reads changed.
 //!
 //! Pure: no client, no clock.
@@ -16,8 +16,7 @@ use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use wgmesh_api::{MeshPeer, consts::condition};
 
-/// Drops from a peer what no pass reads: its status's paths, path summary and connectivity,
-/// and of its conditions all but `Ready` (which decides whether it is configured), without
+/// Drops from a peer what no pass reads: of its conditions all but `Ready` (which decides whether it is configured), without
 /// its message. This node's own peer is kept whole: its conditions are the previous ones of
 /// the next status write.
 pub(crate) fn strip_peer(peer: &mut MeshPeer, own: &str) {
@@ -29,12 +28,9 @@ pub(crate) fn strip_peer(peer: &mut MeshPeer, own: &str) {
 }
 
 /// What a peer's fingerprint covers: the object as [`strip_peer`] keeps other nodes' peers.
-/// The own peer's paths, connectivity and conditions are what this agent wrote itself.
+/// The own peer's conditions are what this agent wrote itself.
 fn reduce_peer(peer: &mut MeshPeer) {
     if let Some(s) = peer.status.as_mut() {
-        s.paths = Vec::new();
-        s.path_summary = None;
-        s.connectivity = None;
         s.conditions.retain(|c| c.type_ == condition::READY);
         for c in &mut s.conditions {
             c.message = String::new();
@@ -130,10 +126,7 @@ pub(crate) fn whole<K>(_: &mut K) {}
 mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::{NodeAddress, NodeCondition};
-    use wgmesh_api::{
-        Condition, ConditionStatus, MeshPeerSpec, MeshPeerStatus, peer::Connectivity,
-        peer::PeerPath,
-    };
+    use wgmesh_api::{Condition, ConditionStatus, MeshPeerSpec, MeshPeerStatus};
 
     fn peer(name: &str) -> MeshPeer {
         let mut p = MeshPeer::new(
@@ -179,16 +172,8 @@ mod tests {
         let mut r = Relevance::new(peer_reduction());
         let mut p = peer("b");
         assert!(apply(&mut r, &p), "a new peer");
-        // Its own report: paths, connectivity, other conditions, a new resourceVersion.
+        // Its other conditions, a new resourceVersion.
         let s = p.status.as_mut().expect("status");
-        s.paths.push(PeerPath {
-            peer: "a".into(),
-            ..Default::default()
-        });
-        s.connectivity = Some(Connectivity {
-            peers_configured: 3,
-            ..Default::default()
-        });
         s.conditions[1].message = "6 routes installed".into();
         s.conditions[0].message = "still ok".into();
         p.metadata.resource_version = Some("2".into());
@@ -224,21 +209,15 @@ mod tests {
     }
 
     #[test]
-    fn other_peers_are_kept_without_their_report_and_the_own_one_whole() {
+    fn other_peers_are_kept_with_ready_alone_and_the_own_one_whole() {
         let mut p = peer("b");
-        p.status.as_mut().expect("status").paths.push(PeerPath {
-            peer: "a".into(),
-            ..Default::default()
-        });
         let mut own = p.clone();
         strip_peer(&mut p, "a");
         let s = p.status.as_ref().expect("status");
-        assert!(s.paths.is_empty());
         assert_eq!(s.conditions.len(), 1);
         assert_eq!(s.conditions[0].status, ConditionStatus::True);
         assert_eq!(s.public_key.as_deref(), Some("k"));
         strip_peer(&mut own, "b");
-        assert_eq!(own.status.as_ref().expect("status").paths.len(), 1);
         assert_eq!(own.status.as_ref().expect("status").conditions.len(), 2);
     }
 

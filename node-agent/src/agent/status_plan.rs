@@ -1,12 +1,13 @@
-//! The node's `MeshPeer` status, planned: the agent's conditions from what the pass saw,
-//! connectivity from the device's handshakes, and whether a write is due. Pure (the time is
-//! an argument); the agent sends what [`write`] returns and remembers it once it was taken.
+//! The node's `MeshPeer` status and `MeshPeerReport`, planned: the agent's conditions from
+//! what the pass saw, paths and connectivity from the device's handshakes, and whether a
+//! write is due. Pure (the time is an argument); the agent sends what [`status_write`] and
+//! [`report_write`] return and remembers it once it was taken.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 use wgmesh_api::{
-    Condition, ConditionStatus, MeshPeerStatus,
+    Condition, ConditionStatus, MeshPeerReportSpec, MeshPeerStatus,
     consts::condition,
     peer::{Connectivity, PathKind, PeerPath},
 };
@@ -241,56 +242,54 @@ pub(crate) fn path_changes(
     (!changes.is_empty()).then(|| changes.join("; "))
 }
 
-/// A status write: the body to send, and what to remember once it was taken (the body
-/// without handshake times, which alone never make a write due).
+/// A write: the body to send, and what to remember once it was taken (for a report, the
+/// body without handshake times, which alone never make a write due).
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Write {
     pub body: serde_json::Value,
     pub comparable: serde_json::Value,
 }
 
-/// The fields of the status that report what the node sees of its peers (one entry or one
-/// count per peer): they change whenever any node joins or leaves.
-const REPORT: [&str; 3] = ["paths", "pathSummary", "connectivity"];
-
-/// Whether to write `status`, and what. A write is due when what it says differs from the
-/// last write that was taken, handshake times aside (they change every two minutes on every
-/// tunnel with traffic, and ride along with the next write). What every join or departure
-/// changes on every node (a path more or less, the summary, the connectivity counts) is due
-/// only when `report_allowed`, which the agent bounds in time, so that nodes joining one
-/// after another cost each node one write per interval, not one per join; a change of the
-/// path to a peer it had (its kind, relay or endpoint) is due at once. A node whose tunnels
-/// and settings are steady writes nothing at all. Every write carries connectivity (under
-/// server-side apply a field left out is removed).
-pub(crate) fn write(
+/// Whether to write `status`, and what: when it differs from the last write that was taken.
+/// What the node sees of its tunnels is not in it but in its report ([`report_write`]).
+pub(crate) fn status_write(
     status: &MeshPeerStatus,
-    connectivity: Option<&Connectivity>,
     last: Option<&serde_json::Value>,
-    report_allowed: bool,
 ) -> Option<Write> {
-    let mut body = serde_json::to_value(status).unwrap_or_default();
+    let body = serde_json::to_value(status).unwrap_or_default();
+    (last != Some(&body)).then(|| Write {
+        comparable: body.clone(),
+        body,
+    })
+}
+
+/// Whether to write the node's report, and what. A write is due when what it says differs
+/// from the last write that was taken, handshake times aside (they change every two minutes
+/// on every tunnel with traffic, and ride along with the next write). What every join or
+/// departure changes on every node (a path more or less, the summary, the connectivity
+/// counts) is due only when `allowed`, which the agent bounds in time, so that nodes joining
+/// one after another cost each node one write per interval, not one per join; a change of
+/// the path to a peer it had (its kind, relay or endpoint) is due at once. A node whose
+/// tunnels are steady writes nothing at all. `last` is `None` for a report never written
+/// for the node's current peer.
+pub(crate) fn report_write(
+    report: &MeshPeerReportSpec,
+    last: Option<&serde_json::Value>,
+    allowed: bool,
+) -> Option<Write> {
+    let body = serde_json::to_value(report).unwrap_or_default();
     let mut comparable = body.clone();
     if let Some(paths) = comparable.get_mut("paths").and_then(|p| p.as_array_mut()) {
         for p in paths.iter_mut().filter_map(|p| p.as_object_mut()) {
             p.remove("latestHandshake");
         }
     }
-    if let Some(c) = connectivity {
-        body["connectivity"] = serde_json::to_value(c).unwrap_or_default();
+    if let Some(c) = &report.connectivity {
         comparable["connectivity"] = serde_json::json!({
             "peersConfigured": c.peers_configured,
             "peersConnected": c.peers_connected,
         });
     }
-    let without_report = |v: &serde_json::Value| {
-        let mut v = v.clone();
-        if let Some(o) = v.as_object_mut() {
-            for field in REPORT {
-                o.remove(field);
-            }
-        }
-        v
-    };
     // The path entries (handshake times removed) by peer.
     let by_peer = |v: &serde_json::Value| -> BTreeMap<String, serde_json::Value> {
         v.get("paths")
@@ -300,17 +299,17 @@ pub(crate) fn write(
             .map(|e| (e["peer"].as_str().unwrap_or_default().to_owned(), e.clone()))
             .collect()
     };
-    let report_only = last.is_some_and(|l| {
-        let (before, now) = (by_peer(l), by_peer(&comparable));
-        without_report(l) == without_report(&comparable)
-            && now
-                .iter()
-                .all(|(peer, e)| before.get(peer).is_none_or(|b| b == e))
-    });
-    if last == Some(&comparable) || (report_only && !report_allowed) {
-        return None;
+    let path_changed = |l: &serde_json::Value| {
+        let before = by_peer(l);
+        by_peer(&comparable)
+            .iter()
+            .any(|(peer, e)| before.get(peer).is_some_and(|b| b != e))
+    };
+    match last {
+        Some(l) if *l == comparable => None,
+        Some(l) if !allowed && !path_changed(l) => None,
+        _ => Some(Write { body, comparable }),
     }
-    Some(Write { body, comparable })
 }
 
 #[cfg(test)]
@@ -419,58 +418,66 @@ mod tests {
     }
 
     #[test]
-    fn a_write_is_due_only_on_a_change_and_always_carries_connectivity() {
+    fn a_status_write_is_due_only_on_a_change() {
         let status = MeshPeerStatus {
             public_key: Some("k".into()),
             ..Default::default()
         };
+        let first = status_write(&status, None).expect("a first write");
+        assert_eq!(status_write(&status, Some(&first.comparable)), None);
+        let changed = MeshPeerStatus {
+            public_key: Some("k2".into()),
+            ..Default::default()
+        };
+        assert!(status_write(&changed, Some(&first.comparable)).is_some());
+    }
+
+    #[test]
+    fn a_report_write_is_due_on_a_path_change_at_once_and_on_counts_when_allowed() {
+        let report = |conn: Connectivity, peers: &[(&str, PathKind)]| MeshPeerReportSpec {
+            paths: peers
+                .iter()
+                .map(|(peer, path)| PeerPath {
+                    peer: (*peer).into(),
+                    path: *path,
+                    ..Default::default()
+                })
+                .collect(),
+            path_summary: None,
+            connectivity: Some(conn),
+        };
         let conn = connectivity(&[peer(Some(at(0)))], at(10));
-        let first = write(&status, Some(&conn), None, false).expect("a first write");
+        let first = report_write(&report(conn.clone(), &[]), None, false).expect("a first write");
         assert!(first.body.get("connectivity").is_some());
         // Steady: nothing to write, however long, allowed or not.
         for allowed in [false, true] {
             assert_eq!(
-                write(&status, Some(&conn), Some(&first.comparable), allowed),
+                report_write(&report(conn.clone(), &[]), Some(&first.comparable), allowed),
                 None
             );
         }
         // Newer handshakes alone are no change.
         let later = connectivity(&[peer(Some(at(100)))], at(110));
         assert_eq!(
-            write(&status, Some(&later), Some(&first.comparable), true),
+            report_write(&report(later, &[]), Some(&first.comparable), true),
             None
         );
         // A peer more (what a join changes on every node) is due when allowed.
-        let mut joined = status.clone();
-        joined.paths.push(PeerPath {
-            peer: "new".into(),
-            ..Default::default()
-        });
-        joined.path_summary = Some("1 Direct".into());
-        assert_eq!(
-            write(&joined, Some(&conn), Some(&first.comparable), false),
-            None
-        );
-        let with_peer = write(&joined, Some(&conn), Some(&first.comparable), true).expect("due");
+        let joined = report(conn.clone(), &[("new", PathKind::Direct)]);
+        assert_eq!(report_write(&joined, Some(&first.comparable), false), None);
+        let with_peer = report_write(&joined, Some(&first.comparable), true).expect("due");
         // The path to a peer it had changing is due at once.
         let mut relayed = joined.clone();
         relayed.paths[0].path = PathKind::Relay;
         relayed.paths[0].via = Some("r".into());
-        assert!(write(&relayed, Some(&conn), Some(&with_peer.comparable), false).is_some());
+        assert!(report_write(&relayed, Some(&with_peer.comparable), false).is_some());
         // The counts changing are due when allowed.
         let lost = connectivity(&[peer(Some(at(0))), peer(None)], at(10));
         assert_eq!(
-            write(&status, Some(&lost), Some(&first.comparable), false),
+            report_write(&report(lost.clone(), &[]), Some(&first.comparable), false),
             None
         );
-        let w = write(&status, Some(&lost), Some(&first.comparable), true).expect("due");
-        assert_eq!(w.body["connectivity"]["peersConfigured"], 2);
-        // Anything else is due at once, and carries the counts.
-        let changed = MeshPeerStatus {
-            public_key: Some("k2".into()),
-            ..Default::default()
-        };
-        let w = write(&changed, Some(&lost), Some(&first.comparable), false).expect("due");
+        let w = report_write(&report(lost, &[]), Some(&first.comparable), true).expect("due");
         assert_eq!(w.body["connectivity"]["peersConfigured"], 2);
     }
 
@@ -559,7 +566,7 @@ mod tests {
 
     #[test]
     fn a_handshake_alone_never_makes_a_write_due_but_a_new_endpoint_does() {
-        let mk = |endpoint: &str, hs: u64| MeshPeerStatus {
+        let mk = |endpoint: &str, hs: u64| MeshPeerReportSpec {
             paths: vec![PeerPath {
                 peer: "a".into(),
                 path: PathKind::Direct,
@@ -569,29 +576,17 @@ mod tests {
             }],
             ..Default::default()
         };
-        let first = write(&mk("192.0.2.1:1", 0), None, None, false).expect("first");
+        let first = report_write(&mk("192.0.2.1:1", 0), None, false).expect("first");
         assert!(first.body["paths"][0].get("latestHandshake").is_some());
-        assert_eq!(
-            write(
-                &mk("192.0.2.1:1", 120),
-                None,
-                Some(&first.comparable),
-                false
-            ),
-            None
-        );
-        assert_eq!(
-            write(&mk("192.0.2.1:1", 120), None, Some(&first.comparable), true),
-            None
-        );
+        for allowed in [false, true] {
+            assert_eq!(
+                report_write(&mk("192.0.2.1:1", 120), Some(&first.comparable), allowed),
+                None
+            );
+        }
         // A path's new endpoint is due at once, and carries the latest handshake.
-        let due = write(
-            &mk("192.0.2.9:1", 120),
-            None,
-            Some(&first.comparable),
-            false,
-        )
-        .expect("due");
+        let due =
+            report_write(&mk("192.0.2.9:1", 120), Some(&first.comparable), false).expect("due");
         assert_eq!(
             due.body["paths"][0]["latestHandshake"],
             serde_json::json!(time(at(120)))

@@ -6,7 +6,7 @@
 //!
 //! - how long until every real agent's device has every peer;
 //! - a steady minute: watch events per agent (and how many woke a pass), passes, status
-//!   writes, the API server's requests by verb and resource, CPU and memory per agent;
+//!   writes, report writes, the API server's requests by verb and resource, CPU and memory per agent;
 //! - one more real node joining: the time until a pod on it answers a ping from every
 //!   other real node, and what the join cost each agent (events, passes, CPU).
 //!
@@ -126,6 +126,7 @@ struct AgentCounters {
     waking: f64,
     passes: f64,
     status_writes: f64,
+    report_writes: f64,
     pass_seconds: f64,
 }
 
@@ -147,6 +148,8 @@ fn scrape_agent(addr: &str) -> Result<AgentCounters> {
             c.passes = v;
         } else if series == "wgmesh_agent_status_writes_total" {
             c.status_writes = v;
+        } else if series == "wgmesh_agent_report_writes_total" {
+            c.report_writes = v;
         } else if series == "wgmesh_agent_pass_duration_seconds_sum" {
             c.pass_seconds = v;
         }
@@ -177,8 +180,8 @@ async fn sample(nodes: &[RealNode], client: &kube::Client) -> Result<Sample> {
 }
 
 /// Per agent over a window: (events, waking events, passes, status writes, CPU seconds,
-/// seconds in passes).
-fn per_agent(a: &Sample, b: &Sample) -> Vec<[f64; 6]> {
+/// seconds in passes, report writes).
+fn per_agent(a: &Sample, b: &Sample) -> Vec<[f64; 7]> {
     a.agents
         .iter()
         .zip(&b.agents)
@@ -190,6 +193,7 @@ fn per_agent(a: &Sample, b: &Sample) -> Vec<[f64; 6]> {
                 y.status_writes - x.status_writes,
                 cy - cx,
                 y.pass_seconds - x.pass_seconds,
+                y.report_writes - x.report_writes,
             ]
         })
         .collect()
@@ -210,6 +214,7 @@ fn wgmesh_writes(api: &bench::ApiServerCounters) -> f64 {
         .iter()
         .filter(|((verb, resource), _)| {
             ["POST", "PUT", "PATCH", "DELETE", "APPLY"].contains(&verb.as_str())
+                // meshpeers, meshpeers/status and meshpeerreports
                 && (resource.starts_with("meshpeers")
                     || resource.starts_with("meshes")
                     || resource.starts_with("podcidrpools")
@@ -240,6 +245,7 @@ fn print_window(title: &str, a: &Sample, b: &Sample, nodes: usize, per_minute: b
     line("  of which changed what a pass reads", 1);
     line("passes per agent", 2);
     line("status writes per agent", 3);
+    line("report writes per agent", 6);
     let (mean, max) = stats(rows.iter().map(|r| 100.0 * r[4] / secs));
     println!(
         "  {:<52} mean {mean:>8.1}%   max {max:>8.1}%",

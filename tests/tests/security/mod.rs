@@ -9,7 +9,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client};
 use serde_json::{Value, json};
 use std::time::Duration;
-use wgmesh_api::MeshPeer;
+use wgmesh_api::{MeshPeer, MeshPeerReport};
 use wgmesh_tests::netns::{report, wait_until};
 use wgmesh_tests::nodes::Cluster;
 
@@ -76,10 +76,6 @@ fn fingerprint(p: &MeshPeer) -> Value {
             }
         }
     }
-    if let Some(s) = status.as_object_mut() {
-        // The agent refreshes its connectivity summary as handshakes happen.
-        s.remove("connectivity");
-    }
     json!({"spec": p.spec, "status": status})
 }
 
@@ -91,7 +87,7 @@ fn forgery_refused(c: &Cluster, attacker: &str, victim: &str, label: &str) -> Re
     let rt = runtime()?;
     rt.block_on(async {
         let agent = client_with_token(c, &token).await?;
-        let as_agent: Api<MeshPeer> = Api::all(agent);
+        let as_agent: Api<MeshPeer> = Api::all(agent.clone());
         let admin: Api<MeshPeer> = Api::all(admin_client(c).await?);
         let before = admin.get(victim).await?;
         let forged_key = "hX3kLw0pQyYZ3Sx8PZ2iVt8ldl2D5cO6lGJp0m0Qk2A=";
@@ -165,6 +161,37 @@ fn forgery_refused(c: &Cluster, attacker: &str, victim: &str, label: &str) -> Re
                 fingerprint(&after)
             );
         }
+        // The victim's report (what the operator learns NAT mappings from): neither the
+        // attacker's agent nor an admin writes it.
+        let forged_endpoint = "198.18.9.9:51820";
+        let forged = json!({
+            "apiVersion": "wgmesh.dev/v1alpha1",
+            "kind": "MeshPeerReport",
+            "metadata": {"name": victim},
+            "spec": {
+                "pathSummary": "forged",
+                "paths": [{"peer": attacker, "path": "Direct", "endpoint": forged_endpoint}],
+            },
+        });
+        let reports_admin: Api<MeshPeerReport> = Api::all(admin_client(c).await?);
+        let reports_agent: Api<MeshPeerReport> = Api::all(agent);
+        for (who, api) in [("agent", &reports_agent), ("admin", &reports_admin)] {
+            let r = api
+                .patch(victim, &PatchParams::apply("forger").force(), &Patch::Apply(&forged))
+                .await;
+            match r {
+                Ok(_) => bail!("{label}: the {who} wrote {victim}'s MeshPeerReport"),
+                Err(kube::Error::Api(e))
+                    if e.message.contains("denied") || e.message.contains("webhook") => {}
+                Err(e) => bail!("{label}: the {who}'s report write refused, but not by the webhook: {e}"),
+            }
+        }
+        if let Some(r) = reports_admin.get_opt(victim).await? {
+            let text = serde_json::to_string(&r.spec)?;
+            if text.contains("forged") || text.contains(forged_endpoint) {
+                bail!("{label}: {victim}'s report holds the forgery: {text}");
+            }
+        }
         Ok(())
     })
 }
@@ -189,6 +216,11 @@ fn own_write_allowed(c: &Cluster, node: &str) -> Result<()> {
             )
             .await
             .with_context(|| format!("{node}'s agent writing its own endpoints"))?;
+        // And its own report, which its agent writes through the same webhook.
+        Api::<MeshPeerReport>::all(admin_client(c).await?)
+            .get(node)
+            .await
+            .with_context(|| format!("{node}'s agent's MeshPeerReport"))?;
         Ok(())
     })
 }
@@ -199,7 +231,7 @@ pub fn forgery(c: &Cluster, ns: &str, nodes: &[String]) -> Result<()> {
     own_write_allowed(c, attacker)?;
     forgery_refused(c, attacker, victim, "webhook up")?;
     report(&format!(
-        "security: {attacker}'s agent token cannot write {victim}'s key, endpoint, approval, subnets or conditions, nor approve itself; an admin cannot rewrite a node's subnets (webhook up)"
+        "security: {attacker}'s agent token cannot write {victim}'s key, endpoint, approval, subnets, conditions or report, nor approve itself; an admin cannot rewrite a node's subnets or report (webhook up)"
     ));
 
     let deployment = "deployment/wgmesh-operator";
