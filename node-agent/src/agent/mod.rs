@@ -1732,7 +1732,10 @@ impl Agent {
                 }
             }
         }
-        self.publish_report(own, &report).await;
+        // While the status cannot be written, neither can the report: no second wait.
+        if self.status_failures == 0 {
+            self.publish_report(own, &report).await;
+        }
     }
 
     /// Writes the node's report when [`status_plan::report_write`] says it is due: under
