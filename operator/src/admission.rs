@@ -10,8 +10,8 @@
 //! - **The operator** may write anything: it is the authority on who is in the mesh.
 //! - **A node's agent** may write only the status of its own node's peer (the peer named
 //!   after the node its pod runs on, naming that node in `spec.node`), and there only what
-//!   the agent publishes: keys, endpoints, its rotation, acknowledgements, connectivity and
-//!   its own condition types. Approvals, grants and the operator's conditions stay as they
+//!   the agent publishes: keys, endpoints, its rotation, acknowledgements and its own
+//!   condition types. Approvals, grants and the operator's conditions stay as they
 //!   were. Its node comes from its ServiceAccount token's bound pod, which the API server
 //!   signs; a token without a bound pod (a legacy Secret token) is refused.
 //! - **Anyone else** (users managing external peers, cluster admins) may not write status at
