@@ -186,11 +186,15 @@ fn forgery_refused(c: &Cluster, attacker: &str, victim: &str, label: &str) -> Re
                 Err(e) => bail!("{label}: the {who}'s report write refused, but not by the webhook: {e}"),
             }
         }
-        if let Some(r) = reports_admin.get_opt(victim).await? {
-            let text = serde_json::to_string(&r.spec)?;
-            if text.contains("forged") || text.contains(forged_endpoint) {
-                bail!("{label}: {victim}'s report holds the forgery: {text}");
-            }
+        // The victim's agent wrote its report long before (it is up and Ready): it must be
+        // there, unforged; a missing report would make this check say nothing.
+        let r = reports_admin
+            .get(victim)
+            .await
+            .with_context(|| format!("{label}: {victim}'s MeshPeerReport"))?;
+        let text = serde_json::to_string(&r.spec)?;
+        if text.contains("forged") || text.contains(forged_endpoint) {
+            bail!("{label}: {victim}'s report holds the forgery: {text}");
         }
         Ok(())
     })
