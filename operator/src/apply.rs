@@ -18,11 +18,10 @@ use crate::plan::{EventSpec, EventTarget, Plan, RELEASE_FINALIZER, read_claim};
 use futures::{StreamExt, stream};
 use ipnet::IpNet;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference};
+use k8s_openapi::api::core::v1::ConfigMap;
 use kube::{
     Api, Client,
     api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions},
-    runtime::events::{Event, EventType, Recorder, Reporter},
 };
 use serde_json::json;
 use std::sync::Arc;
@@ -32,6 +31,7 @@ use wgmesh_api::{
     Mesh, MeshPeer, PodCIDRPool,
     consts::{CLAIM_LABEL, CLAIM_SUBNET, OPERATOR_MANAGER},
 };
+use wgmesh_telemetry::events::{EventPublisher, Notice, Target};
 
 /// How many writes of one kind are in flight at once: enough to reach the API server's
 /// create rate (`hack/bench-operator.sh --nodes 5000`), well inside its own in-flight limits.
@@ -49,7 +49,7 @@ pub struct Writer {
     /// Where claims were kept before the ledger, one `Lease` per subnet.
     legacy_claims: Api<Lease>,
     namespace: String,
-    recorder: Recorder,
+    events: EventPublisher,
     leader: Leadership,
     metrics: Arc<Metrics>,
 }
@@ -78,10 +78,6 @@ impl Writer {
         leader: Leadership,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let reporter = Reporter {
-            controller: OPERATOR_MANAGER.into(),
-            instance: Some(identity.to_owned()),
-        };
         Writer {
             peers: Api::all(client.clone()),
             pools: Api::all(client.clone()),
@@ -89,7 +85,7 @@ impl Writer {
             ledger: Api::namespaced(client.clone(), namespace),
             legacy_claims: Api::namespaced(client.clone(), namespace),
             namespace: namespace.to_owned(),
-            recorder: Recorder::new(client, reporter),
+            events: EventPublisher::new(client, OPERATOR_MANAGER, identity),
             leader,
             metrics,
         }
@@ -566,42 +562,22 @@ impl Writer {
     }
 
     async fn publish(&self, ev: &EventSpec) -> Result<(), kube::Error> {
-        let (api_version, kind) = match ev.kind {
-            EventTarget::Peer => ("wgmesh.dev/v1alpha1", "MeshPeer"),
-            EventTarget::Pool => ("wgmesh.dev/v1alpha1", "PodCIDRPool"),
+        let kind = match ev.kind {
+            EventTarget::Mesh => "Mesh",
+            EventTarget::Peer => "MeshPeer",
+            EventTarget::Pool => "PodCIDRPool",
         };
-        // The objects are cluster-scoped, so their Events live in `default`. API servers
-        // before 1.22 insist that the reference's namespace match the Event's, so say so.
-        let reference = ObjectReference {
-            api_version: Some(api_version.into()),
-            kind: Some(kind.into()),
-            name: Some(ev.name.clone()),
-            namespace: Some("default".into()),
+        let target = Target {
+            kind,
+            name: ev.name.clone(),
             uid: ev.uid.clone(),
-            ..Default::default()
         };
-        let event = Event {
-            type_: if ev.warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: truncate(&ev.reason, 128),
-            note: Some(truncate(&ev.note, 1024)),
+        let notice = Notice {
+            warning: ev.warning,
+            reason: ev.reason.clone(),
             action: "Reconcile".into(),
-            secondary: None,
+            note: ev.note.clone(),
         };
-        self.recorder.publish(&event, &reference).await
+        self.events.publish(&target, &notice).await
     }
-}
-
-fn truncate(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_owned();
-    }
-    let mut end = max.saturating_sub(3);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}...", &s[..end])
 }

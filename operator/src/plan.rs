@@ -164,6 +164,7 @@ impl DeleteReason {
 /// Which kind an Event is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EventTarget {
+    Mesh,
     Peer,
     Pool,
 }
@@ -907,6 +908,16 @@ pub fn plan(snap: &Snapshot) -> Plan {
         let current = mesh.status.clone().unwrap_or_default();
         let (conds, changes) =
             conditions::merge(&current.conditions, &desired, generation, snap.now);
+        for change in &changes {
+            out.events.push(EventSpec {
+                kind: EventTarget::Mesh,
+                name: mesh.name_any(),
+                uid: mesh.metadata.uid.clone(),
+                warning: !change.status,
+                reason: change.reason.clone(),
+                note: change.message.clone(),
+            });
+        }
         let status = MeshStatus {
             conditions: conds,
             observed_generation: generation,

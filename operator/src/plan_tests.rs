@@ -1155,3 +1155,39 @@ fn thousands_of_new_nodes_are_created_a_slice_per_pass() {
         .collect();
     assert_eq!(subnets.len(), n, "every node its own subnet");
 }
+
+#[test]
+fn the_meshs_ready_changes_are_events_on_the_mesh() {
+    let mut snap = mk_snapshot(vec![mk_node("a", "ua")], Vec::new(), Vec::new());
+    let mut mesh = open_mesh();
+    mesh.metadata.uid = Some("mesh-uid".into());
+    snap.mesh = Some(Arc::new(mesh.clone()));
+    let on_mesh = |p: &Plan| -> Vec<(bool, String)> {
+        p.events
+            .iter()
+            .filter(|e| e.kind == EventTarget::Mesh)
+            .map(|e| {
+                assert_eq!(e.name, consts::DEFAULT_MESH);
+                assert_eq!(e.uid.as_deref(), Some("mesh-uid"));
+                (e.warning, e.reason.clone())
+            })
+            .collect()
+    };
+    assert_eq!(on_mesh(&plan(&snap)), vec![(false, "Valid".to_owned())]);
+    converge(&mut snap);
+    assert!(
+        on_mesh(&plan(&snap)).is_empty(),
+        "no Event without a change"
+    );
+
+    let mut bad = snap.mesh.as_deref().cloned().expect("a mesh");
+    bad.spec.key_rotation = Some(wgmesh_api::mesh::MeshKeyRotation {
+        interval: Some("soon".into()),
+        ..Default::default()
+    });
+    snap.mesh = Some(Arc::new(bad));
+    assert_eq!(
+        on_mesh(&plan(&snap)),
+        vec![(true, "InvalidSettings".to_owned())]
+    );
+}

@@ -1,7 +1,10 @@
 //! The HTTP endpoint every wgmesh process serves: `/metrics` (OpenMetrics text from a
 //! prometheus-client registry), `/healthz` (the process is alive: its main loop, if it
 //! reports one with [`Telemetry::beat`], ran recently) and `/readyz` (the process says it is
-//! ready). It owns the endpoint only; each process defines its metrics.
+//! ready). It owns the endpoint only; each process defines its metrics. [`events`]
+//! publishes Events about wgmesh's objects where `kubectl describe` finds them.
+
+pub mod events;
 
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 use prometheus_client::{encoding::text::encode, registry::Registry};

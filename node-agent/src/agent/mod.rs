@@ -32,7 +32,6 @@ use kube::{
     api::{ListParams, Patch, PatchParams},
     runtime::{
         WatchStreamExt,
-        events::{Event, EventType, Recorder, Reporter},
         reflector::{self, Store},
         watcher,
     },
@@ -58,6 +57,7 @@ use wgmesh_core::topology::{self, LocalNode, NodePlan};
 use wgmesh_device::config::{ConfigUpdate, Key, PeerSnapshot};
 use wgmesh_device::uapi::server::UapiServer;
 use wgmesh_device::{Device, DeviceConfig, DeviceHandle};
+use wgmesh_telemetry::events::{EventPublisher, Notice, Target};
 
 /// How often a pass runs without events: re-adds routes the kernel lost, refreshes stats.
 const RESYNC: Duration = Duration::from_secs(10);
@@ -246,7 +246,11 @@ struct Agent {
     reports_api: Api<MeshPeerReport>,
     /// Events go out in order from a task of their own, retried while the API is slow, so
     /// neither a pass waits for them nor a slow moment loses one.
-    events: tokio::sync::mpsc::Sender<Event>,
+    events: tokio::sync::mpsc::Sender<(Target, Notice)>,
+    /// The uid of this node's `MeshPeer` and of its `MeshPeerReport`, as last seen: Events
+    /// name them, or `kubectl describe` does not show them.
+    own_uid: Option<String>,
+    report_uid: Option<String>,
     metrics: Arc<Metrics>,
     masquerade_loaded: Option<masquerade::Loaded>,
     last_status: Option<serde_json::Value>,
@@ -333,10 +337,6 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let netlink = netlink::Netlink::connect(args.route_protocol)?;
     let metrics = Arc::new(Metrics::new());
     let notify = Arc::new(Notify::new());
-    let reporter = Reporter {
-        controller: AGENT_MANAGER.into(),
-        instance: Some(args.node_name.clone()),
-    };
     let mut agent = Agent {
         keys,
         rotator: rotation::Rotator::default(),
@@ -354,10 +354,11 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         peers_api: Api::all(client.clone()),
         reports_api: Api::all(client.clone()),
         events: spawn_event_publisher(
-            Recorder::new(client.clone(), reporter),
-            args.node_name.clone(),
+            EventPublisher::new(client.clone(), AGENT_MANAGER, &args.node_name),
             metrics.clone(),
         ),
+        own_uid: None,
+        report_uid: None,
         metrics: metrics.clone(),
         masquerade_loaded: None,
         last_status: None,
@@ -577,28 +578,20 @@ const EVENT_QUEUE: usize = 256;
 /// Tries per Event, with a doubling wait between them from 0.5 s: about a minute in all.
 const EVENT_TRIES: u32 = 7;
 
-/// Starts the task that publishes this node's Events on its `MeshPeer`, in order, each
-/// retried while the API server is slow or away.
+/// Starts the task that publishes this node's Events, in order, each retried while the API
+/// server is slow or away.
 fn spawn_event_publisher(
-    recorder: Recorder,
-    node: String,
+    publisher: EventPublisher,
     metrics: Arc<Metrics>,
-) -> tokio::sync::mpsc::Sender<Event> {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Event>(EVENT_QUEUE);
-    let reference = k8s_openapi::api::core::v1::ObjectReference {
-        api_version: Some("wgmesh.dev/v1alpha1".into()),
-        kind: Some("MeshPeer".into()),
-        name: Some(node),
-        namespace: Some("default".into()),
-        ..Default::default()
-    };
+) -> tokio::sync::mpsc::Sender<(Target, Notice)> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(Target, Notice)>(EVENT_QUEUE);
     tokio::spawn(async move {
-        while let Some(ev) = rx.recv().await {
+        while let Some((target, notice)) = rx.recv().await {
             let mut wait = Duration::from_millis(500);
             for attempt in 1..=EVENT_TRIES {
                 let error = match tokio::time::timeout(
                     API_REQUEST_TIMEOUT,
-                    recorder.publish(&ev, &reference),
+                    publisher.publish(&target, &notice),
                 )
                 .await
                 {
@@ -607,10 +600,11 @@ fn spawn_event_publisher(
                     Err(_) => "timed out".to_owned(),
                 };
                 metrics.error("event");
+                let reason = &notice.reason;
                 if attempt == EVENT_TRIES {
-                    warn!(reason = %ev.reason, %error, "publishing an event failed; giving up on it");
+                    warn!(%reason, %error, "publishing an event failed; giving up on it");
                 } else {
-                    debug!(reason = %ev.reason, %error, attempt, "publishing an event failed; trying again");
+                    debug!(%reason, %error, attempt, "publishing an event failed; trying again");
                     tokio::time::sleep(wait).await;
                     wait *= 2;
                 }
@@ -999,6 +993,9 @@ impl Agent {
             .and_then(|n| observe::own_peer(&peers, n))
             .cloned();
         self.report_own_peer(own.is_some(), &peers);
+        if let Some(own) = own.as_deref() {
+            self.own_uid.clone_from(&own.metadata.uid);
+        }
         if let Some(own) = own.as_deref() {
             self.publish_first_key(own, endpoint, node.as_deref(), mesh.listen_port)
                 .await;
@@ -1451,18 +1448,38 @@ impl Agent {
 
     /// Publishes an Event about this node's `MeshPeer`.
     async fn publish_event(&self, warning: bool, reason: &str, action: &str, note: String) {
-        let ev = Event {
-            type_: if warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: reason.into(),
-            note: Some(note),
-            action: action.into(),
-            secondary: None,
+        let target = Target {
+            kind: "MeshPeer",
+            name: self.args.node_name.clone(),
+            uid: self.own_uid.clone(),
         };
-        match self.events.try_send(ev) {
+        self.send_event(target, warning, reason, action, note);
+    }
+
+    /// Publishes an Event about this node's `MeshPeerReport` (about its `MeshPeer` until the
+    /// report exists).
+    async fn publish_report_event(&self, reason: &str, action: &str, note: String) {
+        match &self.report_uid {
+            Some(uid) => {
+                let target = Target {
+                    kind: "MeshPeerReport",
+                    name: self.args.node_name.clone(),
+                    uid: Some(uid.clone()),
+                };
+                self.send_event(target, false, reason, action, note);
+            }
+            None => self.publish_event(false, reason, action, note).await,
+        }
+    }
+
+    fn send_event(&self, target: Target, warning: bool, reason: &str, action: &str, note: String) {
+        let notice = Notice {
+            warning,
+            reason: reason.into(),
+            action: action.into(),
+            note,
+        };
+        match self.events.try_send((target, notice)) {
             Ok(()) => {}
             Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
                 self.metrics.error("event");
@@ -1670,7 +1687,7 @@ impl Agent {
             && let Some(note) = status_plan::path_changes(prev, &keys)
         {
             info!(changes = %note, "paths changed");
-            self.publish_event(false, "PathChanged", "Route", note)
+            self.publish_report_event("PathChanged", "Route", note)
                 .await;
         }
         self.last_paths = Some(keys);
@@ -1777,7 +1794,8 @@ impl Agent {
         let write = self.reports_api.patch(&name, &params, &patch);
         let written = tokio::time::timeout(API_REQUEST_TIMEOUT, write).await;
         match self.settle(written) {
-            Ok(_) => {
+            Ok(applied) => {
+                self.report_uid = applied.metadata.uid;
                 self.metrics.report_writes.inc();
                 self.last_report = Some((owner, comparable));
                 self.last_report_write = Some(Instant::now());
