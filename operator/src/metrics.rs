@@ -23,6 +23,23 @@ pub struct ErrorLabels {
     pub kind: String,
 }
 
+/// The kinds `errors_total` counts, each exported from the start.
+pub const ERROR_KINDS: [&str; 13] = [
+    "allocate",
+    "claim_taken",
+    "create",
+    "delete",
+    "event",
+    "ledger",
+    "ledger_full",
+    "ledger_malformed",
+    "list",
+    "mesh_status",
+    "peer_status",
+    "pool_status",
+    "release",
+];
+
 /// Every metric the operator exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -118,6 +135,12 @@ impl Metrics {
             "1 while this replica holds the lease",
             m.leader.clone(),
         );
+        // Every kind at 0 from the start: an alert on the rate of errors sees the first.
+        for kind in ERROR_KINDS {
+            m.errors.get_or_create(&ErrorLabels {
+                kind: kind.to_owned(),
+            });
+        }
         Metrics {
             telemetry: Arc::new(Telemetry::new(registry)),
             ..m

@@ -31,6 +31,20 @@ pub struct WatchLabels {
     pub wakes: String,
 }
 
+/// The stages `errors_total` counts, each exported from the start.
+pub const ERROR_STAGES: [&str; 10] = [
+    "address",
+    "cni",
+    "device",
+    "event",
+    "key",
+    "masquerade",
+    "report",
+    "routes",
+    "state",
+    "status",
+];
+
 /// Every metric the agent exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -174,6 +188,12 @@ impl Metrics {
             "Handshake messages dropped because their source address exceeded its rate",
             m.handshakes_rate_limited.clone(),
         );
+        // Every stage at 0 from the start: an alert on the rate of errors sees the first.
+        for stage in ERROR_STAGES {
+            m.errors.get_or_create(&StageLabels {
+                stage: stage.to_owned(),
+            });
+        }
         Metrics {
             telemetry: Arc::new(Telemetry::new(registry)),
             ..m
