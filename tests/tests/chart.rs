@@ -1073,6 +1073,150 @@ fn schema_refuses_bad_values() -> Result<()> {
 // Lint and validation against Kubernetes' schemas
 
 #[test]
+fn monitoring() -> Result<()> {
+    // By default: a headless metrics Service per component, selecting its pods on the port
+    // the pods name `metrics`; nothing that needs the Prometheus Operator's CRDs.
+    let docs = render(&[])?;
+    for (component, workload, kind, port) in [
+        ("agent", AGENT, "DaemonSet", 9091),
+        ("operator", OPERATOR, "Deployment", 9090),
+    ] {
+        let svc = find(&docs, "Service", &format!("wgmesh-{component}-metrics"))?;
+        assert_eq!(svc["spec"]["clusterIP"], "None");
+        assert_eq!(ptr(svc, "/spec/ports/0/port"), port);
+        assert_eq!(ptr(svc, "/spec/ports/0/targetPort"), "metrics");
+        let labels = ptr(
+            find(&docs, kind, workload)?,
+            "/spec/template/metadata/labels",
+        );
+        for (k, v) in svc["spec"]["selector"].as_object().context("a selector")? {
+            assert_eq!(
+                &labels[k], v,
+                "{component}: the Service selects no pod by {k}"
+            );
+        }
+        let c = container(find(&docs, kind, workload)?, "containers", component)?;
+        assert!(
+            c["ports"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|p| p["name"] == "metrics" && p["containerPort"] == port),
+            "{component}: no container port named metrics"
+        );
+    }
+    assert_eq!(count(&docs, "ServiceMonitor"), 0);
+    assert_eq!(count(&docs, "PrometheusRule"), 0);
+    let without = render(&["metrics.service.enabled=false"])?;
+    assert!(
+        !without.iter().any(|d| d["kind"] == "Service"
+            && d["metadata"]["name"]
+                .as_str()
+                .is_some_and(|n| n.ends_with("-metrics"))),
+        "metrics.service.enabled=false still renders a metrics Service"
+    );
+
+    let docs = render(&[
+        "metrics.serviceMonitor.enabled=true",
+        "metrics.serviceMonitor.labels.release=prom",
+        "metrics.prometheusRule.enabled=true",
+        "metrics.grafanaDashboard.enabled=true",
+        "metrics.grafanaDashboard.namespace=monitoring",
+    ])?;
+    // The ServiceMonitor selects both Services, on their metrics port.
+    let sm = find(&docs, "ServiceMonitor", "wgmesh")?;
+    assert_eq!(ptr(sm, "/metadata/labels/release"), "prom");
+    let selector = sm["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .context("matchLabels")?;
+    for component in ["agent", "operator"] {
+        let svc = find(&docs, "Service", &format!("wgmesh-{component}-metrics"))?;
+        for (k, v) in selector {
+            assert_eq!(
+                &svc["metadata"]["labels"][k], v,
+                "{component}: not selected by {k}"
+            );
+        }
+    }
+    assert_eq!(ptr(sm, "/spec/endpoints/0/port"), "metrics");
+    assert_eq!(ptr(sm, "/spec/namespaceSelector/matchNames/0"), NS);
+    // The PrometheusRule carries the rules file as it is.
+    let file: Value = serde_yaml::from_str(&fs::read_to_string(
+        chart_dir().join("files/prometheus-rules.yaml"),
+    )?)?;
+    let rule = find(&docs, "PrometheusRule", "wgmesh")?;
+    assert_eq!(rule["spec"]["groups"], file["groups"]);
+    let alerts: Vec<&str> = file["groups"][0]["rules"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["alert"].as_str())
+        .collect();
+    for want in [
+        "WgmeshHandshakeStale",
+        "WgmeshKeyRotationStuck",
+        "WgmeshPlaintextFallback",
+        "WgmeshPoolNearlyExhausted",
+    ] {
+        assert!(alerts.contains(&want), "no {want} alert: {alerts:?}");
+    }
+    // The dashboard: the JSON file as it is, where Grafana's sidecar looks.
+    let cm = find(&docs, "ConfigMap", "wgmesh-dashboard")?;
+    assert_eq!(ptr(cm, "/metadata/namespace"), "monitoring");
+    assert_eq!(ptr(cm, "/metadata/labels/grafana_dashboard"), "1");
+    let shipped: Value =
+        serde_json::from_str(cm["data"]["wgmesh.json"].as_str().context("wgmesh.json")?)?;
+    let file: Value = serde_json::from_str(&fs::read_to_string(
+        chart_dir().join("files/grafana-dashboard.json"),
+    )?)?;
+    assert_eq!(shipped, file);
+    let titles: Vec<&str> = file["panels"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["title"].as_str())
+        .collect();
+    for want in [
+        "Handshake age per peer",
+        "Bytes received per second",
+        "Key generation per node",
+        "Subnets allocated per second",
+        "Agent errors by stage",
+    ] {
+        assert!(titles.contains(&want), "no panel {want}: {titles:?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn alert_rules_pass_promtool() -> Result<()> {
+    let promtool = tool("promtool")?;
+    let file = chart_dir().join("files/prometheus-rules.yaml");
+    let out = run(Command::new(&promtool).args(["check", "rules"]).arg(&file))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "promtool check rules:\n{text}");
+    assert!(text.contains("SUCCESS"), "{text}");
+    // Not vacuous: a broken expression is refused.
+    let dir = scratch_dir("promtool")?;
+    let bad = dir.join("bad.yaml");
+    fs::write(
+        &bad,
+        "groups:\n  - name: x\n    rules:\n      - alert: X\n        expr: rate(wgmesh_agent_errors_total[5m]\n",
+    )?;
+    let out = run(Command::new(&promtool).args(["check", "rules"]).arg(&bad))?;
+    assert!(
+        !out.status.success(),
+        "promtool accepted a broken expression"
+    );
+    let _ = fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+#[test]
 fn helm_lint_strict() -> Result<()> {
     let helm = tool("helm")?;
     let chart = chart_dir();
@@ -1279,11 +1423,13 @@ const VALIDATED: [&[&str]; 3] = [
         "podCIDRPool.nodeSelector.matchLabels.region=eu",
         "agent.podAnnotations.a=b",
         "operator.podLabels.c=d",
+        "metrics.grafanaDashboard.enabled=true",
     ],
     &[
         "mesh.create=false",
         "podCIDRPool.create=false",
         "operator.podDisruptionBudget.enabled=false",
+        "metrics.service.enabled=false",
     ],
 ];
 
