@@ -4,7 +4,8 @@
 # node, each node in its own network namespace), builds the wgmesh image (hack/image.sh),
 # installs wgmesh with `helm install` from charts/wgmesh, starts a test pod on every node,
 # and shows the ping matrix and an HTTP request across nodes, `kubectl get pods -o wide`,
-# `kubectl get meshpeers -o wide`, `kubectl get meshpeerreports` and `wg show` on each node.
+# `kubectl get meshpeers -o wide`, `kubectl get meshpeerreports`, `wg show` on each node and
+# `kubectl wgmesh status`.
 #
 #   hack/demo.sh            set up and run the demo (the cluster keeps running)
 #   hack/demo.sh down       stop everything the demo started
@@ -132,6 +133,11 @@ for node in "${node_names[@]}"; do
 	show bash "$here/nodes.sh" exec "$node" --dir "$dir" -- wg show
 done
 
+# The kubectl plugin (built with the image), found by kubectl on PATH: the mesh's health,
+# each agent asked through the API server's node proxy. Exit 1 means a finding.
+export PATH="$root/target/release:$PATH"
+show kubectl wgmesh status -n "$namespace" || failures=$((failures + 1))
+
 cat <<MSG
 
 Every packet between the nodes above went through wgmesh's userspace WireGuard devices,
@@ -139,6 +145,7 @@ run by the agent DaemonSet that helm installed. Look around:
   export KUBECONFIG=$KUBECONFIG
   kubectl -n $namespace get pods -o wide
   kubectl describe meshpeer ${node_names[0]}
+  PATH=$root/target/release:\$PATH kubectl wgmesh graph -o mesh.svg   # also: status, doctor, rotate, peer-config
   hack/nodes.sh exec ${node_names[0]} --dir $dir -- ip route      # routes through wgmesh0, blackholes behind them
   ip netns exec $UNDERLAY_NETNS tcpdump -i $UNDERLAY_BRIDGE -n    # the underlay: between nodes only UDP 51820 (and the API)
 Logs: $dir/logs/

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # hack/image.sh: builds wgmesh's one container image without Docker: the release binaries
-# (wgmesh-operator, wgmesh-agent) on a base made of Debian packages (glibc, nftables' nft,
+# (wgmesh-operator, wgmesh-agent, and the kubectl plugin kubectl-wgmesh) on a base made of Debian packages (glibc, nftables' nft,
 # wireguard-tools' wg, the CNI reference plugins), written as an OCI archive that
 # `ctr images import`, `podman load` and `docker load` all take.
 #
@@ -111,13 +111,13 @@ base_rootfs() {
 }
 
 log "building the release binaries"
-(cd "$root" && cargo build -q --release -p wgmesh-operator -p wgmesh-agent --bin wgmesh-operator --bin wgmesh-agent)
+(cd "$root" && cargo build -q --release -p wgmesh-operator -p wgmesh-agent -p wgmesh-ctl --bin wgmesh-operator --bin wgmesh-agent --bin kubectl-wgmesh)
 
 base=$(base_rootfs)
 app=$(mktemp -d)
 trap 'rm -rf "$app"' EXIT
 mkdir -p "$app/usr/bin"
-for bin in wgmesh-operator wgmesh-agent; do
+for bin in wgmesh-operator wgmesh-agent kubectl-wgmesh; do
 	# Line tables stay out of the image; symbols stay for backtraces.
 	strip --strip-debug -o "$app/usr/bin/$bin" "$root/target/release/$bin"
 done

@@ -464,7 +464,7 @@ up() {
 		log "building ($profile)"
 		local flags=()
 		[[ $profile == release ]] && flags=(--release)
-		(cd "$root" && cargo build -q "${flags[@]}" -p wgmesh-operator -p wgmesh-agent -p wgmesh-tests --bin wgmesh-operator --bin wgmesh-agent --bin cni-exec)
+		(cd "$root" && cargo build -q "${flags[@]}" -p wgmesh-operator -p wgmesh-agent -p wgmesh-ctl -p wgmesh-tests --bin wgmesh-operator --bin wgmesh-agent --bin kubectl-wgmesh --bin cni-exec)
 	fi
 	mkdir -p "$dir/logs" "$dir/pids" "$dir/pods" "$dir/nodes"
 	cat >"$dir/mesh.env" <<ENV

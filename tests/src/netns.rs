@@ -171,6 +171,32 @@ impl Mesh {
             .args(args))
     }
 
+    /// `kubectl wgmesh ARGS` with the mesh's kubeconfig, kubectl finding the plugin on `PATH`
+    /// (`target/debug`, which `hack/mesh.sh up` builds it into, or `WGMESH_BIN_DIR`).
+    pub fn plugin(&self, args: &[&str]) -> Result<Output> {
+        let bin = std::env::var("WGMESH_BIN_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| repo_root().join("target/debug"));
+        if !bin.join("kubectl-wgmesh").exists() {
+            bail!(
+                "no kubectl-wgmesh in {} (hack/mesh.sh up builds it)",
+                bin.display()
+            );
+        }
+        let path = format!(
+            "{}:{}",
+            bin.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        Command::new("kubectl")
+            .arg("wgmesh")
+            .args(args)
+            .env("PATH", path)
+            .env("KUBECONFIG", self.dir.join("cp/kubeconfig"))
+            .output()
+            .context("running kubectl wgmesh")
+    }
+
     /// Merges `spec` (JSON, the inside of `spec`) into the `default` Mesh.
     pub fn patch_mesh(&self, spec: &str) -> Result<String> {
         self.kubectl(&[
@@ -446,6 +472,56 @@ pub fn longest_gap(out: &str) -> f64 {
     times.windows(2).map(|w| w[1] - w[0]).fold(0.0, f64::max)
 }
 
+/// A machine on the underlay: a network namespace of its own, wired to the underlay bridge
+/// with an address there. It goes with the mesh's namespaces.
+#[derive(Debug)]
+pub struct Machine<'a> {
+    mesh: &'a Mesh,
+    /// Its namespace's short name.
+    pub ns: String,
+    /// Its address on the underlay.
+    pub ip: String,
+}
+
+impl<'a> Machine<'a> {
+    /// The machine `name` (a few letters) at `MESH_NET.host`.
+    pub fn add(mesh: &'a Mesh, name: &str, host: u8) -> Result<Machine<'a>> {
+        let ip = format!("{}.{host}", mesh.net);
+        ok(Command::new("ip").args(["netns", "add", &mesh.ns(name)]))?;
+        let veth = format!("m{}{name}", mesh.id);
+        ok(Command::new("ip").args([
+            "link",
+            "add",
+            &veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &mesh.ns(name),
+        ]))?;
+        ok(Command::new("ip").args(["link", "set", &veth, "netns", &mesh.ns("ul")]))?;
+        ok(mesh.exec("ul", &["ip", "link", "set", &veth, "master", "ul0", "up"]))?;
+        ok(mesh.exec(
+            name,
+            &["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"],
+        ))?;
+        ok(mesh.exec(name, &["ip", "link", "set", "eth0", "up"]))?;
+        ok(mesh.exec(name, &["ip", "link", "set", "lo", "up"]))?;
+        Ok(Machine {
+            mesh,
+            ns: name.to_owned(),
+            ip,
+        })
+    }
+
+    /// A command run on the machine.
+    pub fn exec(&self, args: &[&str]) -> Command {
+        self.mesh.exec(&self.ns, args)
+    }
+}
+
 /// An external machine running `wireguard-go` in its own namespace on the underlay, added
 /// to the mesh as a `MeshPeer` and configured by hand from what the mesh publishes, as an
 /// administrator would. wireguard-go stops when this is dropped.
@@ -467,31 +543,9 @@ impl<'a> ExternalPeer<'a> {
     /// Creates the machine, its `MeshPeer` named `name` (waits for it to be Ready) and its
     /// WireGuard interface with the address `address`; configures no node yet.
     pub fn start(mesh: &'a Mesh, name: &str, address: &str) -> Result<ExternalPeer<'a>> {
-        let ns = "ext".to_owned();
-        let ext_ip = format!("{}.50", mesh.net);
+        let machine = Machine::add(mesh, "ext", 50)?;
+        let (ns, ext_ip) = (machine.ns, machine.ip);
         let iface = format!("wgx{}", mesh.id);
-        ok(Command::new("ip").args(["netns", "add", &mesh.ns(&ns)]))?;
-        let veth = format!("m{}x", mesh.id);
-        ok(Command::new("ip").args([
-            "link",
-            "add",
-            &veth,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &mesh.ns(&ns),
-        ]))?;
-        ok(Command::new("ip").args(["link", "set", &veth, "netns", &mesh.ns("ul")]))?;
-        ok(mesh.exec("ul", &["ip", "link", "set", &veth, "master", "ul0", "up"]))?;
-        ok(mesh.exec(
-            &ns,
-            &["ip", "addr", "add", &format!("{ext_ip}/24"), "dev", "eth0"],
-        ))?;
-        ok(mesh.exec(&ns, &["ip", "link", "set", "eth0", "up"]))?;
-        ok(mesh.exec(&ns, &["ip", "link", "set", "lo", "up"]))?;
 
         let private = ok(Command::new("wg").arg("genkey"))?;
         let public_key = wg_pubkey(&private)?;
