@@ -369,6 +369,24 @@ async fn simulated_node(client: kube::Client, base: kube::Config, i: usize) -> R
 }
 
 /// Seconds since boot (`/proc/uptime`).
+/// A log line without its terminal colour codes.
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn uptime() -> Result<f64> {
     let text = std::fs::read_to_string("/proc/uptime")?;
     Ok(text
@@ -496,6 +514,17 @@ async fn main() -> Result<()> {
     let b = sample(&real, &client).await?;
     print_window("steady state, nothing changing", &a, &b, total - 1, true);
 
+    // The floor of an agent's start at this size on this machine: reading every MeshPeer
+    // once, as a fresh client (an agent's first list) does.
+    let fresh = kube::Client::try_from(base.clone())?;
+    let listed = Instant::now();
+    let all = Api::<MeshPeer>::all(fresh)
+        .list(&Default::default())
+        .await?
+        .items
+        .len();
+    let list_floor = listed.elapsed().as_secs_f64();
+
     // One more real node joins: from its registration until a pod on it answers every
     // other real node.
     let joining = format!("node-{}", real.len() + 1);
@@ -505,9 +534,12 @@ async fn main() -> Result<()> {
     mesh.script(&["add-node", &joining])?;
     // The agent starts once its Node is registered and its identity made (as a DaemonSet's
     // pod starts on a new node): the join, as far as wgmesh is concerned, starts there.
-    let agent_start = bench::started_since_boot(mesh.node(&joining)?.pid)
-        .context("the joining agent's start time")?
-        - uptime_at_t0;
+    let started_since_boot = bench::started_since_boot(mesh.node(&joining)?.pid)
+        .context("the joining agent's start time")?;
+    let agent_start = started_since_boot - uptime_at_t0;
+    // The agent's start on the wall clock, for its log's timestamps.
+    let started_wall = k8s_openapi::jiff::Timestamp::now()
+        - k8s_openapi::jiff::SignedDuration::from_secs_f64(uptime()? - started_since_boot);
     let pod_ip = mesh.script(&["pod", &joining, "joinpod"])?;
     let pod_ip = pod_ip.lines().last().unwrap_or_default().to_owned();
     let pod_at = t0.elapsed();
@@ -551,6 +583,40 @@ async fn main() -> Result<()> {
         "  its pod answers every other real node after {:.2} s (median node {:.2} s)",
         times.last().copied().unwrap_or(0.0) - agent_start,
         times[times.len() / 2] - agent_start
+    );
+    // Where the joining agent's time went, from its log.
+    let log = std::fs::read_to_string(mesh.dir.join(format!("logs/agent-{joining}.log")))
+        .unwrap_or_default();
+    let at = |message: &str| -> Option<f64> {
+        log.lines().find(|l| l.contains(message)).and_then(|l| {
+            let plain: String = strip_ansi(l);
+            let t: k8s_openapi::jiff::Timestamp = plain.split_whitespace().next()?.parse().ok()?;
+            Some(t.duration_since(started_wall).as_secs_f64())
+        })
+    };
+    let stages = [
+        ("started, key ready", at("node key ready")),
+        ("read the mesh (caches synced)", at("caches synced")),
+        ("all peers on its device", at("updated WireGuard peers")),
+        ("routes installed", at("routes updated")),
+        (
+            "CNI configuration written",
+            at("wrote the CNI configuration"),
+        ),
+    ];
+    let mut previous = 0.0;
+    println!("  the joining agent, from its log (seconds since its start, and each step's own):");
+    for (what, t) in stages {
+        match t {
+            Some(t) => {
+                println!("    {what:<40} {t:>6.2} s  (+{:.2} s)", t - previous);
+                previous = t;
+            }
+            None => println!("    {what:<40}      –"),
+        }
+    }
+    println!(
+        "  floor on this machine, same run: a fresh client's LIST of all {all} MeshPeers took {list_floor:.2} s (in steady state, before the join)"
     );
     print_window(
         "the join, until 5 s after the last answer",
