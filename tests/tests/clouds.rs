@@ -15,12 +15,13 @@
 //! The reports and status fields are read from JSON by name, not through wgmesh-api's types, so the
 //! test states the API it expects.
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow, bail, ensure};
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 use wgmesh_tests::netns::*;
 use wgmesh_tests::ping::{PING_INTERVAL, Pinger, Summary};
+use wgmesh_tests::repo_root;
 
 /// The nodes of `hack/lib/clouds.sh`'s table: `node-1` … `node-8`, each with one pod.
 const NODES: usize = 8;
@@ -106,6 +107,10 @@ fn steps(mesh: &Mesh, up: Instant) -> Result<()> {
     for line in mesh.kubectl(&["get", "meshpeers", "-o", "wide"])?.lines() {
         report(&format!("clouds:   {line}"));
     }
+
+    // 2a. `kubectl wgmesh graph` of it: a group per site, and the relays and NAT traversals
+    //     the reports say.
+    graph(mesh, &nodes)?;
 
     // 2b. Keepalives where a NAT needs them only; IPv6 between the public sites, IPv4 from
     //     the others; the MTU; the Events.
@@ -202,6 +207,56 @@ fn steps(mesh: &Mesh, up: Instant) -> Result<()> {
 /// a node behind NAT sends them to each peer of another site it reaches directly or by NAT
 /// traversal (not to a peer reached through a relay: the relay gets them); a public node
 /// sends none, and no node sends any within its site.
+fn graph(mesh: &Mesh, nodes: &[Node]) -> Result<()> {
+    let file = mesh.dir.join("clouds.svg");
+    let out = mesh.plugin(&["graph", "-o", &file.to_string_lossy()])?;
+    ensure!(
+        out.status.success(),
+        "kubectl wgmesh graph: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let svg = std::fs::read_to_string(&file)?;
+    let doc = roxmltree::Document::parse(&svg).context("graph wrote malformed SVG")?;
+    let with = |class: &'static str| {
+        doc.descendants()
+            .filter(move |n| n.attribute("class") == Some(class))
+    };
+    // Nodes under their site's group.
+    for n in nodes {
+        let group = with("location")
+            .find(|g| {
+                g.descendants()
+                    .any(|d| d.attribute("data-node") == Some(n.name.as_str()))
+            })
+            .and_then(|g| g.attribute("data-location"));
+        ensure!(
+            group == Some(n.site.as_str()),
+            "{} drawn in {group:?}, at site {}",
+            n.name,
+            n.site
+        );
+    }
+    let paths: BTreeSet<&str> = with("edge")
+        .filter_map(|e| e.attribute("data-path"))
+        .collect();
+    let edges = with("edge").count();
+    ensure!(
+        edges == nodes.len() * (nodes.len() - 1) / 2,
+        "{edges} edges for {} nodes",
+        nodes.len()
+    );
+    for kind in ["Direct", "NATTraversal", "Relay"] {
+        ensure!(paths.contains(kind), "no {kind} edge drawn: {paths:?}");
+    }
+    std::fs::copy(&file, repo_root().join("target/wgmesh-graph-clouds.svg"))?;
+    report(&format!(
+        "clouds: kubectl wgmesh graph: {} nodes in {} locations, {edges} edges ({paths:?})",
+        nodes.len(),
+        with("location").count()
+    ));
+    Ok(())
+}
+
 fn keepalives(mesh: &Mesh, nodes: &[Node]) -> Result<()> {
     let peers: serde_json::Value =
         serde_json::from_str(&mesh.kubectl(&["get", "meshpeers", "-o", "json"])?)?;
