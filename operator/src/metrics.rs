@@ -137,7 +137,7 @@ impl Metrics {
         );
         // Every kind at 0 from the start: an alert on the rate of errors sees the first.
         for kind in ERROR_KINDS {
-            m.errors.get_or_create(&ErrorLabels {
+            let _ = m.errors.get_or_create(&ErrorLabels {
                 kind: kind.to_owned(),
             });
         }

@@ -190,7 +190,7 @@ impl Metrics {
         );
         // Every stage at 0 from the start: an alert on the rate of errors sees the first.
         for stage in ERROR_STAGES {
-            m.errors.get_or_create(&StageLabels {
+            let _ = m.errors.get_or_create(&StageLabels {
                 stage: stage.to_owned(),
             });
         }
