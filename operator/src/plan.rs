@@ -846,16 +846,12 @@ pub fn plan(snap: &Snapshot) -> Plan {
         let current_conditions = current.map(|s| s.conditions.as_slice()).unwrap_or_default();
         let (conds, changes) =
             conditions::merge(current_conditions, &desired, generation, snap.now);
-        for change in &changes {
-            out.events.push(EventSpec {
-                kind: EventTarget::Pool,
-                name: name.clone(),
-                uid: pool.metadata.uid.clone(),
-                warning: !change.status,
-                reason: change.reason.clone(),
-                note: change.message.clone(),
-            });
-        }
+        out.events.extend(change_events(
+            EventTarget::Pool,
+            &name,
+            pool.metadata.uid.as_ref(),
+            &changes,
+        ));
         let unchanged = changes.is_empty()
             && current.and_then(|s| s.allocated.clone()) == allocated
             && current.and_then(|s| s.free.clone()) == free
@@ -908,16 +904,12 @@ pub fn plan(snap: &Snapshot) -> Plan {
         let current = mesh.status.clone().unwrap_or_default();
         let (conds, changes) =
             conditions::merge(&current.conditions, &desired, generation, snap.now);
-        for change in &changes {
-            out.events.push(EventSpec {
-                kind: EventTarget::Mesh,
-                name: mesh.name_any(),
-                uid: mesh.metadata.uid.clone(),
-                warning: !change.status,
-                reason: change.reason.clone(),
-                note: change.message.clone(),
-            });
-        }
+        out.events.extend(change_events(
+            EventTarget::Mesh,
+            &mesh.name_any(),
+            mesh.metadata.uid.as_ref(),
+            &changes,
+        ));
         let status = MeshStatus {
             conditions: conds,
             observed_generation: generation,
@@ -1416,6 +1408,23 @@ fn allocated_condition(
 
 /// The Warning Event for a peer deleted because it holds a Node's name: what it held, so
 /// whoever made it can make it again under another name.
+/// An Event per changed condition of an object: a warning when it became false.
+fn change_events<'a>(
+    kind: EventTarget,
+    name: &'a str,
+    uid: Option<&'a String>,
+    changes: &'a [Desired],
+) -> impl Iterator<Item = EventSpec> + 'a {
+    changes.iter().map(move |change| EventSpec {
+        kind,
+        name: name.to_owned(),
+        uid: uid.cloned(),
+        warning: !change.status,
+        reason: change.reason.clone(),
+        note: change.message.clone(),
+    })
+}
+
 fn squatter_event(node: &str, peer: &MeshPeer) -> EventSpec {
     let spec = &peer.spec;
     EventSpec {
