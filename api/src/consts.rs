@@ -50,6 +50,11 @@ pub const DEFAULT_LOCATION_LABEL: &str = "topology.kubernetes.io/region";
 /// shortest UDP mapping timeout common NATs use (30 s).
 pub const DEFAULT_NAT_KEEPALIVE_SECONDS: u16 = 25;
 
+/// A peer counts as connected (`MeshPeerReport` `peersConnected`) while its last
+/// handshake is younger than this: WireGuard drops an idle session 180 s after its
+/// handshake, and rekeys every 120 s while traffic flows.
+pub const CONNECTED_WITHIN_SECS: u64 = 180;
+
 /// The WireGuard port when the `Mesh` does not set one.
 pub const DEFAULT_LISTEN_PORT: u16 = 51820;
 

@@ -5,6 +5,7 @@
 use crate::health::{Finding, Severity};
 use wgmesh_api::mesh::Mtu;
 use wgmesh_api::{Mesh, MeshPeer};
+use wgmesh_core::topology;
 
 /// The CRDs wgmesh needs, by name.
 pub const CRDS: [&str; 4] = [
@@ -18,9 +19,6 @@ pub const VERSION: &str = "v1alpha1";
 /// Clocks further apart than this are a finding: rotation compares the instant a user asks
 /// with the instant a node created its key, and times out by the nodes' clocks.
 pub const CLOCK_SKEW_WARN_SECS: i64 = 5;
-/// WireGuard's overhead per packet, IPv4 and IPv6 underlay.
-const OVERHEAD_V4: u32 = 60;
-const OVERHEAD_V6: u32 = 80;
 
 fn finding(severity: Severity, object: &str, message: String, hint: String) -> Finding {
     Finding {
@@ -178,8 +176,9 @@ pub fn mtu(mesh: Option<&Mesh>, peers: &[MeshPeer]) -> Vec<Finding> {
             continue;
         };
         let v6 = status.endpoints.iter().any(|e| e.starts_with('['));
-        let overhead = if v6 { OVERHEAD_V6 } else { OVERHEAD_V4 };
-        let fits = underlay.saturating_sub(overhead);
+        // The MTU the agent's device takes on an `auto` mesh.
+        let fits = topology::mtu(None, underlay, v6);
+        let overhead = underlay - fits;
         if let Some(c) = configured
             && c > fits
         {

@@ -11,9 +11,8 @@ use wgmesh_api::{ConditionStatus, Mesh, MeshPeer, MeshPeerReport, PodCIDRPool};
 
 /// The path of a pair the node's report does not list yet.
 pub const UNREPORTED: &str = "Unreported";
-/// A handshake older than this is stale: WireGuard rekeys every 2 minutes while traffic
-/// flows, so a tunnel that carries traffic never gets this old.
-pub const STALE_HANDSHAKE_SECS: u64 = 180;
+/// A handshake older than this is stale: the agents' own measure of a connected peer.
+pub const STALE_HANDSHAKE_SECS: u64 = wgmesh_api::consts::CONNECTED_WITHIN_SECS;
 /// A pool with less than this share of its subnets free is nearly exhausted.
 pub const POOL_LOW_FRACTION: f64 = 0.1;
 

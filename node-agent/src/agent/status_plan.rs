@@ -15,9 +15,9 @@ use wgmesh_core::paths::{self, Path};
 use wgmesh_core::topology::Transport;
 use wgmesh_device::config::PeerSnapshot;
 
-/// A peer counts as connected while its last handshake is younger than this: WireGuard
-/// drops an idle session 180 s after its handshake.
-pub(crate) const CONNECTED_WITHIN: Duration = Duration::from_secs(180);
+/// A peer counts as connected while its last handshake is younger than this.
+pub(crate) const CONNECTED_WITHIN: Duration =
+    Duration::from_secs(wgmesh_api::consts::CONNECTED_WITHIN_SECS);
 
 /// A time as the API writes it, if it can be.
 pub(crate) fn time(t: SystemTime) -> Option<Time> {
