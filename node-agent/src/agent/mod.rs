@@ -995,8 +995,6 @@ impl Agent {
         self.report_own_peer(own.is_some(), &peers);
         if let Some(own) = own.as_deref() {
             self.own_uid.clone_from(&own.metadata.uid);
-        }
-        if let Some(own) = own.as_deref() {
             self.publish_first_key(own, endpoint, node.as_deref(), mesh.listen_port)
                 .await;
         }
@@ -1330,8 +1328,7 @@ impl Agent {
             self.log_notice(&notice);
             let previous_until = self.keys.previous.iter().map(|(_, until)| *until).max();
             let ev = rotation::event(&notice, previous_until);
-            self.publish_event(ev.warning, ev.reason, "RotateKey", ev.note)
-                .await;
+            self.publish_event(ev.warning, ev.reason, "RotateKey", ev.note);
         }
     }
 
@@ -1409,8 +1406,7 @@ impl Agent {
                     "ListenPortChanged",
                     "Reconfigure",
                     format!("the WireGuard device listens on UDP port {now} (was {was})"),
-                )
-                .await;
+                );
             }
             Err(e) => {
                 self.metrics.error("device");
@@ -1447,7 +1443,7 @@ impl Agent {
     }
 
     /// Publishes an Event about this node's `MeshPeer`.
-    async fn publish_event(&self, warning: bool, reason: &str, action: &str, note: String) {
+    fn publish_event(&self, warning: bool, reason: &str, action: &str, note: String) {
         let target = Target {
             kind: "MeshPeer",
             name: self.args.node_name.clone(),
@@ -1458,7 +1454,7 @@ impl Agent {
 
     /// Publishes an Event about this node's `MeshPeerReport` (about its `MeshPeer` until the
     /// report exists).
-    async fn publish_report_event(&self, reason: &str, action: &str, note: String) {
+    fn publish_report_event(&self, reason: &str, action: &str, note: String) {
         match &self.report_uid {
             Some(uid) => {
                 let target = Target {
@@ -1468,7 +1464,7 @@ impl Agent {
                 };
                 self.send_event(target, false, reason, action, note);
             }
-            None => self.publish_event(false, reason, action, note).await,
+            None => self.publish_event(false, reason, action, note),
         }
     }
 
@@ -1606,8 +1602,7 @@ impl Agent {
             "the WireGuard device is down; traffic to on-link peers {} is routed unencrypted (Mesh transport.hostGateway: Fallback)",
             fallback.join(", ")
         );
-        self.publish_event(true, "PlaintextFallback", "Route", note)
-            .await;
+        self.publish_event(true, "PlaintextFallback", "Route", note);
     }
 
     fn update_peer_metrics(&self) {
@@ -1687,8 +1682,7 @@ impl Agent {
             && let Some(note) = status_plan::path_changes(prev, &keys)
         {
             info!(changes = %note, "paths changed");
-            self.publish_report_event("PathChanged", "Route", note)
-                .await;
+            self.publish_report_event("PathChanged", "Route", note);
         }
         self.last_paths = Some(keys);
         let status = MeshPeerStatus {
