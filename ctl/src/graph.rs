@@ -224,6 +224,7 @@ pub fn svg(h: &Health) -> String {
         slot += 1;
     }
 
+    let edges = edges(&h.pairs);
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -236,11 +237,11 @@ pub fn svg(h: &Health) -> String {
         "<title>wgmesh {}: {} nodes, {} tunnels</title>",
         esc(h.mesh.as_deref().unwrap_or("")),
         h.nodes.len(),
-        edges(&h.pairs).len()
+        edges.len()
     );
     let _ = writeln!(out, "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>");
     let _ = writeln!(out, "<g class=\"edges\">");
-    for e in edges(&h.pairs) {
+    for e in &edges {
         let (Some(&(x1, y1)), Some(&(x2, y2))) =
             (positions.get(e.a.as_str()), positions.get(e.b.as_str()))
         else {
@@ -262,7 +263,7 @@ pub fn svg(h: &Health) -> String {
             esc(&e.path),
             esc(&e.state),
             path_colour(&e.path),
-            esc(&edge_title(&e))
+            esc(&edge_title(e))
         );
     }
     let _ = writeln!(out, "</g>");

@@ -132,11 +132,14 @@ pub fn progress(peers: &[MeshPeer], start: &BTreeMap<String, i64>) -> BTreeMap<S
                             },
                             RotationPhase::Abandoned => Step::Abandoned,
                         },
-                        _ if status.key_generation.is_some_and(|g| g > from) => Step::Completed {
-                            generation: status.key_generation.unwrap_or(from),
-                            laggards: Vec::new(),
+                        // Rotated, and its record already gone or overwritten.
+                        _ => match status.key_generation.filter(|g| *g > from) {
+                            Some(generation) => Step::Completed {
+                                generation,
+                                laggards: Vec::new(),
+                            },
+                            None => Step::Queued,
                         },
-                        _ => Step::Queued,
                     }
                 }
             };

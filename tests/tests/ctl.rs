@@ -25,10 +25,6 @@ fn kubectl_wgmesh_against_a_real_mesh() -> Result<()> {
     mesh.check(steps(&mesh, &ips))
 }
 
-fn plugin(mesh: &Mesh, args: &[&str]) -> Result<Output> {
-    mesh.plugin(args)
-}
-
 fn text(o: &Output) -> String {
     format!(
         "{}{}",
@@ -38,7 +34,7 @@ fn text(o: &Output) -> String {
 }
 
 fn status_json(mesh: &Mesh) -> Result<(i32, serde_json::Value)> {
-    let o = plugin(mesh, &["status", "-o", "json"])?;
+    let o = mesh.plugin(&["status", "-o", "json"])?;
     let v = serde_json::from_slice(&o.stdout)
         .with_context(|| format!("status -o json is not JSON: {}", text(&o)))?;
     Ok((o.status.code().unwrap_or(-1), v))
@@ -55,7 +51,7 @@ fn steps(mesh: &Mesh, ips: &[String]) -> Result<()> {
                 .is_ok_and(|(c, v)| c == 0 && v["findings"].as_array().is_some_and(Vec::is_empty))
         },
     )?;
-    let o = plugin(mesh, &["status"])?;
+    let o = mesh.plugin(&["status"])?;
     let screen = text(&o);
     println!("$ kubectl wgmesh status\n{screen}");
     ensure!(
@@ -144,7 +140,7 @@ fn steps(mesh: &Mesh, ips: &[String]) -> Result<()> {
 
     // 3. graph: SVG (parsed) and DOT, with a node per node and an edge per pair.
     let svg_path = mesh.dir.join("mesh.svg");
-    let o = plugin(mesh, &["graph", "-o", &svg_path.to_string_lossy()])?;
+    let o = mesh.plugin(&["graph", "-o", &svg_path.to_string_lossy()])?;
     ensure!(o.status.success(), "graph: {}", text(&o));
     let svg = std::fs::read_to_string(&svg_path)?;
     let doc = roxmltree::Document::parse(&svg).context("graph wrote malformed SVG")?;
@@ -191,7 +187,7 @@ fn steps(mesh: &Mesh, ips: &[String]) -> Result<()> {
         }
     }
     ensure!(edges == all, "edges drawn {edges:?}");
-    let o = plugin(mesh, &["graph", "--format", "dot"])?;
+    let o = mesh.plugin(&["graph", "--format", "dot"])?;
     let dot = String::from_utf8_lossy(&o.stdout).into_owned();
     ensure!(
         o.status.success() && dot.starts_with("graph wgmesh {"),
@@ -201,7 +197,7 @@ fn steps(mesh: &Mesh, ips: &[String]) -> Result<()> {
     std::fs::copy(&svg_path, repo_root().join("target/wgmesh-graph.svg"))?;
 
     // 4. doctor on a healthy mesh: no error (the harness runs no DaemonSet: a warning).
-    let o = plugin(mesh, &["doctor"])?;
+    let o = mesh.plugin(&["doctor"])?;
     println!("$ kubectl wgmesh doctor\n{}", text(&o));
     ensure!(
         o.status.success(),
@@ -216,7 +212,7 @@ fn steps(mesh: &Mesh, ips: &[String]) -> Result<()> {
 
     // 5. rotate --all --wait: returns once every node has rotated.
     let before = generations(mesh)?;
-    let o = plugin(mesh, &["rotate", "--all", "--wait", "--timeout", "300"])?;
+    let o = mesh.plugin(&["rotate", "--all", "--wait", "--timeout", "300"])?;
     println!("$ kubectl wgmesh rotate --all --wait\n{}", text(&o));
     ensure!(o.status.success(), "rotate --all --wait:\n{}", text(&o));
     let after = generations(mesh)?;
@@ -238,7 +234,7 @@ fn steps(mesh: &Mesh, ips: &[String]) -> Result<()> {
 
     // 8. An agent stopped: status and doctor fail, naming its node; back when it is.
     mesh.script(&["stop-agent", "node-2"])?;
-    let o = plugin(mesh, &["status"])?;
+    let o = mesh.plugin(&["status"])?;
     let screen = text(&o);
     println!("$ kubectl wgmesh status   # node-2's agent stopped\n{screen}");
     ensure!(
@@ -249,7 +245,7 @@ fn steps(mesh: &Mesh, ips: &[String]) -> Result<()> {
         screen.contains("meshpeer/node-2: the agent does not answer"),
         "{screen}"
     );
-    let o = plugin(mesh, &["doctor"])?;
+    let o = mesh.plugin(&["doctor"])?;
     ensure!(
         o.status.code() == Some(1),
         "doctor with an agent stopped:\n{}",
@@ -259,7 +255,7 @@ fn steps(mesh: &Mesh, ips: &[String]) -> Result<()> {
     wait_until(
         "status healthy with node-2's agent back",
         Duration::from_secs(60),
-        || plugin(mesh, &["status"]).is_ok_and(|o| o.status.success()),
+        || mesh.plugin(&["status"]).is_ok_and(|o| o.status.success()),
     )?;
     Ok(())
 }
@@ -355,18 +351,15 @@ fn peer_config(mesh: &Mesh, ips: &[String]) -> Result<()> {
     let machine = Machine::add(mesh, "wgq", 51)?;
     let iface = format!("wgq{}", mesh.id);
     let conf = mesh.dir.join(format!("{iface}.conf"));
-    let o = plugin(
-        mesh,
-        &[
-            "peer-config",
-            "phone",
-            "--allowed-ips",
-            &format!("{address}/32"),
-            "--internal",
-            "-o",
-            &conf.to_string_lossy(),
-        ],
-    )?;
+    let o = mesh.plugin(&[
+        "peer-config",
+        "phone",
+        "--allowed-ips",
+        &format!("{address}/32"),
+        "--internal",
+        "-o",
+        &conf.to_string_lossy(),
+    ])?;
     ensure!(o.status.success(), "peer-config: {}", text(&o));
     let config = std::fs::read_to_string(&conf)?;
     println!(
@@ -417,10 +410,7 @@ fn peer_config(mesh: &Mesh, ips: &[String]) -> Result<()> {
     reached?;
     mesh.kubectl(&["delete", "meshpeer", "phone"])?;
     // A refused request leaves nothing behind.
-    let o = plugin(
-        mesh,
-        &["peer-config", "tablet", "--allowed-ips", "192.0.2.1/32"],
-    )?;
+    let o = mesh.plugin(&["peer-config", "tablet", "--allowed-ips", "192.0.2.1/32"])?;
     ensure!(
         !o.status.success(),
         "a peer outside the Mesh's ranges was approved"
