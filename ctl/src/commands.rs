@@ -17,6 +17,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 use wgmesh_api::consts::DEFAULT_MESH;
 use wgmesh_api::{Mesh, MeshPeer};
+use wgmesh_core::keys::PublicKey;
 use wgmesh_ctl::doctor;
 use wgmesh_ctl::health::{self, AgentProbe, Finding, Severity};
 use wgmesh_ctl::peer_config::{self, EndpointChoice, Request};
@@ -27,7 +28,8 @@ const POLL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Args)]
 pub struct PeerConfigArgs {
-    /// The external MeshPeer's name (a DNS name, not the name of a Node).
+    /// The external MeshPeer's name (a DNS subdomain, not the name of a Node; the API
+    /// server and the admission webhook say why one is refused).
     name: String,
     /// The peer's addresses in the mesh, inside the Mesh's spec.externalPeers.allowedRanges,
     /// e.g. 10.250.0.7/32 (comma-separated or repeated).
@@ -58,48 +60,25 @@ pub struct PeerConfigArgs {
     qr: bool,
 }
 
-fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 253
-        && name.split('.').all(|l| {
-            !l.is_empty()
-                && l.len() <= 63
-                && l.starts_with(|c: char| c.is_ascii_alphanumeric())
-                && l.ends_with(|c: char| c.is_ascii_alphanumeric())
-                && l.chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-        })
-}
-
 pub async fn peer_config(client: &kube::Client, args: PeerConfigArgs) -> Result<ExitCode> {
-    if !valid_name(&args.name) {
-        bail!(
-            "{:?} is not a valid name: lower-case letters, digits, '-' and '.', starting and ending with a letter or digit",
-            args.name
-        );
-    }
     for ip in &args.allowed_ips {
         ip.parse::<ipnet::IpNet>()
             .with_context(|| format!("--allowed-ips {ip:?} is not a CIDR like 10.250.0.7/32"))?;
     }
     let (private, public) = match &args.public_key {
+        // The operator's own check (length, base64, not a low-order point), early.
         Some(k) => {
-            let bytes = base64::engine::general_purpose::STANDARD
-                .decode(k.trim())
-                .ok()
-                .filter(|b| b.len() == 32);
-            if bytes.is_none() {
-                bail!("--public-key is not a WireGuard key (base64 of 32 bytes)");
-            }
-            (None, k.trim().to_owned())
+            let key: PublicKey = k.trim().parse().context("--public-key")?;
+            (None, key.to_string())
         }
         None => {
             let secret = x25519_dalek::StaticSecret::random_from_rng(rand_core::OsRng);
             let public = x25519_dalek::PublicKey::from(&secret);
-            let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
             (
-                Some(zeroize::Zeroizing::new(b64(secret.as_bytes()))),
-                b64(public.as_bytes()),
+                Some(zeroize::Zeroizing::new(
+                    base64::engine::general_purpose::STANDARD.encode(secret.as_bytes()),
+                )),
+                PublicKey::from_bytes(public.to_bytes())?.to_string(),
             )
         }
     };
