@@ -153,6 +153,10 @@ fn steps(mesh: &Mesh, up: Instant) -> Result<()> {
     }
 
     let cp = format!("{}.2", mesh.net);
+    // The control plane's TCP: agents to the API server, and the API server to the agents'
+    // metrics (step 2a's `kubectl wgmesh graph` went through its node proxy; those idle
+    // connections send keep-alives later).
+    let control = format!("host {cp} and (tcp port 6443 or tcp port 9091)");
     // A WireGuard message starts with its type (1-4) and three zero bytes, whatever the ports
     // (the NATs change them).
     let not_wireguard = format!(
@@ -163,7 +167,7 @@ fn steps(mesh: &Mesh, up: Instant) -> Result<()> {
         "ip",
         &format!("ip and udp and not host {cp}"),
         "ip and udp port 51820",
-        &format!("ip and not udp and not (host {cp} and tcp port 6443)"),
+        &format!("ip and not udp and not ({control})"),
         "net 10.244.0.0/16 or net fd00:10:244::/56",
         &not_wireguard,
     ])?[..] else {
@@ -190,7 +194,7 @@ fn steps(mesh: &Mesh, up: Instant) -> Result<()> {
         "packets between nodes and routers that are not UDP: {}",
         first_packets(
             &pcap,
-            &format!("ip and not udp and not (host {cp} and tcp port 6443)")
+            &format!("ip and not udp and not ({control})")
         )
     );
     assert!(
