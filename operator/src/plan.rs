@@ -60,6 +60,12 @@ pub const CLAIM_GRACE: Duration = Duration::from_secs(300);
 /// thousands of creations, and what a pass holds in memory stays bounded.
 pub const MAX_CREATES_PER_PASS: usize = 1000;
 
+/// How long a new node peer's first status waits for its agent's first key. An agent
+/// publishes its key within seconds of its peer appearing, so a joining node's status is
+/// written once (allocated and ready, or why not) instead of twice; a node whose agent is not
+/// running says `NoPublicKey` once this is over.
+pub const FIRST_KEY_GRACE: Duration = Duration::from_secs(10);
+
 /// Everything a pass looks at.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
@@ -323,6 +329,30 @@ fn created(meta: &ObjectMeta) -> SystemTime {
     meta.creation_timestamp
         .as_ref()
         .map_or(SystemTime::UNIX_EPOCH, system_time)
+}
+
+/// When a new node peer's first status is due, if it is not yet: it has no status written by
+/// the operator, all it would say is that the key is missing (its subnets are allocated), and [`FIRST_KEY_GRACE`] since
+/// its creation has not passed.
+fn first_key_pending(
+    role: Option<&PeerRole>,
+    peer: &MeshPeer,
+    desired: &[Desired],
+    now: SystemTime,
+) -> Option<SystemTime> {
+    let written = peer
+        .status
+        .as_ref()
+        .is_some_and(|s| !s.conditions.is_empty() || s.observed_generation.is_some());
+    let is_no_key =
+        |d: &Desired| d.type_ == condition::READY && !d.status && d.reason == "NoPublicKey";
+    let only_no_key =
+        desired.iter().any(is_no_key) && desired.iter().all(|d| d.status || is_no_key(d));
+    if !matches!(role, Some(PeerRole::Node)) || written || !only_no_key {
+        return None;
+    }
+    let until = system_time(peer.metadata.creation_timestamp.as_ref()?) + FIRST_KEY_GRACE;
+    (until > now).then_some(until)
 }
 
 /// How the plan sees one `MeshPeer`.
@@ -705,6 +735,11 @@ pub fn plan(snap: &Snapshot) -> Plan {
             continue;
         }
         let current = peer.status.as_ref();
+        if let Some(until) = first_key_pending(role, peer, &desired, snap.now) {
+            out.requeue_at = Some(out.requeue_at.map_or(until, |r| r.min(until)));
+            out.peers_not_ready += 1;
+            continue;
+        }
         let current_conditions = current.map(|s| s.conditions.as_slice()).unwrap_or_default();
         let (conds, changes) =
             conditions::merge(current_conditions, &desired, generation, snap.now);

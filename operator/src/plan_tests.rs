@@ -292,6 +292,63 @@ fn publish_key(snap: &mut Snapshot, name: &str, key: &str) {
 }
 
 #[test]
+fn a_joining_nodes_first_status_waits_briefly_for_its_key() {
+    let mut snap = mk_snapshot(
+        vec![mk_node("n1", "u1"), mk_node("n2", "u2")],
+        vec![],
+        vec![mk_pool("p", &["10.244.0.0/16"], 24, 0)],
+    );
+    let created = plan(&snap);
+    assert_eq!(created.creates.len(), 2);
+    apply_in_memory(&mut snap, &created);
+    let born = snap.now;
+
+    // Within the grace: no status for either new peer, and a pass is due when it ends.
+    let waiting = plan(&snap);
+    assert!(waiting.peer_status.is_empty(), "{:#?}", waiting.peer_status);
+    assert_eq!(waiting.peers_not_ready, 2);
+    assert!(
+        waiting
+            .requeue_at
+            .is_some_and(|t| t <= born + FIRST_KEY_GRACE)
+    );
+
+    // n1's agent publishes its key in time: one status write says it all.
+    publish_key(&mut snap, "n1", KEY_1);
+    snap.now = born + Duration::from_secs(3);
+    let keyed = plan(&snap);
+    assert_eq!(
+        keyed
+            .peer_status
+            .iter()
+            .map(|w| w.name.as_str())
+            .collect::<Vec<_>>(),
+        vec!["n1"]
+    );
+    apply_in_memory(&mut snap, &keyed);
+    assert_eq!(ready(peer(&snap, "n1")), (true, "Valid".into()));
+    assert!(
+        keyed.events.iter().all(|e| e.name != "n2"),
+        "{:#?}",
+        keyed.events
+    );
+
+    // n2's never does: once the grace is over it says so.
+    snap.now = born + FIRST_KEY_GRACE;
+    let late = plan(&snap);
+    assert_eq!(
+        late.peer_status
+            .iter()
+            .map(|w| w.name.as_str())
+            .collect::<Vec<_>>(),
+        vec!["n2"]
+    );
+    apply_in_memory(&mut snap, &late);
+    assert_eq!(ready(peer(&snap, "n2")), (false, "NoPublicKey".into()));
+    converge(&mut snap);
+}
+
+#[test]
 fn every_node_gets_a_peer_owned_by_it_with_a_distinct_subnet() {
     let mut snap = mk_snapshot(
         vec![
@@ -320,7 +377,10 @@ fn every_node_gets_a_peer_owned_by_it_with_a_distinct_subnet() {
         .map(|p| p.spec.pod_cidrs.clone())
         .collect();
     assert_eq!(subnets.len(), 3);
-    // Without keys the nodes are not ready yet, and say why.
+    // Without keys the nodes are not ready yet, and say why once their agents had the time
+    // to publish one.
+    snap.now += FIRST_KEY_GRACE;
+    converge(&mut snap);
     assert_eq!(ready(peer(&snap, "n2")), (false, "NoPublicKey".into()));
     // Each subnet has its claim, naming its node.
     let claims = claims_of(&snap);
@@ -372,6 +432,9 @@ fn a_claim_no_peer_holds_is_deleted_only_after_the_claim_grace() {
         vec![],
         vec![mk_pool("p", &["10.244.0.0/16"], 24, 0)],
     );
+    converge(&mut snap);
+    // n1 has no agent; past the first key's grace nothing of its own is due.
+    snap.now += FIRST_KEY_GRACE;
     converge(&mut snap);
     // A writer claimed a subnet for a node that is gone, and never wrote a peer.
     add_claim(&mut snap, "10.244.9.0/24", "gone", at(900));

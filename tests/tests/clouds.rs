@@ -192,10 +192,7 @@ fn steps(mesh: &Mesh, up: Instant) -> Result<()> {
         other,
         0,
         "packets between nodes and routers that are not UDP: {}",
-        first_packets(
-            &pcap,
-            &format!("ip and not udp and not ({control})")
-        )
+        first_packets(&pcap, &format!("ip and not udp and not ({control})"))
     );
     assert!(
         udp > 100,
