@@ -31,11 +31,22 @@ use wgmesh_api::{
     Mesh, MeshPeer, PodCIDRPool,
     consts::{CLAIM_LABEL, CLAIM_SUBNET, OPERATOR_MANAGER},
 };
-use wgmesh_telemetry::events::{EventPublisher, Notice, Target};
+use wgmesh_telemetry::events::{EventPublisher, EventQueue, Notice, Target};
 
 /// How many writes of one kind are in flight at once: enough to reach the API server's
 /// create rate (`hack/bench-operator.sh --nodes 5000`), well inside its own in-flight limits.
 const CONCURRENT_WRITES: usize = 64;
+
+/// Events waiting for the API server at most (a pass of thousands of joining nodes raises
+/// one each); more are dropped, and said so.
+const EVENT_QUEUE: usize = 10_000;
+
+/// Events published at once: a few, behind the writes that matter; a pass never waits for
+/// them.
+const EVENTS_IN_FLIGHT: usize = 4;
+
+/// How long one try of an Event may take.
+const EVENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How many times a pass reads the ledger again after another writer swapped it first.
 const LEDGER_ATTEMPTS: usize = 5;
@@ -49,7 +60,7 @@ pub struct Writer {
     /// Where claims were kept before the ledger, one `Lease` per subnet.
     legacy_claims: Api<Lease>,
     namespace: String,
-    events: EventPublisher,
+    events: EventQueue,
     leader: Leadership,
     metrics: Arc<Metrics>,
 }
@@ -85,7 +96,16 @@ impl Writer {
             ledger: Api::namespaced(client.clone(), namespace),
             legacy_claims: Api::namespaced(client.clone(), namespace),
             namespace: namespace.to_owned(),
-            events: EventPublisher::new(client, OPERATOR_MANAGER, identity),
+            events: {
+                let metrics = metrics.clone();
+                EventQueue::spawn(
+                    EventPublisher::new(client, OPERATOR_MANAGER, identity),
+                    EVENT_QUEUE,
+                    EVENTS_IN_FLIGHT,
+                    EVENT_TIMEOUT,
+                    move || metrics.error("event"),
+                )
+            },
             leader,
             metrics,
         }
@@ -215,7 +235,8 @@ impl Writer {
 
     /// Performs every write of `plan`, in order: releases, deletions, one swap of the ledger
     /// (the claims of every creation and allocation, missing claims in, stale ones out),
-    /// creations and allocations (those whose claims are the node's), statuses, events.
+    /// creations and allocations (those whose claims are the node's), statuses. Its Events
+    /// are queued, never waited for.
     /// `ledger` is the ledger as this replica last read or stored it, and is kept current.
     pub async fn apply(&self, plan: &Plan, ledger: &mut Arc<Ledger>) -> Written {
         let mut written = Written::default();
@@ -491,13 +512,9 @@ impl Writer {
             }
         }
 
-        stream::iter(&plan.events)
-            .for_each_concurrent(CONCURRENT_WRITES, |ev| async move {
-                if let Err(e) = self.publish(ev).await {
-                    self.failed("event", &ev.name, &e);
-                }
-            })
-            .await;
+        for ev in &plan.events {
+            self.publish(ev);
+        }
         written
     }
 
@@ -561,7 +578,8 @@ impl Writer {
         }
     }
 
-    async fn publish(&self, ev: &EventSpec) -> Result<(), kube::Error> {
+    /// Queues an Event of the plan (see [`EventQueue`]).
+    fn publish(&self, ev: &EventSpec) {
         let kind = match ev.kind {
             EventTarget::Mesh => "Mesh",
             EventTarget::Peer => "MeshPeer",
@@ -578,6 +596,6 @@ impl Writer {
             action: "Reconcile".into(),
             note: ev.note.clone(),
         };
-        self.events.publish(&target, &notice).await
+        self.events.send(target, notice);
     }
 }

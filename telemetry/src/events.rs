@@ -177,6 +177,96 @@ impl EventPublisher {
     }
 }
 
+/// Tries per Event, with a doubling wait between them from 0.5 s: about a minute in all.
+const TRIES: u32 = 7;
+
+/// Publishes Events in the background, so the work that raised them never waits for the
+/// API server (as client-go's recorder does): a bounded queue, whose overflow is dropped and
+/// said; `in_flight` Events at once; each one retried with a doubling wait for about a minute
+/// while the API server is slow or away.
+#[derive(Clone)]
+pub struct EventQueue {
+    tx: tokio::sync::mpsc::Sender<(Target, Notice)>,
+    on_error: std::sync::Arc<dyn Fn() + Send + Sync>,
+}
+
+impl std::fmt::Debug for EventQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventQueue").finish_non_exhaustive()
+    }
+}
+
+impl EventQueue {
+    /// Starts the task that publishes through `publisher`. Holds at most `capacity` Events
+    /// waiting; each try of one gives up after `timeout`. `on_error` is called for every
+    /// failed try and every Event dropped (the components count them as errors).
+    pub fn spawn(
+        publisher: EventPublisher,
+        capacity: usize,
+        in_flight: usize,
+        timeout: Duration,
+        on_error: impl Fn() + Send + Sync + 'static,
+    ) -> Self {
+        let on_error: std::sync::Arc<dyn Fn() + Send + Sync> = std::sync::Arc::new(on_error);
+        let (tx, rx) = tokio::sync::mpsc::channel::<(Target, Notice)>(capacity);
+        let queued = futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        });
+        let publisher = std::sync::Arc::new(publisher);
+        let failed = on_error.clone();
+        tokio::spawn(futures::StreamExt::for_each_concurrent(
+            queued,
+            in_flight.max(1),
+            move |(target, notice)| {
+                let (publisher, failed) = (publisher.clone(), failed.clone());
+                async move {
+                    let mut wait = Duration::from_millis(500);
+                    for attempt in 1..=TRIES {
+                        let error = match tokio::time::timeout(
+                            timeout,
+                            publisher.publish(&target, &notice),
+                        )
+                        .await
+                        {
+                            Ok(Ok(())) => return,
+                            Ok(Err(e)) => e.to_string(),
+                            Err(_) => "timed out".to_owned(),
+                        };
+                        failed();
+                        let reason = &notice.reason;
+                        let object = &target.name;
+                        if attempt == TRIES {
+                            tracing::warn!(%reason, %object, %error, "publishing an Event failed; giving up on it");
+                        } else {
+                            tracing::debug!(%reason, %object, %error, attempt, "publishing an Event failed; trying again");
+                            tokio::time::sleep(wait).await;
+                            wait *= 2;
+                        }
+                    }
+                }
+            },
+        ));
+        EventQueue { tx, on_error }
+    }
+
+    /// Queues an Event; when the queue is full or its task stopped, drops it and says so.
+    pub fn send(&self, target: Target, notice: Notice) {
+        use tokio::sync::mpsc::error::TrySendError;
+        let (reason, object) = (notice.reason.clone(), target.name.clone());
+        match self.tx.try_send((target, notice)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                (self.on_error)();
+                tracing::warn!(%reason, %object, "too many Events waiting for the API server; this one is dropped");
+            }
+            Err(TrySendError::Closed(_)) => {
+                (self.on_error)();
+                tracing::warn!(%reason, %object, "the Event publisher stopped; this Event is dropped");
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -57,7 +57,7 @@ use wgmesh_core::topology::{self, LocalNode, NodePlan};
 use wgmesh_device::config::{ConfigUpdate, Key, PeerSnapshot};
 use wgmesh_device::uapi::server::UapiServer;
 use wgmesh_device::{Device, DeviceConfig, DeviceHandle};
-use wgmesh_telemetry::events::{EventPublisher, Notice, Target};
+use wgmesh_telemetry::events::{EventPublisher, EventQueue, Notice, Target};
 
 /// How often a pass runs without events: re-adds routes the kernel lost, refreshes stats.
 const RESYNC: Duration = Duration::from_secs(10);
@@ -246,7 +246,7 @@ struct Agent {
     reports_api: Api<MeshPeerReport>,
     /// Events go out in order from a task of their own, retried while the API is slow, so
     /// neither a pass waits for them nor a slow moment loses one.
-    events: tokio::sync::mpsc::Sender<(Target, Notice)>,
+    events: EventQueue,
     /// The uid of this node's `MeshPeer` and of its `MeshPeerReport`, as last seen: Events
     /// name them, or `kubectl describe` does not show them.
     own_uid: Option<String>,
@@ -353,10 +353,17 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         taking_over: false,
         peers_api: Api::all(client.clone()),
         reports_api: Api::all(client.clone()),
-        events: spawn_event_publisher(
-            EventPublisher::new(client.clone(), AGENT_MANAGER, &args.node_name),
-            metrics.clone(),
-        ),
+        events: {
+            let metrics = metrics.clone();
+            // One at a time: a node's Events come out in the order they happened.
+            EventQueue::spawn(
+                EventPublisher::new(client.clone(), AGENT_MANAGER, &args.node_name),
+                EVENT_QUEUE,
+                1,
+                API_REQUEST_TIMEOUT,
+                move || metrics.error("event"),
+            )
+        },
         own_uid: None,
         report_uid: None,
         metrics: metrics.clone(),
@@ -575,44 +582,6 @@ async fn read_owner(api: Api<DaemonSet>, name: &str) -> uninstall::Owner {
 
 /// Events waiting for the API server at most; more are dropped (and said so).
 const EVENT_QUEUE: usize = 256;
-/// Tries per Event, with a doubling wait between them from 0.5 s: about a minute in all.
-const EVENT_TRIES: u32 = 7;
-
-/// Starts the task that publishes this node's Events, in order, each retried while the API
-/// server is slow or away.
-fn spawn_event_publisher(
-    publisher: EventPublisher,
-    metrics: Arc<Metrics>,
-) -> tokio::sync::mpsc::Sender<(Target, Notice)> {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<(Target, Notice)>(EVENT_QUEUE);
-    tokio::spawn(async move {
-        while let Some((target, notice)) = rx.recv().await {
-            let mut wait = Duration::from_millis(500);
-            for attempt in 1..=EVENT_TRIES {
-                let error = match tokio::time::timeout(
-                    API_REQUEST_TIMEOUT,
-                    publisher.publish(&target, &notice),
-                )
-                .await
-                {
-                    Ok(Ok(())) => break,
-                    Ok(Err(e)) => e.to_string(),
-                    Err(_) => "timed out".to_owned(),
-                };
-                metrics.error("event");
-                let reason = &notice.reason;
-                if attempt == EVENT_TRIES {
-                    warn!(%reason, %error, "publishing an event failed; giving up on it");
-                } else {
-                    debug!(%reason, %error, attempt, "publishing an event failed; trying again");
-                    tokio::time::sleep(wait).await;
-                    wait *= 2;
-                }
-            }
-        }
-    });
-    tx
-}
 
 /// Blocks until a successor has the device, or `wait` passed without one attaching, or a
 /// successor that attached did not finish within [`HANDOVER_FINISH`].
@@ -1475,20 +1444,7 @@ impl Agent {
             action: action.into(),
             note,
         };
-        match self.events.try_send((target, notice)) {
-            Ok(()) => {}
-            Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
-                self.metrics.error("event");
-                warn!(
-                    reason,
-                    "too many Events waiting for the API server; this one is dropped"
-                );
-            }
-            Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {
-                self.metrics.error("event");
-                warn!(reason, "the Event publisher stopped; this Event is dropped");
-            }
-        }
+        self.events.send(target, notice);
     }
 
     /// Gives the device the keys the rotation's phase calls for (initiating key, and the
