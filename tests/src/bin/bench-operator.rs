@@ -285,6 +285,12 @@ async fn main() -> Result<()> {
         "  the run's Node and MeshPeer writes at those rates {floor:>6.2} s (Ready took {total:.2} s: {:.2}x)",
         total / floor
     );
+    let creates_floor =
+        count("POST", "meshpeers") / create_rate + count("POST", "nodes") / (n as f64 / reg);
+    println!(
+        "  the run's Node and MeshPeer creates alone at those rates {creates_floor:>6.2} s (every node had its subnets after {secs:.2} s: {:.2}x)",
+        secs / creates_floor
+    );
     println!("  API requests until every peer was Ready, by verb and resource:");
     bench::print_requests(&api, total, "    ");
     // The figures are out; a slow clean-up (thousands of deletions can pass the API server's
