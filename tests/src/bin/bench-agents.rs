@@ -597,6 +597,7 @@ async fn main() -> Result<()> {
     let stages = [
         ("started, key ready", at("node key ready")),
         ("read the mesh (caches synced)", at("caches synced")),
+        ("its key published", at("published the node's key")),
         ("all peers on its device", at("updated WireGuard peers")),
         ("routes installed", at("routes updated")),
         (

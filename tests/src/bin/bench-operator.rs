@@ -120,8 +120,6 @@ async fn main() -> Result<()> {
             "127.0.0.1:0",
             "--lease-name",
             "wgmesh-bench",
-            "--lease-duration-seconds",
-            "4",
         ])
         .stdout(std::fs::File::create(&log)?)
         .stderr(std::fs::File::create(log.with_extension("err"))?)
@@ -246,6 +244,15 @@ async fn main() -> Result<()> {
         ),
         None => println!("  operator peak memory              unavailable"),
     }
+    // A leader that cannot renew its lease in time stops writing until it holds it again.
+    let step_downs = std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("stepping down"))
+        .count();
+    println!(
+        "  operator stepped down as leader    {step_downs:>8} times (its lease: the default 15 s)"
+    );
     let total = all_ready.as_secs_f64();
     if let Some(cpu) = operator_cpu {
         println!(
