@@ -137,8 +137,16 @@ pub async fn run(
     metrics: Arc<Metrics>,
 ) {
     let notify = Arc::new(Notify::new());
+    // Each cache lists from the API server's watch cache (`resourceVersion=0`, as
+    // client-go's informers do), not with a quorum read from etcd: its first list and any
+    // relist after a broken watch cost the server little. A new leader reads the peers with a
+    // quorum read before it plans (below).
     // Nodes are big; keep only what planning reads.
-    let nodes = watcher(Api::<Node>::all(client.clone()), watcher::Config::default()).modify(|n| {
+    let nodes = watcher(
+        Api::<Node>::all(client.clone()),
+        watcher::Config::default().any_semantic(),
+    )
+    .modify(|n| {
         n.status = None;
         n.metadata.managed_fields = None;
         n.metadata.annotations = None;
@@ -147,7 +155,7 @@ pub async fn run(
     let (peers, peers_task) = cache(
         watcher(
             Api::<MeshPeer>::all(client.clone()),
-            watcher::Config::default(),
+            watcher::Config::default().any_semantic(),
         )
         .modify(|p| p.metadata.managed_fields = None),
         notify.clone(),
@@ -155,7 +163,7 @@ pub async fn run(
     let (reports, reports_task) = cache(
         watcher(
             Api::<MeshPeerReport>::all(client.clone()),
-            watcher::Config::default(),
+            watcher::Config::default().any_semantic(),
         )
         .modify(|r| r.metadata.managed_fields = None),
         notify.clone(),
@@ -163,14 +171,16 @@ pub async fn run(
     let (pools, pools_task) = cache(
         watcher(
             Api::<PodCIDRPool>::all(client.clone()),
-            watcher::Config::default(),
+            watcher::Config::default().any_semantic(),
         ),
         notify.clone(),
     );
     let (meshes, meshes_task) = cache(
         watcher(
             Api::<Mesh>::all(client.clone()),
-            watcher::Config::default().fields(&format!("metadata.name={DEFAULT_MESH}")),
+            watcher::Config::default()
+                .any_semantic()
+                .fields(&format!("metadata.name={DEFAULT_MESH}")),
         ),
         notify.clone(),
     );

@@ -386,11 +386,14 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     // The datapath first, from what the last run saved: the API server may be slow or away.
     agent.resume().await;
 
+    // Each cache lists from the API server's watch cache (`resourceVersion=0`, as
+    // client-go's informers do): an agent's start and a relist after a broken watch make no
+    // quorum read of every peer from etcd, and the watch follows every change from there.
     let own = agent.args.node_name.clone();
     let caches = Caches {
         peers: cache(
             Api::all(client.clone()),
-            watcher::Config::default(),
+            watcher::Config::default().any_semantic(),
             notify.clone(),
             move |p| relevance::strip_peer(p, &own),
             relevance::Relevance::new(relevance::peer_reduction()),
@@ -398,7 +401,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         ),
         meshes: cache(
             Api::all(client.clone()),
-            watcher::Config::default().fields(&format!("metadata.name={DEFAULT_MESH}")),
+            watcher::Config::default()
+                .any_semantic()
+                .fields(&format!("metadata.name={DEFAULT_MESH}")),
             notify.clone(),
             |m: &mut Mesh| m.metadata.managed_fields = None,
             relevance::Relevance::new(relevance::whole),
@@ -406,7 +411,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         ),
         pools: cache(
             Api::all(client.clone()),
-            watcher::Config::default(),
+            watcher::Config::default().any_semantic(),
             notify.clone(),
             |p: &mut PodCIDRPool| p.metadata.managed_fields = None,
             relevance::Relevance::new(relevance::whole),
@@ -414,7 +419,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         ),
         nodes: cache(
             Api::all(client.clone()),
-            watcher::Config::default().fields(&format!("metadata.name={}", agent.args.node_name)),
+            watcher::Config::default()
+                .any_semantic()
+                .fields(&format!("metadata.name={}", agent.args.node_name)),
             notify.clone(),
             relevance::strip_node,
             relevance::Relevance::new(relevance::whole),

@@ -515,11 +515,12 @@ async fn main() -> Result<()> {
     print_window("steady state, nothing changing", &a, &b, total - 1, true);
 
     // The floor of an agent's start at this size on this machine: reading every MeshPeer
-    // once, as a fresh client (an agent's first list) does.
+    // once, as a fresh client's first list from the API server's watch cache (an agent's
+    // first list) does.
     let fresh = kube::Client::try_from(base.clone())?;
     let listed = Instant::now();
     let all = Api::<MeshPeer>::all(fresh)
-        .list(&Default::default())
+        .list(&kube::api::ListParams::default().match_any())
         .await?
         .items
         .len();
