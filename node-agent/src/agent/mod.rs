@@ -840,6 +840,7 @@ impl Agent {
             if device.is_stopped() {
                 warn!(interface = %self.args.interface, "the WireGuard device stopped (its interface was deleted?); starting it again");
                 self.metrics.device_up.set(0);
+                self.metrics.read_peers_from(None);
                 self.device = None;
                 self._uapi = None;
                 self.configured = device_plan::Configured::default();
@@ -1568,14 +1569,19 @@ impl Agent {
         self.publish_event(true, "PlaintextFallback", "Route", note);
     }
 
+    /// Points the per-peer metrics at the device and the names of its peers now; a scrape
+    /// reads the device itself.
     fn update_peer_metrics(&self) {
-        let Some(device) = &self.device else {
-            return;
-        };
-        let snapshot = device.snapshot();
-        let names = self.configured.names_by_key();
-        self.metrics
-            .record_peers(&snapshot, &names, SystemTime::now());
+        let source = self.device.clone().map(|device| metrics::PeerSource {
+            snapshot: Box::new(move || device.snapshot()),
+            names: self
+                .configured
+                .names_by_key()
+                .into_iter()
+                .map(|(k, n)| (k, n.to_owned()))
+                .collect(),
+        });
+        self.metrics.read_peers_from(source);
     }
 
     #[allow(clippy::too_many_arguments)]
