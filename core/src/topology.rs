@@ -5,10 +5,13 @@
 //! fail-closed route design. It must not touch the kernel or the device; the agent diffs
 //! this plan against what is installed and applies the difference.
 //!
-//! Fail closed: every destination that is reached through WireGuard, and every pool CIDR
-//! of the mesh as a whole, also gets a blackhole route at a worse metric. The route through
-//! the device disappears with the device (an agent crash or upgrade); the blackhole stays,
-//! so pod traffic is dropped rather than sent to the default gateway in the clear. Routes
+//! Fail closed: every pool CIDR of the mesh as a whole (and every node subnet outside the
+//! pools) gets a blackhole route at a worse metric, and so does every other destination that
+//! is reached through WireGuard (an external peer's addresses). The route through the device
+//! disappears with the device (an agent crash or upgrade); the blackhole stays, so pod
+//! traffic is dropped rather than sent to the default gateway in the clear. A node subnet
+//! inside a pool needs no blackhole of its own: the pool's catches it, so a node installs
+//! one route per peer subnet, not two. Routes
 //! through a node's address (host-gw) are planned only where the mesh allows plaintext for
 //! that pair of nodes.
 
@@ -193,8 +196,9 @@ fn on_link_and_trusted(local: &LocalNode, policy: &TransportPolicy, addr: IpAddr
 
 /// Plans the device's peers and the node's routes.
 ///
-/// `pools` are the mesh's pod CIDRs (every valid pool's networks): they are blackholed as a
-/// whole, so a pod subnet of a node the agent does not know yet is never routed in the clear.
+/// `pools` are the mesh's pod CIDRs (every valid pool's networks, and node subnets outside
+/// them): they are blackholed as a whole, so a pod subnet of a node the agent does not know
+/// yet is never routed in the clear; a destination inside one gets no blackhole of its own.
 pub fn plan_node(
     local: &LocalNode,
     policy: &TransportPolicy,
@@ -202,6 +206,7 @@ pub fn plan_node(
     pools: &[IpNet],
 ) -> NodePlan {
     let mut out = NodePlan::default();
+    let fenced = |dst: &IpNet| pools.iter().any(|pool| pool.contains(dst));
     let mut peers: Vec<&ApprovedPeer> = peers.iter().filter(|p| p.name != local.name).collect();
     peers.sort_by(|a, b| a.name.cmp(&b.name));
 
@@ -234,7 +239,9 @@ pub fn plan_node(
                             metric: ROUTE_METRIC,
                         });
                     }
-                    out.routes.push(blackhole(*dst));
+                    if !fenced(dst) {
+                        out.routes.push(blackhole(*dst));
+                    }
                 }
             }
             _ => {
@@ -246,7 +253,9 @@ pub fn plan_node(
                             metric: ROUTE_METRIC,
                         });
                     }
-                    out.routes.push(blackhole(*dst));
+                    if !fenced(dst) {
+                        out.routes.push(blackhole(*dst));
+                    }
                 }
             }
         }
@@ -370,6 +379,7 @@ mod tests {
         let peers = [
             mk_peer("a", "192.168.1.11:51820", &["10.244.1.0/24"]),
             mk_peer("me", "192.168.1.10:51820", &["10.244.0.0/24"]),
+            mk_peer("phone", "203.0.113.9:51820", &["10.250.0.7/32"]),
         ];
         let plan = plan_node(
             &mk_local(true),
@@ -382,11 +392,14 @@ mod tests {
             !plan.device_peers.contains_key("me"),
             "never a peer of itself"
         );
+        // A node subnet inside a pool: the pool's blackhole is behind its route.
+        assert_eq!(routes_to(&plan, "10.244.1.0/24"), vec![NextHop::Device]);
+        assert_eq!(routes_to(&plan, "10.244.0.0/16"), vec![NextHop::Blackhole]);
+        // Outside every pool: a blackhole of its own.
         assert_eq!(
-            routes_to(&plan, "10.244.1.0/24"),
+            routes_to(&plan, "10.250.0.7/32"),
             vec![NextHop::Device, NextHop::Blackhole]
         );
-        assert_eq!(routes_to(&plan, "10.244.0.0/16"), vec![NextHop::Blackhole]);
         let device = plan
             .routes
             .iter()
@@ -395,9 +408,10 @@ mod tests {
         let hole = plan
             .routes
             .iter()
-            .find(|r| r.via == NextHop::Blackhole && r.dst == net("10.244.1.0/24"))
+            .find(|r| r.via == NextHop::Blackhole && r.dst == net("10.250.0.7/32"))
             .expect("blackhole");
         assert!(device.metric < hole.metric);
+        assert_eq!(plan.routes.len(), 4, "{:?}", plan.routes);
     }
 
     #[test]
