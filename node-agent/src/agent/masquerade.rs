@@ -17,6 +17,10 @@ pub const TABLE: &str = "wgmesh";
 /// The ruleset for `pod_subnets` masquerading to everything outside `mesh`, or an empty
 /// table when `enabled` is false.
 pub fn ruleset(enabled: bool, pod_subnets: &[IpNet], mesh: &[IpNet]) -> String {
+    // Aggregated: a node subnet inside a pool adds nothing, so the table holds the pools and
+    // what lies outside them (external peers, `ipam.source: NodeSpec`), not an entry per
+    // node, and a node joining inside a pool leaves it as it is.
+    let mesh = IpNet::aggregate(&mesh.to_vec());
     let set = |nets: &[IpNet], v6: bool| -> String {
         let items: Vec<String> = nets
             .iter()
@@ -32,7 +36,7 @@ pub fn ruleset(enabled: bool, pod_subnets: &[IpNet], mesh: &[IpNet]) -> String {
             if pods.is_empty() {
                 continue;
             }
-            let mesh = set(mesh, v6);
+            let mesh = set(&mesh, v6);
             if mesh.is_empty() {
                 rules.push_str(&format!("\t\t{fam} saddr {{ {pods} }} masquerade\n"));
             } else {
@@ -254,5 +258,39 @@ mod tests {
         );
         assert!(!r.contains("ip6 saddr"));
         assert!(!ruleset(false, &pods, &mesh).contains("masquerade"));
+    }
+
+    #[test]
+    fn node_subnets_inside_a_pool_add_nothing_to_the_table() {
+        let pods = [
+            "10.244.1.0/24".parse().expect("net"),
+            "fd00:10:244:1::/64".parse().expect("net"),
+        ];
+        let pools = [
+            "10.244.0.0/16".parse().expect("net"),
+            "fd00:10:244::/56".parse().expect("net"),
+        ];
+        let mut mesh: Vec<IpNet> = pools.to_vec();
+        let alone = ruleset(true, &pods, &mesh);
+        // A thousand nodes inside the pools, and one peer outside them.
+        for i in 0..1000u32 {
+            mesh.push(format!("10.244.{}.0/24", i % 256).parse().expect("net"));
+            mesh.push(
+                format!("fd00:10:244:{:x}::/64", i % 256)
+                    .parse()
+                    .expect("net"),
+            );
+        }
+        assert_eq!(ruleset(true, &pods, &mesh), alone);
+        mesh.push("10.250.0.7/32".parse().expect("net"));
+        let r = ruleset(true, &pods, &mesh);
+        assert!(
+            r.contains("ip daddr != { 10.244.0.0/16, 10.250.0.7/32 } masquerade"),
+            "{r}"
+        );
+        assert!(
+            r.contains("ip6 daddr != { fd00:10:244::/56 } masquerade"),
+            "{r}"
+        );
     }
 }
