@@ -29,6 +29,8 @@
 #                                      addresses as a kubelet would; its agent keeps running
 #
 # WGMESH_SKIP_BUILD=1: `up` runs the binaries in target/<profile> as they are, without cargo.
+# WGMESH_AGENT_LOG: the agents' RUST_LOG (default info,kube=warn; for example
+# info,kube=warn,kube_client=debug to see every request an agent makes).
 #
 # The underlay is a /24 of 198.18.0.0/15 (the range set aside for benchmarking networks, so
 # it collides with no real one): nodes node-1..node-N are .11.., the API server .2, the
@@ -207,7 +209,7 @@ start_agent() {
 	# WGMESH_FAILPOINTS_DIR: a file named after a datapath thread appearing there makes that
 	# thread panic (the supervision test, tests/tests/mesh.rs). WGMESH_HANDOVER_WAIT: at
 	# SIGTERM, an agent waits that long for a new one to take its device over (upgrade-agent).
-	ip netns exec "$(ns_node "$node")" env KUBECONFIG="$nd/kubeconfig" RUST_LOG=info,kube=warn \
+	ip netns exec "$(ns_node "$node")" env KUBECONFIG="$nd/kubeconfig" RUST_LOG="${WGMESH_AGENT_LOG:-info,kube=warn}" \
 		WGMESH_FAILPOINTS_DIR="$nd/failpoints" WGMESH_HANDOVER_WAIT=3 \
 		"$MESH_BIN/wgmesh-agent" run --node-name "$node" --interface "$(iface "$node")" \
 		--state-dir "$nd/state" --cni-conf-dir "$nd/cni" --run-dir "$nd/run" --cni-ipam-data-dir "$nd/ipam" \
@@ -222,7 +224,7 @@ start_agent() {
 # machine's slow API answers look like a lost lease.)
 start_operator() {
 	mkdir -p "$dir/logs" "$dir/pids"
-	ip netns exec "$(ns_cp)" env KUBECONFIG="$dir/operator.kubeconfig" RUST_LOG=info,kube=warn \
+	ip netns exec "$(ns_cp)" env KUBECONFIG="$dir/operator.kubeconfig" RUST_LOG="${WGMESH_AGENT_LOG:-info,kube=warn}" \
 		"$MESH_BIN/wgmesh-operator" --metrics-addr "${MESH_NET}.2:9090" \
 		--identity "$RELEASE-operator-0" \
 		--lease-namespace "$SYSTEM_NS" --lease-name "$RELEASE-operator" \

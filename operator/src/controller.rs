@@ -127,6 +127,16 @@ impl Overlay {
     }
 }
 
+/// A watch whose list is read from the API server's watch cache (`resourceVersion=0`, as
+/// client-go's informers read it) in one request, not in pages of 500, each a request of
+/// its own (the agent's caches say what that cost).
+fn from_watch_cache() -> watcher::Config {
+    watcher::Config {
+        page_size: None,
+        ..watcher::Config::default().any_semantic()
+    }
+}
+
 /// Runs the loop forever. `leader` says whether this replica may write.
 #[instrument(skip_all)]
 pub async fn run(
@@ -137,50 +147,37 @@ pub async fn run(
     metrics: Arc<Metrics>,
 ) {
     let notify = Arc::new(Notify::new());
-    // Each cache lists from the API server's watch cache (`resourceVersion=0`, as
-    // client-go's informers do), not with a quorum read from etcd: its first list and any
-    // relist after a broken watch cost the server little. A new leader reads the peers with a
-    // quorum read before it plans (below).
+    // Each cache lists from the API server's watch cache (`from_watch_cache`), not with a
+    // quorum read from etcd: its first list and any relist after a broken watch cost the
+    // server little. A new leader reads the peers with a quorum read before it plans (below).
     // Nodes are big; keep only what planning reads.
-    let nodes = watcher(
-        Api::<Node>::all(client.clone()),
-        watcher::Config::default().any_semantic(),
-    )
-    .modify(|n| {
+    let nodes = watcher(Api::<Node>::all(client.clone()), from_watch_cache()).modify(|n| {
         n.status = None;
         n.metadata.managed_fields = None;
         n.metadata.annotations = None;
     });
     let (nodes, nodes_task) = cache(nodes, notify.clone());
     let (peers, peers_task) = cache(
-        watcher(
-            Api::<MeshPeer>::all(client.clone()),
-            watcher::Config::default().any_semantic(),
-        )
-        .modify(|p| p.metadata.managed_fields = None),
+        watcher(Api::<MeshPeer>::all(client.clone()), from_watch_cache())
+            .modify(|p| p.metadata.managed_fields = None),
         notify.clone(),
     );
     let (reports, reports_task) = cache(
         watcher(
             Api::<MeshPeerReport>::all(client.clone()),
-            watcher::Config::default().any_semantic(),
+            from_watch_cache(),
         )
         .modify(|r| r.metadata.managed_fields = None),
         notify.clone(),
     );
     let (pools, pools_task) = cache(
-        watcher(
-            Api::<PodCIDRPool>::all(client.clone()),
-            watcher::Config::default().any_semantic(),
-        ),
+        watcher(Api::<PodCIDRPool>::all(client.clone()), from_watch_cache()),
         notify.clone(),
     );
     let (meshes, meshes_task) = cache(
         watcher(
             Api::<Mesh>::all(client.clone()),
-            watcher::Config::default()
-                .any_semantic()
-                .fields(&format!("metadata.name={DEFAULT_MESH}")),
+            from_watch_cache().fields(&format!("metadata.name={DEFAULT_MESH}")),
         ),
         notify.clone(),
     );

@@ -216,6 +216,17 @@ where
     reader
 }
 
+/// A watch whose list is read from the API server's watch cache (`resourceVersion=0`, as
+/// client-go's informers read it) in one request: asked for pages of 500, a 1.20 server
+/// answered an agent's first list of 1,000 peers in two requests and 0.65 s, against one
+/// request of 0.15 s without pages (`hack/bench-agents.sh`).
+fn from_watch_cache() -> watcher::Config {
+    watcher::Config {
+        page_size: None,
+        ..watcher::Config::default().any_semantic()
+    }
+}
+
 /// The state the agent keeps between passes.
 struct Agent {
     args: AgentArgs,
@@ -386,14 +397,14 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     // The datapath first, from what the last run saved: the API server may be slow or away.
     agent.resume().await;
 
-    // Each cache lists from the API server's watch cache (`resourceVersion=0`, as
-    // client-go's informers do): an agent's start and a relist after a broken watch make no
-    // quorum read of every peer from etcd, and the watch follows every change from there.
+    // Each cache lists from the API server's watch cache (`from_watch_cache`): an agent's
+    // start and a relist after a broken watch make no quorum read of every peer from etcd,
+    // and the watch follows every change from there.
     let own = agent.args.node_name.clone();
     let caches = Caches {
         peers: cache(
             Api::all(client.clone()),
-            watcher::Config::default().any_semantic(),
+            from_watch_cache(),
             notify.clone(),
             move |p| relevance::strip_peer(p, &own),
             relevance::Relevance::new(relevance::peer_reduction()),
@@ -401,9 +412,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         ),
         meshes: cache(
             Api::all(client.clone()),
-            watcher::Config::default()
-                .any_semantic()
-                .fields(&format!("metadata.name={DEFAULT_MESH}")),
+            from_watch_cache().fields(&format!("metadata.name={DEFAULT_MESH}")),
             notify.clone(),
             |m: &mut Mesh| m.metadata.managed_fields = None,
             relevance::Relevance::new(relevance::whole),
@@ -411,7 +420,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         ),
         pools: cache(
             Api::all(client.clone()),
-            watcher::Config::default().any_semantic(),
+            from_watch_cache(),
             notify.clone(),
             |p: &mut PodCIDRPool| p.metadata.managed_fields = None,
             relevance::Relevance::new(relevance::whole),
@@ -419,9 +428,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         ),
         nodes: cache(
             Api::all(client.clone()),
-            watcher::Config::default()
-                .any_semantic()
-                .fields(&format!("metadata.name={}", agent.args.node_name)),
+            from_watch_cache().fields(&format!("metadata.name={}", agent.args.node_name)),
             notify.clone(),
             relevance::strip_node,
             relevance::Relevance::new(relevance::whole),
