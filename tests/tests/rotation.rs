@@ -372,9 +372,23 @@ fn steps(mesh: &Mesh, ips: &[String]) -> Result<()> {
     // 3. The rotating agent killed right after it generated the next key, and again right
     //    after it switched, the operator with the first kill: the rotation completes, traffic
     //    resumes, nothing goes in the clear.
+    //    node-3 cannot reach node-2 until the second restart (its UDP dropped in node-3's
+    //    namespace), so it cannot move to node-2's next key and node-2 stays Switched until
+    //    the kill: with every peer free to move, a restarted agent went through Switched in
+    //    60 ms, too fast to catch.
     let cap = mesh.capture("rotation-crash")?;
     let before = generation(mesh, "node-2")?;
     let pinger = start_pinger(mesh, "pod-1", "pod-2", &ips[1])?;
+    let node2 = mesh.node_ip("node-2");
+    for cmd in [
+        "add table inet rotation-test".to_owned(),
+        "add chain inet rotation-test input { type filter hook input priority 0; }".to_owned(),
+        "add chain inet rotation-test output { type filter hook output priority 0; }".to_owned(),
+        format!("add rule inet rotation-test input ip saddr {node2} meta l4proto udp drop"),
+        format!("add rule inet rotation-test output ip daddr {node2} meta l4proto udp drop"),
+    ] {
+        ok(mesh.exec("node-3", &["nft", &cmd]))?;
+    }
     std::thread::sleep(Duration::from_secs(1));
     request_node_rotation(mesh, "node-2")?;
     for phase in ["prepared", "switched"] {
@@ -394,6 +408,7 @@ fn steps(mesh: &Mesh, ips: &[String]) -> Result<()> {
         }
         mesh.script(&["start-agent", "node-2"])?;
     }
+    ok(mesh.exec("node-3", &["nft", "delete table inet rotation-test"]))?;
     let took = wait_rotated(mesh, &[("node-2", before + 1)], PATIENCE)?;
     wait_until("pod-1 reaches pod-2 again", Duration::from_secs(60), || {
         mesh.ping("pod-1", &ips[1])
